@@ -1,0 +1,25 @@
+"""lmforge: the language-model lifecycle in one toolkit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["load", "save", "Transformer", "ModelConfig", "Tokenizer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: `lmforge --help` and config handling must not pay for importing torch
+    if name in ("load", "save"):
+        from .models import loading
+
+        return getattr(loading, name)
+    if name in ("Transformer", "ModelConfig"):
+        from .models import transformer
+
+        return getattr(transformer, name)
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+
+        return Tokenizer
+    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

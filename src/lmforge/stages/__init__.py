@@ -1,0 +1,1 @@
+"""One module per CLI verb: a `Config` dataclass and `main(cfg)`; thin glue over the library."""

@@ -1,0 +1,39 @@
+"""`lmforge convert SRC DST`: any model lmforge reads (HF folder, GGUF, hub id) to a Hugging Face folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+POSITIONAL = ("src", "dst")
+
+
+@dataclass
+class Config:
+    src: str
+    """Source model: a Hugging Face folder, a .gguf file, a hub id or a local alias."""
+    dst: str
+    """Destination folder (a Hugging Face model folder is written there)."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Weight dtype to write; default keeps the source's (GGUF dequantizes to float32)."""
+    max_shard_gb: float = 2.0
+    """Split the weights into safetensors shards of at most this many GB."""
+    allow_pickle: bool = False
+    """Allow reading pickle (.bin/.pt) checkpoints; only for files you trust."""
+
+    def validate(self) -> None:
+        if self.max_shard_gb <= 0:
+            raise ValueError(f"max_shard_gb must be > 0, found {self.max_shard_gb}")
+
+
+def main(cfg: Config) -> int:
+    import torch
+
+    from ..models.loading import load, save
+
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    model, tok = load(cfg.src, dtype=dtype, allow_pickle=cfg.allow_pickle)
+    out = save(model, tok, cfg.dst, max_shard_bytes=int(cfg.max_shard_gb * 1024**3))
+    n = model.num_parameters()
+    print(f"wrote {out} ({model.cfg.family}, head {model.cfg.head}, {n / 1e6:.1f}M parameters)")
+    return 0
