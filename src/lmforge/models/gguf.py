@@ -108,6 +108,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mod
     return cfg, sd, tokenizer_from_gguf(meta, path)
 
 
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """Only the tokenizer of a GGUF file (no weights are read)."""
+    return tokenizer_from_gguf(_fields(_reader(path)), path)
+
+
 def tokenizer_from_gguf(meta: dict[str, Any], path: str | Path) -> Tokenizer:
     """Build an HF `tokenizers` byte-level BPE from the GGUF vocabulary and merges."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers

@@ -141,7 +141,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", rope_theta=float(theta),
             rope_scaling=scaling, mlp="gated", activation=act, qkv_bias=bias,
             out_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", mt != "llama" and mt != "mistral")),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # False: the class default of all three
             sliding_window=window)
     if mt == "gpt2":
         act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}

@@ -114,14 +114,10 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-    @property
-    def num_parameters_estimate(self) -> int:
-        """Parameter count without building the model (embeddings included)."""
-        c, d, h, k = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
-        attn = c * d * (h + 2 * k) + h * d * c
-        mlp = c * self.intermediate_size * (3 if self.mlp == "gated" else 2)
-        emb = self.vocab_size * c * (1 if self.tie_embeddings else 2)
-        return self.num_layers * (attn + mlp) + emb
+    def num_parameters(self) -> int:
+        """Exact parameter count without allocating weights (the model is built on the meta device)."""
+        with torch.device("meta"):
+            return Transformer(self).num_parameters()
 
 
 @dataclass

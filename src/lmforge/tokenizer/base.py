@@ -45,6 +45,11 @@ class Tokenizer:
     extra_config: dict[str, Any] = field(default_factory=dict)
     """Other tokenizer_config.json entries, kept so a re-save loses nothing."""
 
+    def __post_init__(self) -> None:
+        # padding and truncation belong to the callers (batching, max length), never silently to the tokenizer
+        self.backend.no_padding()
+        self.backend.no_truncation()
+
     # ---- ids of special tokens
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)

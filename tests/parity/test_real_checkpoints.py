@@ -1,0 +1,94 @@
+"""Real checkpoints against `transformers`: SmolLM2-135M (GGUF) and all-MiniLM-L6-v2 (BERT family)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.inference.generate import SamplingParams, generate
+from lmforge.tokenizer import encode_chat
+
+transformers = pytest.importorskip("transformers", reason="transformers is the parity reference (dev extra)")
+
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_gguf):
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return model.eval(), tok
+
+
+def test_smollm2_gguf_logits_match_transformers(smollm2, hf_smollm2):
+    (ours, tok), (ref, _) = smollm2, hf_smollm2
+    ids = torch.tensor([encode_chat(tok, CHAT, add_generation_prompt=True).ids])
+    with torch.no_grad():
+        diff = (ours(ids).logits - ref(ids).logits).abs().max().item()
+    assert diff <= 1e-4, f"max abs logit diff {diff}"
+
+
+def test_smollm2_greedy_20_tokens_identical(smollm2, hf_smollm2):
+    (ours, tok), (ref, _) = smollm2, hf_smollm2
+    prompt = encode_chat(tok, [{"role": "user", "content": "Write a short poem about the sea."}],
+                         add_generation_prompt=True).ids
+    mine = generate(ours, [prompt], SamplingParams(max_new_tokens=20))[0]
+    theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                          pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+    assert len(mine) == 20 and mine == theirs
+
+
+def test_smollm2_chat_rendering_matches_apply_chat_template(smollm2, hf_smollm2):
+    (_, tok), (_, rtok) = smollm2, hf_smollm2
+    conversations = [
+        CHAT,
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi!"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sum 2 and 3?"}],
+    ]
+    for conv in conversations:
+        for gen in (False, True):
+            enc = encode_chat(tok, conv, add_generation_prompt=gen)
+            assert enc.text == rtok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            assert enc.ids == list(rtok.apply_chat_template(conv, add_generation_prompt=gen, return_dict=False))
+
+
+def test_smollm2_tokenizer_matches_transformers_and_llama_cpp_digits(smollm2, hf_smollm2):
+    (_, tok), (_, rtok) = smollm2, hf_smollm2
+    text = "def parse(line):\n    return line.strip().split(',')  # café ünïcode"
+    assert tok.encode(text) == rtok(text)["input_ids"]
+    # SmolLM2's own tokenizer (and llama.cpp's 'smollm' pre-tokenizer) split numbers into single digits
+    assert [tok.decode([i]) for i in tok.encode("2024")] == ["2", "0", "2", "4"]
+
+
+def test_smollm2_export_loads_in_transformers(smollm2, tmp_path):
+    ours, tok = smollm2
+    lmforge.save(ours, tok, tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    rtok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = encode_chat(tok, CHAT, add_generation_prompt=True).ids
+    assert list(rtok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)) == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (ours(x).logits - ref(x).logits).abs().max().item()
+    assert diff <= 1e-4, f"max abs logit diff {diff}"
+    again, tok2 = lmforge.load(tmp_path)
+    assert tok2.chat_template == tok.chat_template and tok2.eos_token == tok.eos_token
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+def test_minilm_hidden_states_match_transformers(minilm_dir):
+    ours, tok = lmforge.load(minilm_dir)
+    ref = transformers.AutoModel.from_pretrained(minilm_dir).eval()
+    rtok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    texts = ["The quick brown fox jumps over the lazy dog.", "lmforge loads MiniLM."]
+    batch = rtok(texts, padding=True, return_tensors="pt")
+    assert [tok.encode(t) for t in texts] == [rtok(t)["input_ids"] for t in texts]
+    with torch.no_grad():
+        out = ours(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"])
+        theirs = ref(**batch)
+    real = batch["attention_mask"].bool()
+    diff = (out.hidden - theirs.last_hidden_state)[real].abs().max().item()
+    assert diff <= 1e-4, f"max abs hidden diff {diff}"
+    assert ours.cfg.family == "bert" and not ours.cfg.causal and ours.cfg.pooler

@@ -1,0 +1,101 @@
+"""The one model file: KV cache, masks, heads, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.inference.generate import SamplingParams, generate
+from lmforge.models import DenseKVCache, ModelConfig, Transformer
+
+
+def test_incremental_decoding_matches_full_forward(tiny_llama_cfg):
+    model = Transformer(tiny_llama_cfg).eval()
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        full = model(x).logits  # (2, 12, V)
+        cache = DenseKVCache(tiny_llama_cfg, 2, 12)
+        parts = [model(x[:, :5], cache=cache).logits]
+        parts += [model(x[:, t:t + 1], cache=cache).logits for t in range(5, 12)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_left_padded_batch_equals_solo_runs(tiny_llama_cfg):
+    model = Transformer(tiny_llama_cfg).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
+    p = SamplingParams(max_new_tokens=8)
+    batched = generate(model, prompts, p)
+    for prompt, out in zip(prompts, batched):
+        assert generate(model, [prompt], p)[0] == out
+
+
+def test_seeded_sampling_is_reproducible(tiny_llama_cfg):
+    model = Transformer(tiny_llama_cfg).eval()
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    a, b = generate(model, [[1, 2, 3]], p), generate(model, [[1, 2, 3]], p)
+    c = generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=10, temperature=1.0, seed=8))
+    assert a == b and a != c
+
+
+def test_stop_token_ends_sequence(tiny_llama_cfg):
+    model = Transformer(tiny_llama_cfg).eval()
+    first = generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=5))[0]
+    stopped = generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=5, stop_token_ids=(first[1],)))[0]
+    assert stopped == first[: first.index(first[1]) + 1]
+
+
+def test_context_length_is_enforced(tiny_llama_cfg):
+    model = Transformer(tiny_llama_cfg).eval()
+    with pytest.raises(ValueError, match="context length 64"):
+        generate(model, [[1] * 60], SamplingParams(max_new_tokens=10))
+
+
+def test_sliding_window_limits_attention():
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                      sliding_window=3)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 50, (1, 10))
+    y = x.clone()
+    y[0, 0] = (x[0, 0] + 1) % 50  # outside the window of the last position
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert torch.allclose(a[0, -1], b[0, -1]) and not torch.allclose(a[0, 1], b[0, 1])
+
+
+def test_encoder_is_bidirectional_and_decoder_causal():
+    for causal in (True, False):
+        cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                          causal=causal, head="none")
+        model = Transformer(cfg).eval()
+        x = torch.randint(0, 50, (1, 6))
+        y = x.clone()
+        y[0, -1] = (x[0, -1] + 1) % 50
+        with torch.no_grad():
+            changed = not torch.allclose(model(x).hidden[0, 0], model(y).hidden[0, 0])
+        assert changed == (not causal)
+
+
+def test_scalar_head_pools_last_real_token(tiny_llama_cfg):
+    tiny_llama_cfg.head, tiny_llama_cfg.num_labels = "classifier", 1
+    model = Transformer(tiny_llama_cfg).eval()
+    x = torch.randint(1, 96, (1, 6))
+    padded = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 3)], 1).long()
+    with torch.no_grad():
+        a = model(x).logits
+        b = model(padded, attention_mask=mask).logits
+        per_token = model.score_tokens(model(x).hidden)
+    assert a.shape == (1, 1) and torch.allclose(a, b, atol=1e-6)
+    assert per_token.shape == (1, 6, 1) and torch.allclose(per_token[0, -1], a[0], atol=1e-6)
+
+
+def test_parameter_count_without_weights(tiny_llama_cfg):
+    c, f, v, layers = 32, 64, 96, 2
+    per_block = c * 8 * (4 + 2 + 2) + c * c + 3 * c * f + 2 * c  # q,k,v (GQA), o, gated MLP, two norms
+    assert tiny_llama_cfg.num_parameters() == layers * per_block + v * c + c
+    assert Transformer(tiny_llama_cfg).num_parameters() == tiny_llama_cfg.num_parameters()
+
+
+def test_bad_head_configuration_is_rejected():
+    with pytest.raises(ValueError, match="not a multiple"):
+        ModelConfig(num_heads=6, num_kv_heads=4, hidden_size=48)
