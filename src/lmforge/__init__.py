@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "Transformer", "ModelConfig", "Tokenizer", "__version__"]
+__all__ = ["load", "save", "load_tokenizer", "Transformer", "ModelConfig", "Tokenizer", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # lazy: `lmforge --help` and config handling must not pay for importing torch
-    if name in ("load", "save"):
+    if name in ("load", "save", "load_tokenizer"):
         from .models import loading
 
         return getattr(loading, name)

@@ -79,3 +79,19 @@ def test_convert_gguf_to_hf_folder(smollm2_gguf, smollm2, tmp_path):
     assert (dst / "config.json").exists() and (dst / "tokenizer_config.json").exists()
     assert tok.chat_template and all(torch.equal(a, b) for a, b in
                                      zip(model.state_dict().values(), ours.state_dict().values()))
+
+
+def test_convert_to_gguf_round_trips_and_loads_in_transformers(smollm2, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity reference (dev extra)")
+    ours, tok = smollm2
+    src = lmforge.save(ours, tok, tmp_path / "hf")
+    dst = tmp_path / "smol-f32.gguf"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    back, tok2 = lmforge.load(dst)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=dst.name).eval()
+    x = torch.tensor([tok.encode("Numbers 12345 and words.")])
+    assert tok2.encode("Numbers 12345 and words.") == x[0].tolist() and tok2.chat_template == tok.chat_template
+    with torch.no_grad():
+        mine = ours(x).logits
+        assert (back(x).logits - mine).abs().max().item() <= 1e-5
+        assert (ref(x).logits - mine).abs().max().item() <= 1e-4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.models.gguf import load_gguf_tokenizer
+import lmforge
 from lmforge.tokenizer import ChatFormatError, encode_chat, render
 
 CONV = [
@@ -23,7 +23,7 @@ TRIM_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def smol_tok(smollm2_gguf):
-    return load_gguf_tokenizer(smollm2_gguf)
+    return lmforge.load_tokenizer(smollm2_gguf)
 
 
 def _masked_runs(enc):

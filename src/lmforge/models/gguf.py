@@ -153,3 +153,100 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: str | Path) -> Tokenizer:
     return Tokenizer(backend=backend, bos_token=tok("bos"), eos_token=tok("eos"), pad_token=tok("padding"),
                      unk_token=tok("unknown"), chat_template=meta.get("tokenizer.chat_template"),
                      model_max_length=meta.get(f"{meta.get('general.architecture')}.context_length"))
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order (inverse of `_unpermute`)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer_metadata(tok: Tokenizer) -> dict[str, Any]:
+    """Vocabulary, merges, token types and pre-tokenizer name of a byte-level BPE tokenizer."""
+    import json
+
+    spec = json.loads(tok.backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
+        raise ValueError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama-3, SmolLM2, Qwen2 style); "
+                         f"this tokenizer is {model.get('type')} with a {spec.get('decoder', {}).get('type')} decoder")
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    tokens = [""] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    special = {t.content for t in tok.backend.get_added_tokens_decoder().values() if t.special}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    return {"tokens": tokens, "types": [3 if t in special else 1 for t in tokens], "merges": merges,
+            "pre": "smollm" if '"individual_digits": true' in pre else "gpt-2"}
+
+
+def save_gguf(model, tok: Tokenizer, path: str | Path, dtype: str = "f32") -> Path:
+    """Write a llama-architecture GGUF (f32, f16 or bf16 tensors; quantization is the compress stage's job)."""
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, quantize
+
+    cfg = model.cfg
+    if cfg.family not in ("llama", "mistral") or cfg.head != "lm" or cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
+        raise ValueError(f"GGUF export supports llama/mistral causal LMs without biases; got family {cfg.family!r} "
+                         f"with head {cfg.head!r}")
+    if cfg.rope_scaling:
+        raise ValueError("GGUF export of scaled RoPE is not supported yet")
+    qtype, ftype = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+                    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+                    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16)}[dtype]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    w = GGUFWriter(tmp, "llama")
+    w.add_name(path.stem)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(ftype)
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    meta = _tokenizer_metadata(tok)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(meta["pre"])
+    w.add_token_list(meta["tokens"])
+    w.add_token_types(meta["types"])
+    w.add_token_merges(meta["merges"])
+    for name, tid in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id),
+                      ("unk", tok.token_id(tok.unk_token))):
+        if tid is not None:
+            getattr(w, f"add_{name}_token_id")(tid)
+    w.add_add_bos_token(False)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+    ours_to_gguf = {v: k for k, v in _NAMES.items()}
+    for name, t in model.state_dict().items():
+        base, kind = name.rsplit(".", 1)
+        layer = base.split(".")[1] if base.startswith("blocks.") else None
+        key = base.replace(f"blocks.{layer}.", "blocks.{i}.") if layer else base
+        arr = t.detach().float().cpu().numpy()
+        if key == "blocks.{i}.attn.q":
+            arr = _permute(arr, cfg.num_heads)
+        elif key == "blocks.{i}.attn.k":
+            arr = _permute(arr, cfg.num_kv_heads)
+        gname = ours_to_gguf[key].replace("{i}", layer or "") + "." + kind
+        if arr.ndim == 1 or qtype == GGMLQuantizationType.F32:  # norms stay f32, as llama.cpp writes them
+            w.add_tensor(gname, arr.astype(np.float32))
+        elif qtype == GGMLQuantizationType.F16:
+            w.add_tensor(gname, arr.astype(np.float16))
+        else:
+            w.add_tensor(gname, quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+    return path

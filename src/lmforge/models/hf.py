@@ -132,6 +132,9 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         if act not in ("silu", "gelu", "relu"):
             raise ValueError(f"{where}: hidden_act {act!r} is not supported; expected silu, gelu or relu")
         window = hf.get("sliding_window") if (mt == "mistral" or hf.get("use_sliding_window")) else None
+        if mt == "qwen2" and window and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
+            raise ValueError(f"{where}: qwen2 sliding window on only some layers (max_window_layers="
+                             f"{hf.get('max_window_layers')}) is not supported")
         bias = bool(hf.get("attention_bias", mt == "qwen2"))
         return ModelConfig(
             **common, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -144,6 +147,9 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # False: the class default of all three
             sliding_window=window)
     if mt == "gpt2":
+        for opt in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(opt):
+                raise ValueError(f"{where}: gpt2 option {opt}=true is not supported")
         act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
         if hf.get("activation_function", "gelu_new") not in act:
             raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported")

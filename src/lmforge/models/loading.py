@@ -183,6 +183,18 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, d
     return model.eval(), tok
 
 
+def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
+    """Only the tokenizer of a model (folder, GGUF file, alias or hub id); no weights are read."""
+    path = resolve(source)
+    if path.is_dir() and not (path / "tokenizer.json").exists() and len(list(path.glob("*.gguf"))) == 1:
+        path = next(path.glob("*.gguf"))
+    if path.suffix == ".gguf":
+        from .gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    return Tokenizer.from_dir(path)
+
+
 def _atomic_dir(dst: Path):
     """A temp dir next to `dst`; `commit(tmp)` moves its files into dst (created if needed)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
