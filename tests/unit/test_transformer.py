@@ -99,3 +99,15 @@ def test_parameter_count_without_weights(tiny_llama_cfg):
 def test_bad_head_configuration_is_rejected():
     with pytest.raises(ValueError, match="not a multiple"):
         ModelConfig(num_heads=6, num_kv_heads=4, hidden_size=48)
+
+
+def test_presets_build_and_match_known_sizes():
+    from lmforge.models.presets import PRESETS, preset
+
+    for name in PRESETS:
+        assert preset(name).num_parameters() > 0
+    # published sizes: SmolLM2-135M has 134.5M parameters, GPT-2 small 124.4M
+    assert round(preset("smollm2-135m").num_parameters() / 1e5) == 1345
+    assert round(preset("gpt2-124m").num_parameters() / 1e5) == 1244
+    with pytest.raises(ValueError, match="did you mean 'llama-10m'"):
+        preset("llama-10n")
