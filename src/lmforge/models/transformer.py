@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -322,6 +323,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.activation_checkpointing = False
+        """Recompute each block's activations in backward instead of storing them (memory for compute)."""
         self.embed = Embeddings(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         if cfg.final_norm:
@@ -403,7 +406,10 @@ class Transformer(nn.Module):
             rope = (ang.cos().to(x.dtype), ang.sin().to(x.dtype))
         mask = self._mask(attention_mask, t, past, x.dtype)
         for block in self.blocks:
-            x = block(x, rope, mask, cache, cfg.causal)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, cfg.causal, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, cfg.causal)
         if cfg.final_norm:
             x = self.norm(x)
         return self.head(x, attention_mask, input_ids, logits_to_keep)

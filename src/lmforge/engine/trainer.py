@@ -1,0 +1,379 @@
+"""`Trainer.fit()`: the one training loop. A stage brings an objective, a batch source and a config.
+
+Each step: `grad_accum` micro batches (objective -> backward), global-norm clipping, a NaN/Inf guard, an
+optimizer and scheduler step; then logging, evaluation, early stopping and checkpoints as configured. Resume
+is exact: model, optimizer, scheduler, grad scaler, RNG states, data position and counters come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .metrics import MetricsSink
+from .optim import OptimConfig, build_optimizer
+from .progress import progress
+from .schedule import ScheduleConfig, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The engine's settings, shared by every training stage."""
+
+    steps: int = 1000
+    """Optimizer steps to run."""
+    micro_batch: int = 8
+    """Sequences per micro batch on each process."""
+    grad_accum: int = 1
+    """Micro batches accumulated per optimizer step (global batch = micro_batch x grad_accum x processes)."""
+    clip_grad: float | None = 1.0
+    """Clip the global gradient norm to this value (None = no clipping)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Autocast dtype for forward/backward (parameters stay fp32); fp16 uses a gradient scaler on CUDA."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward to save memory."""
+    compile: bool = False
+    """Compile each block with torch.compile."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Parallelism under torchrun: DDP (replicated) or FSDP2 (sharded parameters, gradients, optimizer state)."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    seed: int = 0
+    """Seed of model initialisation, data order and every random choice."""
+    log_every: int = 10
+    """Log training metrics every N steps."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only at the end)."""
+    eval_batches: int | None = 50
+    """Batches per evaluation per process (None = the whole validation split)."""
+    save_every: int = 0
+    """Write a checkpoint every N steps (0 = only at the end and on interruption)."""
+    keep_last: int = 2
+    """Checkpoints to keep (the best one is kept in addition)."""
+    best_metric: str = "val_loss"
+    """Metric that decides the best checkpoint and early stopping (lower is better)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement of best_metric (0 = never)."""
+    max_bad_steps: int = 5
+    """Abort after this many consecutive steps with a NaN/Inf loss or gradient (each one is skipped)."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU (None = not reported)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events."""
+    progress_bar: bool = True
+    """Show a progress bar on a terminal."""
+    resume: bool = True
+    """Continue from the newest checkpoint in the run directory when there is one."""
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and weight decay."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch", "grad_accum", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "keep_last", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be > 0 or null, found {self.clip_grad}")
+
+
+@dataclass
+class EvalSet:
+    """A named validation set: fresh batches on each call; `bytes_per_token` enables bits per byte."""
+
+    name: str
+    batches: Callable[[], Iterable[dict[str, Tensor]]]
+    bytes_per_token: float | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with NaN/Inf loss or gradients."""
+
+
+class Trainer:
+    """Runs `objective` over `data` on `model`, logging and checkpointing into `run_dir`."""
+
+    def __init__(self, model: nn.Module, objective: Callable, data: Any, cfg: TrainConfig, run_dir: str | Path,
+                 eval_sets: list[EvalSet] | None = None, world: D.World | None = None):
+        self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
+        self.run_dir = Path(run_dir)
+        self.eval_sets = eval_sets or []
+        self.world = world or D.World()
+        self.step, self.tokens = 0, 0
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_steps, self.evals_without_improvement = 0, 0
+        self.history: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+
+    # ---- setup
+    def _autocast(self):
+        dev = self.world.device.type
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(dev, dtype=dtype)
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.to(self.world.device)
+        self.wrapped = D.wrap(self.model, cfg.parallel, self.world, cfg.activation_checkpointing, cfg.compile)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.schedule)
+        use_scaler = cfg.precision == "fp16" and self.world.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.sink = MetricsSink(self.run_dir, enabled=self.world.main, tensorboard=cfg.tensorboard)
+        body = sum(p.numel() for n, p in self.model.named_parameters() if not n.startswith("embed."))
+        tied = getattr(getattr(self.model, "cfg", None), "tie_embeddings", False)
+        emb = self.model.embed.tokens.weight.numel() if tied and hasattr(self.model, "embed") else 0
+        self.matmul_params = body + emb  # parameters that take part in matmuls (a tied embedding as output)
+
+    # ---- checkpoints
+    def _full_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(self.model, self.optimizer, options=opts)
+
+    def save(self) -> Path | None:
+        """Checkpoint the full training state (every rank takes part; rank 0 writes)."""
+        msd, osd = self._full_state()
+        path = None
+        if self.world.main:
+            state = {"tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler else None, "data": self.data.state_dict(),
+                     "rng": ckpt.rng_state(), "best": self.best, "best_step": self.best_step,
+                     "bad_steps": self.bad_steps, "evals_without_improvement": self.evals_without_improvement,
+                     "world": self.world.world}
+            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, msd, osd, state)
+            keep = {self.best_step} if self.best_step is not None else set()
+            ckpt.prune(self.run_dir / "checkpoints", self.cfg.keep_last, keep)
+        D.barrier(self.world)
+        return path
+
+    def _resume(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        if not (self.cfg.resume and found):
+            return
+        step, path = found[-1]
+        msd, osd, st = ckpt.load_checkpoint(path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(st["scheduler"])
+        if self.scaler and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        self.data.load_state_dict(st["data"])
+        ckpt.set_rng_state(st["rng"])
+        self.step, self.tokens = step, st["tokens"]
+        self.best, self.best_step = st["best"], st["best_step"]
+        self.bad_steps, self.evals_without_improvement = st["bad_steps"], st["evals_without_improvement"]
+        self.sink.truncate_after(step)
+        log.info("resumed from %s (step %d)", path, step)
+
+    # ---- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted means of the objective's metrics over each eval set (+ perplexity, bits per byte)."""
+        out: dict[str, float] = {}
+        self.wrapped.eval()
+        for es in self.eval_sets:
+            sums: dict[str, Tensor] = {}
+            for batch in es.batches():
+                batch = {k: v.to(self.world.device) for k, v in batch.items()}
+                with self._autocast():
+                    _, m = self.objective(self.wrapped, batch)
+                n = m["tokens"].double().cpu() if isinstance(m["tokens"], Tensor) else torch.tensor(float(m["tokens"]))
+                for k, v in m.items():
+                    val = torch.as_tensor(v, dtype=torch.float64).cpu()
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + (val if k == "tokens" else val * n)
+            keys = sorted(sums)
+            vec = D.all_reduce_sum(torch.stack([sums[k] for k in keys]), self.world)
+            total = dict(zip(keys, vec.tolist()))
+            prefix = "val_" if es.name == "validation" else f"val_{es.name}_"
+            count = max(total["tokens"], 1.0)
+            for k in keys:
+                if k != "tokens":
+                    out[prefix + k] = total[k] / count
+            out[prefix + "tokens"] = total["tokens"]
+            if getattr(self.objective, "per_token_nll", False):
+                out[prefix + "ppl"] = math.exp(min(out[prefix + "loss"], 50.0))
+                if es.bytes_per_token:
+                    out[prefix + "bpb"] = out[prefix + "loss"] / math.log(2) / es.bytes_per_token
+        self.wrapped.train()
+        return out
+
+    # ---- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to `cfg.steps` (or an early stop / interruption); returns the last metrics."""
+        cfg = self.cfg
+        self._setup()
+        self._resume()
+        handlers = self._install_signals()
+        self.wrapped.train()
+        last: dict[str, Any] = {}
+        t_last, tok_last = time.perf_counter(), self.tokens
+        try:
+            with progress(cfg.steps, "train", "steps", enabled=cfg.progress_bar and self.world.main,
+                          completed=self.step) as bar:
+                while self.step < cfg.steps:
+                    metrics = self._train_step()
+                    self.step += 1
+                    row: dict[str, Any] = {}
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        now = time.perf_counter()
+                        row = self._log_row(metrics, (self.tokens - tok_last) / max(now - t_last, 1e-9))
+                        t_last, tok_last = now, self.tokens
+                    stop = False
+                    if self.eval_sets and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                                           or self.step == cfg.steps):
+                        row.update(self.evaluate())
+                        stop = self._track_best(row)
+                    if row:
+                        last = self.sink.log(self.step, row)
+                        self.history.append(last)
+                    bar.advance(1, loss=float(metrics["loss"]))
+                    interrupted = self._agreed_stop()
+                    if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps or stop \
+                            or interrupted:
+                        self.save()
+                    if stop or interrupted:
+                        break
+        finally:
+            self._restore_signals(handlers)
+            self.sink.close()
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, "
+                                    "re-run the same command to resume")
+        return last
+
+    def _train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        sums: dict[str, float] = {}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(self.world.device, non_blocking=True) for k, v in self.data.next_batch().items()}
+            sync = micro == cfg.grad_accum - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                with self._autocast():
+                    loss, m = self.objective(self.wrapped, batch)
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            for k, v in m.items():
+                if k != "tokens":
+                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+            tokens += int(m.get("tokens", batch["input_ids"].numel()))
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = cfg.clip_grad if cfg.clip_grad is not None else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64)
+        vec = D.all_reduce_sum(vec, self.world)
+        metrics = {k: vec[i].item() / self.world.world for i, k in enumerate(keys)}
+        self.tokens += int(vec[-1].item())
+        metrics["grad_norm"] = float(gnorm)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            self.bad_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.sink.log(self.step + 1, {"skipped_nonfinite": 1, "loss": metrics["loss"],
+                                          "grad_norm": metrics["grad_norm"]})
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step + 1,
+                        self.bad_steps)
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_steps} consecutive steps had NaN/Inf loss or gradients (last at step "
+                    f"{self.step + 1}); lower the learning rate, use bf16 instead of fp16, or check the data")
+            if self.scaler:
+                self.scaler.update()
+        else:
+            self.bad_steps = 0
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    def _log_row(self, metrics: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+        row = dict(metrics, tokens=self.tokens, tokens_per_s=tokens_per_s, epoch=getattr(self.data, "epoch", None))
+        seq = getattr(self.data, "seq_len", 0)
+        cfgm = getattr(self.model, "cfg", None)
+        if self.cfg.peak_flops and cfgm is not None:
+            attn = 12 * cfgm.num_layers * cfgm.hidden_size * seq  # attention scores and values, per token
+            flops = (6 * self.matmul_params + attn) * tokens_per_s / self.world.world
+            row["mfu"] = flops / self.cfg.peak_flops
+        if self.world.device.type == "cuda":
+            row["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        else:
+            row["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        return {k: v for k, v in row.items() if v is not None}
+
+    def _track_best(self, row: dict[str, Any]) -> bool:
+        """Update the best metric; True when early stopping says stop."""
+        value = row.get(self.cfg.best_metric)
+        if value is None:
+            return False
+        if self.best is None or value < self.best:
+            self.best, self.best_step, self.evals_without_improvement = value, self.step, 0
+            return False
+        self.evals_without_improvement += 1
+        patience = self.cfg.early_stopping_patience
+        if patience and self.evals_without_improvement >= patience:
+            log.info("early stop at step %d: %s did not improve for %d evaluations (best %.4f at step %d)",
+                     self.step, self.cfg.best_metric, patience, self.best, self.best_step)
+            return True
+        return False
+
+    # ---- interruption
+    def _install_signals(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        try:
+            return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread
+            return {}
+
+    def _restore_signals(self, handlers) -> None:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    def _agreed_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        return bool(D.all_reduce_sum(flag, self.world).item() > 0)
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The full model weights (gathered from every rank under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.world.main:
+            (self.run_dir / name).write_text(json.dumps(obj, indent=2) + "\n")

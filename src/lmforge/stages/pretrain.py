@@ -1,0 +1,167 @@
+"""`lmforge pretrain --config recipes/pretrain/….yaml`: causal LM (decoders) or masked LM + NSP (encoders) on
+token shards, from scratch or continued from a model; the same command runs under torchrun (DDP / FSDP2)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data.loader import SourceSpec
+from ..engine.trainer import TrainConfig
+from ..objectives.masked_lm import MaskingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSection:
+    """Which model to train."""
+
+    preset: str | None = "llama-10m"
+    """Named size from lmforge.models.presets (ignored with init_from)."""
+    init_from: str | None = None
+    """Continue pretraining this model (folder, .gguf, alias or hub id) instead of starting from scratch."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields set over the preset (e.g. num_layers: 4)."""
+
+
+@dataclass
+class DataSection:
+    """Token shards to train on (written by `lmforge prepare`)."""
+
+    train: list[str] = field(default_factory=list)
+    """Shard directories; several form a mixture."""
+    weights: list[float] | None = None
+    """Mixture weights, one per directory (default: equal)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    tokenizer: str | None = None
+    """Tokenizer folder; default: the one recorded in the first shard index."""
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ValueError("train: give at least one shard directory (written by `lmforge prepare`)")
+        if self.weights is not None and len(self.weights) != len(self.train):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.train)} train directories")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, found {self.seq_len}")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/pretrain"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ (a Hugging Face folder), eval.json."""
+    objective: Literal["causal_lm", "masked_lm"] = "causal_lm"
+    """Next-token prediction (decoders) or masked LM, plus NSP when masking.nsp (encoders)."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """The model."""
+    data: DataSection = field(default_factory=DataSection)
+    """The data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The engine."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """Masked-LM settings (objective masked_lm)."""
+
+
+def build_model(cfg: Config, tok, world_seed: int):
+    """A fresh model from the preset (sized to the tokenizer) or the init_from checkpoint."""
+    import torch
+
+    from ..models.loading import load
+    from ..models.presets import preset
+
+    mlm = cfg.objective == "masked_lm"
+    head = ("pretraining" if cfg.masking.nsp else "mlm") if mlm else "lm"
+    if cfg.model.init_from:
+        model, _ = load(cfg.model.init_from, head=head, dtype=torch.float32)
+        return model
+    torch.manual_seed(world_seed)
+    vocab = -(-tok.vocab_size // 64) * 64  # a multiple of 64 keeps the output matmul fast
+    fields = {"vocab_size": vocab, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id,
+              "eos_token_id": tok.eos_id, "head": head, **cfg.model.overrides}
+    mcfg = preset(cfg.model.preset or "llama-10m", **fields)
+    mcfg.max_position_embeddings = max(mcfg.max_position_embeddings, cfg.data.seq_len)
+    if mlm and mcfg.causal:
+        raise ValueError(f"objective masked_lm needs an encoder preset (bert-*), found {cfg.model.preset!r}")
+    from ..models.transformer import Transformer
+
+    return Transformer(mcfg)
+
+
+def main(cfg: Config) -> int:
+    import torch
+
+    from ..config import config_hash, save_config, to_dict
+    from ..data.loader import PackedLoader, eval_batches
+    from ..data.shards import read_index
+    from ..engine import distributed as D
+    from ..engine.trainer import EvalSet, Trainer
+    from ..models.loading import instantiate, load_tokenizer, save
+    from ..objectives.causal_lm import CausalLM
+    from ..objectives.masked_lm import MaskedLM, MLMCollate
+
+    world = D.init(cfg.train.device)
+    run = Path(cfg.run_dir)
+    if world.main:
+        save_config(cfg, run / "config.yaml")
+    index = read_index(cfg.data.train[0])
+    tok = load_tokenizer(cfg.data.tokenizer or index["tokenizer"]["path"])
+    if tok.fingerprint() != index["tokenizer"]["fingerprint"]:
+        raise ValueError(f"tokenizer {cfg.data.tokenizer or index['tokenizer']['path']} is not the one that wrote "
+                         f"{cfg.data.train[0]} (fingerprint {tok.fingerprint()} != "
+                         f"{index['tokenizer']['fingerprint']})")
+    model = build_model(cfg, tok, cfg.train.seed)
+    sources = [SourceSpec(p, w) for p, w in zip(cfg.data.train, cfg.data.weights or [1.0] * len(cfg.data.train))]
+    kw: dict[str, Any] = {}
+    if cfg.objective == "masked_lm":
+        specials = [i for i in (tok.pad_id, tok.eos_id, tok.bos_id, tok.token_id(tok.unk_token)) if i is not None]
+        cls_id, sep_id = tok.token_id(tok.cls_token or "[CLS]"), tok.token_id(tok.sep_token or "[SEP]")
+        if None in (cls_id, sep_id, tok.mask_id):
+            raise ValueError("masked_lm needs a tokenizer with [CLS], [SEP] and [MASK] tokens (a WordPiece one "
+                             "from `lmforge tokenizer kind=wordpiece`)")
+        extra = 3 if cfg.masking.nsp else 2  # [CLS] A [SEP] B [SEP]
+        kw = dict(collate=MLMCollate(cfg.masking, cls_id, sep_id, tok.mask_id, tok.vocab_size, specials,
+                                     cfg.train.seed), window=cfg.data.seq_len - extra)
+        objective = MaskedLM()
+    else:
+        objective = CausalLM()
+    loader = PackedLoader(sources, cfg.data.seq_len, cfg.train.micro_batch, seed=cfg.train.seed, rank=world.rank,
+                          world=world.world, **kw)
+    evals = [EvalSet("validation", lambda: eval_batches(sources[:1], cfg.data.seq_len, cfg.train.micro_batch,
+                                                        max_batches=cfg.train.eval_batches, rank=world.rank,
+                                                        world=world.world, seed=cfg.train.seed, **kw),
+                     bytes_per_token=loader.windows[0].bytes_per_token if cfg.objective == "causal_lm" else None)]
+    if world.main:
+        n = model.num_parameters()
+        log.info("model %s: %.2fM parameters; %d train tokens", model.cfg.family, n / 1e6, loader.windows[0].total)
+    trainer = Trainer(model, objective, loader, cfg.train, run, evals, world)
+    try:
+        last = trainer.fit()
+    except KeyboardInterrupt as e:
+        if world.main:
+            print(str(e))
+        return 130
+    sd = trainer.export_state_dict()
+    if world.main:
+        final = save(instantiate(model.cfg, sd), tok, run / "final")
+        evals_only = {k: v for k, v in last.items() if k.startswith("val_")}
+        trainer.write_json("eval.json", {"step": trainer.step, **evals_only})
+        lineage = {"stage": "pretrain", "config_hash": config_hash(cfg), "parent": cfg.model.init_from,
+                   "data": [{"path": p, "fingerprint": read_index(p).get("fingerprint"),
+                             "tokenizer": read_index(p)["tokenizer"]["fingerprint"]} for p in cfg.data.train],
+                   "lmforge": _version(), "config": to_dict(cfg)}
+        (run / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        (final / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in evals_only.items() if isinstance(v, float))
+        print(f"pretrain: {trainer.step} steps, {trainer.tokens:,} tokens; {summary}; model in {final}")
+    D.shutdown()
+    return 0
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
