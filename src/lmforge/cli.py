@@ -24,6 +24,9 @@ from lmforge.config import (
 VERBS: dict[str, str] = {
     "generate": "Generate text from a model (plain or chat)",
     "convert": "Convert a model between Hugging Face folders and GGUF/other formats",
+    "tokenizer": "Train a BPE or WordPiece tokenizer on documents and report bytes per token",
+    "prepare": "Tokenize documents into token shards for pretraining",
+    "pretrain": "Pretrain a decoder (causal LM) or encoder (masked LM + NSP) on token shards; torchrun-ready",
 }
 """Verb name -> one-line description; verb ``foo-bar`` runs module ``lmforge.stages.foo_bar``."""
 

@@ -231,6 +231,9 @@ def _from_cli(text: str, tp: Any) -> Any:
         if get_origin(inner) in (list, tuple) and isinstance(node, yaml.ScalarNode) and not node.style:
             node = yaml.compose(f"[{text}]")  # --betas 0.9,0.95
     except yaml.YAMLError:
+        if get_origin(inner) in (list, tuple):  # e.g. include=[*.py] (YAML would read * as an alias)
+            items = text.strip().removeprefix("[").removesuffix("]").split(",")
+            return [i.strip().strip("'\"") for i in items if i.strip()]
         return text
     return None if node is None else _from_node(node, tp)
 

@@ -278,3 +278,17 @@ def test_iter_fields_lists_leaves_with_defaults_and_docs():
     assert rows["sample.temperature"][1] == 0.7
     assert "train" not in rows and "sample.stop" in rows
     assert list(rows)[0] == "name"
+
+
+def test_cli_list_of_glob_patterns_is_not_a_yaml_alias():
+    from dataclasses import dataclass, field
+
+    from lmforge.config import load_config
+
+    @dataclass
+    class C:
+        include: list[str] = field(default_factory=list)
+        """Patterns."""
+
+    assert load_config(C, overrides=["include=[*.py, *.md]"]).include == ["*.py", "*.md"]
+    assert load_config(C, overrides=["include=*.py"]).include == ["*.py"]

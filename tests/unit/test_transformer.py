@@ -111,3 +111,23 @@ def test_presets_build_and_match_known_sizes():
     assert round(preset("gpt2-124m").num_parameters() / 1e5) == 1244
     with pytest.raises(ValueError, match="did you mean 'llama-10m'"):
         preset("llama-10n")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_linear_cross_entropy_matches_logits_path(tied, tiny_llama_cfg):
+    import torch.nn.functional as F
+
+    tiny_llama_cfg.tie_embeddings = tied
+    model = Transformer(tiny_llama_cfg)
+    x = torch.randint(0, 96, (3, 10))
+    labels = torch.randint(0, 96, (3, 10))
+    labels[0, :4] = -100
+    ref = F.cross_entropy(model(x).logits.reshape(-1, 96), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    ref.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = model(x, labels=labels)
+    out.extra["loss_sum"].backward()
+    assert torch.allclose(out.extra["loss_sum"], ref, atol=1e-4) and out.extra["loss_tokens"] == 26
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5), n

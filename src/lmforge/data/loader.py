@@ -173,13 +173,19 @@ class PackedLoader:
 
 def eval_batches(sources: list[SourceSpec], seq_len: int, micro_batch: int, *, max_batches: int | None = None,
                  rank: int = 0, world: int = 1, **loader_kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
-    """The validation split in order (no shuffle), formatted like training batches; a last partial batch is
-    dropped so every rank sees the same number of batches."""
+    """The validation split in order (no shuffle), formatted like training batches.
+
+    `max_batches` counts micro batches of one process (max_batches x micro_batch sequences in all, shared by
+    the processes), so the evaluated windows do not depend on the world size. A last partial batch is dropped
+    so that every rank runs the same number of batches."""
     loader = PackedLoader(sources, seq_len, micro_batch, split="validation", shuffle=False, rank=rank,
                           world=world, **loader_kwargs)
-    n = len(loader.windows[0]) // (micro_batch * world)
+    windows = len(loader.windows[0])
+    if max_batches is not None:
+        windows = min(windows, max_batches * micro_batch)
+    n = windows // (micro_batch * world)
     if n == 0:
-        raise ValueError(f"{sources[0].path}: the validation split has fewer windows than one batch of "
-                         f"{micro_batch * world}; lower the batch size or raise validation_fraction in prepare")
-    for _ in range(n if max_batches is None else min(n, max_batches)):
+        raise ValueError(f"{sources[0].path}: {windows} validation windows are fewer than one batch of "
+                         f"{micro_batch} x {world} processes; lower the batch size or raise validation_fraction")
+    for _ in range(n):
         yield loader.next_batch()

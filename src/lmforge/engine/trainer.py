@@ -60,7 +60,7 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end)."""
     eval_batches: int | None = 50
-    """Batches per evaluation per process (None = the whole validation split)."""
+    """Validation sequences per evaluation, in micro batches (shared by the processes; None = the whole split)."""
     save_every: int = 0
     """Write a checkpoint every N steps (0 = only at the end and on interruption)."""
     keep_last: int = 2
@@ -88,7 +88,10 @@ class TrainConfig:
         for name in ("steps", "micro_batch", "grad_accum", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "keep_last", "early_stopping_patience"):
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is what resume needs), found "
+                             f"{self.keep_last}")
+        for name in ("eval_every", "save_every", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
         if self.clip_grad is not None and self.clip_grad <= 0:
@@ -240,7 +243,7 @@ class Trainer:
                     metrics = self._train_step()
                     self.step += 1
                     row: dict[str, Any] = {}
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps or "skipped_nonfinite" in metrics:
                         now = time.perf_counter()
                         row = self._log_row(metrics, (self.tokens - tok_last) / max(now - t_last, 1e-9))
                         t_last, tok_last = now, self.tokens
@@ -296,14 +299,18 @@ class Trainer:
         self.tokens += int(vec[-1].item())
         metrics["grad_norm"] = float(gnorm)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        finite_loss = math.isfinite(metrics["loss"])
+        if self.scaler and finite_loss:  # inf gradients under fp16 are the scaler's business: it skips and backs off
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.bad_steps = 0
+        elif not (finite_loss and math.isfinite(metrics["grad_norm"])):
             self.bad_steps += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            self.sink.log(self.step + 1, {"skipped_nonfinite": 1, "loss": metrics["loss"],
-                                          "grad_norm": metrics["grad_norm"]})
+            metrics["skipped_nonfinite"] = 1
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step + 1,
                         self.bad_steps)
             if self.bad_steps >= cfg.max_bad_steps:
+                self.sink.log(self.step + 1, metrics)
                 raise NonFiniteLossError(
                     f"{self.bad_steps} consecutive steps had NaN/Inf loss or gradients (last at step "
                     f"{self.step + 1}); lower the learning rate, use bf16 instead of fp16, or check the data")
@@ -311,11 +318,7 @@ class Trainer:
                 self.scaler.update()
         else:
             self.bad_steps = 0
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return metrics

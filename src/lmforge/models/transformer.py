@@ -218,6 +218,66 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ cross-entropy(h Wᵀ, labels) over chunks of tokens, with gradients computed in the same pass, so the
+    full (N, V) logits and their fp32 copy are never stored (labels of -100 are skipped)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
+        hc, wc = h.to(dtype), w.to(dtype)  # (N, C), (V, C)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hc) if need_grad else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for a in range(0, hc.shape[0], chunk):
+            b = min(a + chunk, hc.shape[0])
+            logits = (hc[a:b] @ wc.t()).float()  # (n, V)
+            y = labels[a:b]
+            valid = y != -100
+            yc = y.clamp(min=0)
+            lse = logits.logsumexp(-1)  # (n,)
+            total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * valid).sum()
+            if need_grad:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(b - a, device=g.device), yc] -= 1.0
+                g = (g * valid[:, None]).to(dtype)  # (n, V)
+                grad_h[a:b] = g @ wc
+                grad_w += (g.t() @ hc[a:b]).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.input_dtypes = (h.dtype, w.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h.to(ctx.input_dtypes[0]) * grad_out, grad_w.to(ctx.input_dtypes[1]) * grad_out,
+                None, None, None)
+
+
+def linear_cross_entropy(h: Tensor, w: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
+    """Summed next-token cross-entropy of logits h Wᵀ (h (N, C), w (V, C), labels (N,)), chunked."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return _LinearCrossEntropy.apply(h, w, labels, chunk, dtype)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """softmax(QKᵀ/√D + M)V with two matmuls and an fp32 softmax. On CPU in bf16 this is faster than the flash
+    kernel for sequences up to ~1k (measured: 17 vs 25 ms forward+backward at B=8, H=6, T=256, D=64)."""
+    h, kv = q.shape[1], k.shape[1]
+    if h != kv:
+        k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)  # (B, H, S, D)
+    scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)  # (B, H, T, S)
+    if mask is None and is_causal:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v  # (B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -239,6 +299,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             y = cache.attend(self.layer, q, k, v, mask)
+        elif q.device.type == "cpu" and q.dtype == torch.bfloat16 and t <= 1024:
+            y = _matmul_attention(q, k, v, mask, is_causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                                enable_gqa=cfg.num_kv_heads != cfg.num_heads)
@@ -386,10 +448,12 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor | None = None, *, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
                 cache: KVCache | None = None, inputs_embeds: Tensor | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int = 0, labels: Tensor | None = None) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, S) with 1 for real tokens over past + new; position_ids (B, T).
 
-        `logits_to_keep=N` computes LM logits only for the last N positions (generation)."""
+        `logits_to_keep=N` computes LM logits only for the last N positions (generation). With `labels` (B, T)
+        an LM head returns the summed cross-entropy in `extra["loss_sum"]` (and the count of labelled tokens in
+        `extra["loss_tokens"]`) without materialising the logits."""
         cfg = self.cfg
         b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         past = cache.length() if cache is not None else 0
@@ -412,6 +476,10 @@ class Transformer(nn.Module):
                 x = block(x, rope, mask, cache, cfg.causal)
         if cfg.final_norm:
             x = self.norm(x)
+        if labels is not None and cfg.head == "lm":
+            w = self.embed.tokens.weight if cfg.tie_embeddings else self.lm_head.weight
+            loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), w, labels.reshape(-1))
+            return ModelOutput(hidden=x, extra={"loss_sum": loss, "loss_tokens": (labels != -100).sum()})
         return self.head(x, attention_mask, input_ids, logits_to_keep)
 
     def head(self, h: Tensor, attention_mask: Tensor | None, input_ids: Tensor | None,

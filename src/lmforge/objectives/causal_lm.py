@@ -23,7 +23,7 @@ class CausalLM:
     per_token_nll = True  # its loss is nats per token: evaluation reports perplexity and bits per byte
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        total, n = token_cross_entropy(out.logits, batch["labels"])
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        total, n = out.extra["loss_sum"], out.extra["loss_tokens"]  # chunked: no (B, T, V) logits kept
         loss = total / n.clamp(min=1)
         return loss, {"loss": loss.detach(), "tokens": n}

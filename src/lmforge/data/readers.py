@@ -1,0 +1,203 @@
+"""Stream documents from JSONL (.jsonl, .jsonl.gz), Parquet, plain text files, directories and globs.
+
+Order is deterministic (inputs in the order given; directory and glob matches sorted), nothing is loaded whole,
+and bad records stop with the file, line, what was found and what was expected.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "expand_inputs", "in_fraction", "TEXT_SUFFIXES"]
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+"""Plain-text files picked up from directories when no `include` patterns are given (one document per file)."""
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet")
+_GLOB_CHARS = set("*?[")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line (or row), what was found and what was expected."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: its text, optional id, and where it came from (``file:line`` or ``file``)."""
+
+    text: str
+    id: str | None
+    source: str
+    meta: Any = None
+
+
+@dataclass
+class ReadStats:
+    """Counters filled while reading: files opened, documents yielded, empty ones skipped, bytes replaced."""
+
+    files: int = 0
+    documents: int = 0
+    empty: int = 0
+    replaced: int = 0
+    """Undecodable UTF-8 sequences replaced by U+FFFD."""
+    replaced_files: list[str] = field(default_factory=list)
+
+
+def in_fraction(key: str, fraction: float, seed: int = 0) -> bool:
+    """Stable pseudo-random membership of a document key (its id, else its text) in a fraction of the corpus."""
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, salt=seed.to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little") < fraction * 2**64
+
+
+def _matches(path: Path, patterns: Sequence[str]) -> bool:
+    posix = path.as_posix()
+    return any(fnmatch.fnmatch(path.name, p) or fnmatch.fnmatch(posix, p) for p in patterns)
+
+
+def _known(path: Path) -> bool:
+    return path.name.endswith(RECORD_SUFFIXES + TEXT_SUFFIXES)
+
+
+def _walk(root: Path, include: Sequence[str] | None, exclude: Sequence[str]) -> list[Path]:
+    """Files under `root`, recursive, sorted; hidden files and folders are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith(".") or _matches(p, exclude):
+                continue
+            if (_matches(p, include) if include else _known(p)):
+                found.append(p)
+    return found
+
+
+def expand_inputs(paths: str | os.PathLike | Sequence[str | os.PathLike], include: Sequence[str] | None = None,
+                  exclude: Sequence[str] = ()) -> list[Path]:
+    """Files named by `paths` (files, directories, shell globs), in a deterministic order.
+
+    Files named directly are always read; directory and glob matches are filtered by `include` / `exclude`
+    patterns (matched against the file name and the full path, e.g. ``*.py``, ``*/tests/*``).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for spec in paths:
+        p = Path(spec).expanduser()
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            out += _walk(p, include, exclude)
+        elif _GLOB_CHARS & set(str(spec)):
+            matches = sorted(glob.glob(str(p), recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"input {str(spec)!r}: no file matches this pattern")
+            for m in map(Path, matches):
+                if m.is_dir():
+                    out += _walk(m, include, exclude)
+                elif not _matches(m, exclude) and (not include or _matches(m, include)):
+                    out.append(m)
+        else:
+            raise FileNotFoundError(f"input {str(spec)!r} not found: expected a file, a directory or a glob")
+    return out
+
+
+def _decode(raw: bytes, where: str, stats: ReadStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        stats.replaced += text.count("\ufffd") - raw.count("\ufffd".encode())
+        stats.replaced_files.append(where)
+        return text
+
+
+def _record(obj: Any, text_key: str, where: str) -> tuple[str, str | None, Any]:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: found a JSON {type(obj).__name__}, expected an object like "
+                        f'{{"{text_key}": "...", "id": "..."}}')
+    if text_key not in obj:
+        keys = ", ".join(map(repr, list(obj)[:8])) or "none"
+        raise DataError(f"{where}: no {text_key!r} key (found keys {keys}); expected a string field {text_key!r} "
+                        f"(set text_key to read another field)")
+    text = obj[text_key]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: {text_key!r} is {type(text).__name__} {str(text)[:40]!r}, expected a string")
+    doc_id = obj.get("id")
+    return text, (None if doc_id is None else str(doc_id)), obj.get("meta")
+
+
+def _read_jsonl(path: Path, text_key: str, stats: ReadStats) -> Iterator[Document]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where, stats)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                shown = line.strip()[:60]
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}) in {shown!r}; "
+                                f"expected one JSON object per line") from None
+            text, doc_id, meta = _record(obj, text_key, where)
+            yield Document(text, doc_id, where, meta)
+
+
+def _read_parquet(path: Path, text_key: str, batch_rows: int = 1024) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if text_key not in names:
+        raise DataError(f"{path}: no {text_key!r} column (found {', '.join(names)}); expected a string column "
+                        f"{text_key!r}")
+    cols = [c for c in (text_key, "id", "meta") if c in names]
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+        data = batch.to_pydict()
+        for i in range(batch.num_rows):
+            row += 1
+            text, doc_id, meta = _record({c: data[c][i] for c in cols}, text_key, f"{path}:row {row}")
+            yield Document(text, doc_id, f"{path}:{row}", meta)
+
+
+def iter_documents(paths: str | os.PathLike | Sequence[str | os.PathLike], text_key: str = "text",
+                   include: Sequence[str] | None = None, exclude: Sequence[str] = (),
+                   stats: ReadStats | None = None) -> Iterator[Document]:
+    """Stream the non-empty documents of `paths`; raises DataError ("empty corpus") if there are none."""
+    stats = stats if stats is not None else ReadStats()
+    files = expand_inputs(paths, include, exclude)
+    for path in files:
+        stats.files += 1
+        name = path.name
+        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+            docs: Iterator[Document] = _read_jsonl(path, text_key, stats)
+        elif name.endswith(".parquet"):
+            docs = _read_parquet(path, text_key)
+        else:
+            docs = iter([Document(_decode(path.read_bytes(), str(path), stats), None, str(path))])
+        for doc in docs:
+            if not doc.text:
+                stats.empty += 1
+                continue
+            stats.documents += 1
+            yield doc
+    if stats.documents == 0:
+        shown = ", ".join(map(str, paths if not isinstance(paths, (str, os.PathLike)) else [paths]))
+        filt = f" (include {list(include)}, exclude {list(exclude)})" if include or exclude else ""
+        raise DataError(f"empty corpus: inputs [{shown}]{filt} gave no documents ({len(files)} files matched, "
+                        f"{stats.empty} empty documents skipped)")
