@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine_fixtures import bpe_data, wordpiece_data  # noqa: F401  (real stdlib tokenizers + shards, session-wide)
+
 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
@@ -65,33 +67,3 @@ def tiny_llama_cfg():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture(scope="session")
-def stdlib_files() -> list[Path]:
-    """60 real Python source files of the standard library (sorted, deterministic)."""
-    import sysconfig
-
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
-
-
-@pytest.fixture(scope="session")
-def stdlib_tokenizer_dir(stdlib_files, tmp_path_factory) -> Path:
-    """A 512-token byte-level BPE trained on the stdlib files."""
-    from lmforge.tokenizer.train import train_tokenizer
-
-    out = tmp_path_factory.mktemp("stdlib_tok")
-    texts = (p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files)
-    train_tokenizer(texts, kind="bpe", vocab_size=512).save(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def stdlib_shards(stdlib_files, stdlib_tokenizer_dir, tmp_path_factory) -> Path:
-    """Token shards of the stdlib files (10% of documents held out for validation)."""
-    from lmforge.data.shards import prepare_shards
-
-    out = tmp_path_factory.mktemp("stdlib_shards") / "shards"
-    prepare_shards(stdlib_files, stdlib_tokenizer_dir, out, validation_fraction=0.1, num_workers=1,
-                   show_progress=False)
-    return out

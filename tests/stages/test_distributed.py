@@ -4,6 +4,7 @@ world sizes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -38,6 +39,12 @@ def _losses(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
+def _read_train_dir(config: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(config.read_text())["data"]["train"][0]
+
+
 def _torchrun(config: Path, run: Path, *overrides: str) -> None:
     lmforge = shutil.which("lmforge", path=str(Path(sys.executable).parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
@@ -49,9 +56,9 @@ def _torchrun(config: Path, run: Path, *overrides: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def config(stdlib_shards, tmp_path_factory) -> Path:
+def config(bpe_data, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dist") / "config.yaml"
-    path.write_text(CONFIG.format(shards=stdlib_shards))
+    path.write_text(CONFIG.format(shards=bpe_data.shards))
     return path
 
 
@@ -83,3 +90,18 @@ def test_two_ranks_match_one_process_and_resume_on_one(parallel, config, single,
     a, b = load_file(str(run / "final" / "model.safetensors")), load_file(str(single / "final" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in a.values()])).all()
+
+
+def test_continued_pretraining_starts_from_the_trained_model(config, single, tmp_path):
+    run = tmp_path / "continued"
+    assert cli.main(["pretrain", "--config", str(config), f"run_dir={run}", f"model.init_from={single / 'final'}",
+                     "train.steps=2", "train.save_every=0", "train.eval_every=0"]) == 0
+    first_scratch = _losses(single)[1]["loss"]
+    first_continued = _losses(run)[1]["loss"]
+    assert first_continued < first_scratch - 0.1
+    # bits per byte use the validation split's own bytes per token
+    val = json.loads((run / "eval.json").read_text())
+    split = json.loads((Path(_read_train_dir(config)) / "index.json").read_text())["splits"]["validation"]
+    assert val["val_bpb"] == pytest.approx(val["val_loss"] / math.log(2) / (split["bytes"] / split["tokens"]))
+    lineage = json.loads((run / "lmforge.json").read_text())
+    assert lineage["parent"] == str(single / "final") and lineage["data"][0]["tokenizer"]

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine_fixtures import bpe_data, write_config  # noqa: E402,F401
+from engine_fixtures import write_config
 
-from lmforge import cli  # noqa: E402
-from lmforge.engine.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from lmforge import cli
+from lmforge.engine.checkpoint import list_checkpoints, load_checkpoint
 
 STEPS, ACCUM = 12, 2
 
@@ -104,7 +103,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 @pytest.fixture(scope="module")
-def straight(bpe_data, tmp_path_factory) -> Path:  # noqa: F811
+def straight(bpe_data, tmp_path_factory) -> Path:
     """Run A: 12 steps without interruption."""
     root = tmp_path_factory.mktemp("straight")
     config = write_config(root / "config.yaml", root / "run", bpe_data.shards)
@@ -114,7 +113,7 @@ def straight(bpe_data, tmp_path_factory) -> Path:  # noqa: F811
     return run
 
 
-def test_exact_resume_after_sigkill(straight, bpe_data, tmp_path):  # noqa: F811
+def test_exact_resume_after_sigkill(straight, bpe_data, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "config.yaml", run, bpe_data.shards)
 
@@ -132,7 +131,7 @@ def test_exact_resume_after_sigkill(straight, bpe_data, tmp_path):  # noqa: F811
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [6, 12]
 
 
-def test_kill_during_checkpoint_write_keeps_previous_checkpoint(straight, bpe_data, tmp_path):  # noqa: F811
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(straight, bpe_data, tmp_path):
     run = tmp_path / "run"
     ckdir = run / "checkpoints"
     config = write_config(tmp_path / "config.yaml", run, bpe_data.shards)
@@ -161,7 +160,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(straight, bpe_da
     assert _losses(run) == _losses(straight)
 
 
-def test_sigterm_checkpoints_and_resumes(straight, bpe_data, tmp_path):  # noqa: F811
+def test_sigterm_checkpoints_and_resumes(straight, bpe_data, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "config.yaml", run, bpe_data.shards)
 

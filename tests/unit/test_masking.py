@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine_fixtures import bpe_data, wordpiece_data, write_config  # noqa: E402,F401
+from engine_fixtures import write_config
 
-from lmforge import cli  # noqa: E402
-from lmforge.data.loader import PackedLoader, SourceSpec  # noqa: E402
-from lmforge.data.shards import open_split  # noqa: E402
-from lmforge.objectives.causal_lm import IGNORE  # noqa: E402
-from lmforge.objectives.masked_lm import MaskingConfig, MLMCollate, mask_tokens  # noqa: E402
-from lmforge.tokenizer import Tokenizer  # noqa: E402
+from lmforge import cli
+from lmforge.data.loader import PackedLoader, SourceSpec
+from lmforge.data.shards import open_split
+from lmforge.objectives.causal_lm import IGNORE
+from lmforge.objectives.masked_lm import MaskingConfig, MLMCollate, mask_tokens
+from lmforge.tokenizer import Tokenizer
 
 SEQ = 64
 WINDOW = SEQ - 3  # [CLS] A [SEP] B [SEP]
@@ -100,7 +98,7 @@ class Wiring:
 
 
 @pytest.fixture(scope="module")
-def nsp_samples(wordpiece_data):  # noqa: F811
+def nsp_samples(wordpiece_data):
     """40 batches of 8 (320 samples) from the real shards, with the uncorrupted windows they came from."""
     w = Wiring(wordpiece_data)
     loader, raw = w.loader(), w.raw_loader()
@@ -172,7 +170,7 @@ def test_mlm_rates_on_real_pairs(nsp_samples):
     assert within(masked, int(chosen.sum()), 0.8 + 0.1 / w.vocab)
 
 
-def test_collate_is_deterministic_per_global_sample(wordpiece_data):  # noqa: F811
+def test_collate_is_deterministic_per_global_sample(wordpiece_data):
     w = Wiring(wordpiece_data)
     seq = w.loader()
     stream = [seq.next_batch() for _ in range(6)]
@@ -204,7 +202,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_mlm_loss_falls_on_an_encoder(wordpiece_data, tmp_path):  # noqa: F811
+def test_mlm_loss_falls_on_an_encoder(wordpiece_data, tmp_path):
     config = write_config(tmp_path / "config.yaml", tmp_path / "run", wordpiece_data.shards, steps=40,
                           micro_batch=16, grad_accum=1, eval_every=0, save_every=0, optimizer={"lr": 5e-3})
     assert cli.main(["pretrain", "--config", str(config), "objective=masked_lm", "model.preset=bert-tiny"]) == 0
@@ -218,7 +216,7 @@ def test_mlm_loss_falls_on_an_encoder(wordpiece_data, tmp_path):  # noqa: F811
     assert final["model_type"] == "bert"
 
 
-def test_causal_lm_loss_falls_on_a_decoder(bpe_data, tmp_path):  # noqa: F811
+def test_causal_lm_loss_falls_on_a_decoder(bpe_data, tmp_path):
     config = write_config(tmp_path / "config.yaml", tmp_path / "run", bpe_data.shards, steps=60, grad_accum=1,
                           eval_every=0, save_every=0)
     assert cli.main(["pretrain", "--config", str(config)]) == 0

@@ -131,3 +131,29 @@ def test_chunked_linear_cross_entropy_matches_logits_path(tied, tiny_llama_cfg):
     assert torch.allclose(out.extra["loss_sum"], ref, atol=1e-4) and out.extra["loss_tokens"] == 26
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_llama_cfg):
+    torch.manual_seed(0)
+    model = Transformer(tiny_llama_cfg)
+    x = torch.randint(0, 96, (2, 12))
+    grads = []
+    for ac in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ac
+        model(x, labels=x).extra["loss_sum"].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(tiny_llama_cfg):
+    model = Transformer(tiny_llama_cfg).eval()
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        eager = model(x).logits
+        for block in model.blocks:
+            block.compile()
+        compiled = model(x).logits
+    assert torch.allclose(eager, compiled, atol=1e-5)
+    assert set(model.state_dict()) == set(Transformer(tiny_llama_cfg).state_dict())  # names unchanged

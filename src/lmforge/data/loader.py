@@ -35,8 +35,6 @@ class TokenWindows:
         if self.n == 0:
             raise ValueError(f"{data_dir}: split {split!r} has {self.total} tokens, fewer than one window of "
                              f"{length}; prepare more data or lower the sequence length")
-        meta = self.index["splits"][split]
-        self.bytes_per_token = meta["bytes"] / max(1, meta["tokens"])
 
     def __len__(self) -> int:
         return self.n

@@ -82,6 +82,15 @@ def _walk(root: Path, include: Sequence[str] | None, exclude: Sequence[str]) -> 
     return found
 
 
+def expand_placeholders(path: str) -> str:
+    """`{stdlib}` becomes this Python's standard library folder (a real code corpus on every machine)."""
+    if "{stdlib}" in path:
+        import sysconfig
+
+        path = path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    return path
+
+
 def expand_inputs(paths: str | os.PathLike | Sequence[str | os.PathLike], include: Sequence[str] | None = None,
                   exclude: Sequence[str] = ()) -> list[Path]:
     """Files named by `paths` (files, directories, shell globs), in a deterministic order.
@@ -93,6 +102,7 @@ def expand_inputs(paths: str | os.PathLike | Sequence[str | os.PathLike], includ
         paths = [paths]
     out: list[Path] = []
     for spec in paths:
+        spec = expand_placeholders(str(spec))
         p = Path(spec).expanduser()
         if p.is_file():
             out.append(p)

@@ -17,6 +17,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # decoders, Llama style
     "llama-tiny": dict(_LLAMA, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                        vocab_size=512, max_position_embeddings=256),
+    "llama-7m": dict(_LLAMA, hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=768,
+                     vocab_size=8192, max_position_embeddings=512),
     "llama-10m": dict(_LLAMA, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1024,
                       vocab_size=8192, max_position_embeddings=512),
     "llama-30m": dict(_LLAMA, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1408,

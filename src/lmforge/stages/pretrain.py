@@ -130,10 +130,11 @@ def main(cfg: Config) -> int:
         objective = CausalLM()
     loader = PackedLoader(sources, cfg.data.seq_len, cfg.train.micro_batch, seed=cfg.train.seed, rank=world.rank,
                           world=world.world, **kw)
+    bpt = _bytes_per_token(index, "validation") if cfg.objective == "causal_lm" else None
     evals = [EvalSet("validation", lambda: eval_batches(sources[:1], cfg.data.seq_len, cfg.train.micro_batch,
                                                         max_batches=cfg.train.eval_batches, rank=world.rank,
                                                         world=world.world, seed=cfg.train.seed, **kw),
-                     bytes_per_token=loader.windows[0].bytes_per_token if cfg.objective == "causal_lm" else None)]
+                     bytes_per_token=bpt)]
     if world.main:
         n = model.num_parameters()
         log.info("model %s: %.2fM parameters; %d train tokens", model.cfg.family, n / 1e6, loader.windows[0].total)
@@ -159,6 +160,12 @@ def main(cfg: Config) -> int:
         print(f"pretrain: {trainer.step} steps, {trainer.tokens:,} tokens; {summary}; model in {final}")
     D.shutdown()
     return 0
+
+
+def _bytes_per_token(index: dict[str, Any], split: str) -> float | None:
+    """UTF-8 bytes per token of a split (for bits per byte), from the shard index."""
+    meta = index["splits"].get(split) or {}
+    return meta["bytes"] / meta["tokens"] if meta.get("tokens") else None
 
 
 def _version() -> str:

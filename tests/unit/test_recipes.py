@@ -1,0 +1,26 @@
+"""Every shipped recipe parses and validates against its verb's config (a broken recipe fails here, not on a user)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import load_config
+
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_recipe_loads(path):
+    verb = path.parent.name
+    stage = importlib.import_module(f"lmforge.stages.{verb}")
+    cfg = load_config(stage.Config, path)
+    assert cfg is not None
+
+
+def test_there_are_recipes_for_each_pretraining_step():
+    names = {f"{p.parent.name}/{p.stem}" for p in RECIPES}
+    assert {"tokenizer/stdlib-bpe-8k", "prepare/stdlib", "pretrain/stdlib-small", "pretrain/stdlib-encoder",
+            "pretrain/tiny", "tokenizer/stdlib-wordpiece-8k", "prepare/stdlib-wordpiece"} <= names
