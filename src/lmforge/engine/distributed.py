@@ -87,5 +87,7 @@ def barrier(world: World) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together (a rank that leaves while another still works can abort gloo)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
