@@ -89,7 +89,8 @@ def run_ours(args) -> dict:
     times = []
     src = Source()
     cfg = TrainConfig(steps=args.warmup, micro_batch=args.batch, precision=args.precision, log_every=10**9,
-                      save_every=0, tensorboard=False, progress_bar=False, resume=False, device=dev)
+                      save_every=0, tensorboard=False, progress_bar=False, resume=False, device=dev,
+                      compile=args.compile)
     cfg.optimizer.lr, cfg.optimizer.weight_decay = 3e-4, 0.1
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(model, CausalLM(), src, cfg, d)
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--size", choices=list(SIZES), default="small")
     ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"])
+    ap.add_argument("--compile", action="store_true", help="ours with train.compile=true (torch.compile per block)")
     ap.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:  # child process: one precision
@@ -179,7 +181,7 @@ def main() -> None:
         for side in ("ours", "peer"):
             cmd = [sys.executable, __file__, "--side", side, "--precision", prec, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--size", args.size]
+                   "--size", args.size] + (["--compile"] if args.compile else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             res[side] = json.loads(out)
         o, p = res["ours"], res["peer"]
@@ -195,7 +197,7 @@ def main() -> None:
         print(f"{r['precision']:9} {r['ours_tokens_per_s']:10.0f} {r['peer_tokens_per_s']:10.0f} {r['speedup']:6.2f} "
               f"{r['ours_mfu']:8.1%} {r['peer_mfu']:7.1%} {r['ours_mem_mib']:9.0f} {r['peer_mem_mib']:8.0f} "
               f"{r['mem_ratio']:5.2f}")
-    print(json.dumps({"benchmark": "train_throughput", "size": args.size, "batch": args.batch, "seq": args.seq,
+    print(json.dumps({"benchmark": "train_throughput", "compile": args.compile, "size": args.size, "batch": args.batch, "seq": args.seq,
                       "rows": rows}))
 
 
