@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..tokenizer.base import Tokenizer
 from . import hf
@@ -131,8 +131,6 @@ def _materialize(model: Transformer, device, dtype: torch.dtype) -> None:
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
             model._init(module)
-            if hasattr(module, "bias") and isinstance(module.bias, nn.Parameter) and not isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
             module.to(dtype)
 
 

@@ -375,6 +375,9 @@ class MLMHead(nn.Module):
         self.norm = _norm(cfg)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.bias)
+
     def forward(self, h: Tensor, embedding: Tensor) -> Tensor:
         return F.linear(self.norm(self.act(self.dense(h))), embedding, self.bias)  # (B, T, V)
 
