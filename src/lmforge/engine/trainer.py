@@ -272,8 +272,8 @@ class Trainer:
 
     def _train_step(self) -> dict[str, Any]:
         cfg = self.cfg
-        sums: dict[str, float] = {}
-        tokens = 0
+        sums: dict[str, Tensor] = {}  # kept on the device: one host sync per step, not one per metric
+        tokens = torch.zeros((), dtype=torch.float64)
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(self.world.device, non_blocking=True) for k, v in self.data.next_batch().items()}
             sync = micro == cfg.grad_accum - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
@@ -284,8 +284,8 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             for k, v in m.items():
                 if k != "tokens":
-                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-            tokens += int(m.get("tokens", batch["input_ids"].numel()))
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double() / cfg.grad_accum
+            tokens = tokens + torch.as_tensor(m.get("tokens", batch["input_ids"].numel())).double()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.clip_grad if cfg.clip_grad is not None else float("inf")
@@ -293,7 +293,7 @@ class Trainer:
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         keys = sorted(sums)
-        vec = torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64)
+        vec = torch.stack([sums[k].cpu() for k in keys] + [tokens.cpu()])
         vec = D.all_reduce_sum(vec, self.world)
         metrics = {k: vec[i].item() / self.world.world for i, k in enumerate(keys)}
         self.tokens += int(vec[-1].item())
