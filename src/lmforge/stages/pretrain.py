@@ -92,8 +92,6 @@ def build_model(cfg: Config, tok, world_seed: int):
 
 
 def main(cfg: Config) -> int:
-    import torch
-
     from ..config import config_hash, save_config, to_dict
     from ..data.loader import PackedLoader, eval_batches
     from ..data.shards import read_index
@@ -151,8 +149,8 @@ def main(cfg: Config) -> int:
         evals_only = {k: v for k, v in last.items() if k.startswith("val_")}
         trainer.write_json("eval.json", {"step": trainer.step, **evals_only})
         lineage = {"stage": "pretrain", "config_hash": config_hash(cfg), "parent": cfg.model.init_from,
-                   "data": [{"path": p, "fingerprint": read_index(p).get("fingerprint"),
-                             "tokenizer": read_index(p)["tokenizer"]["fingerprint"]} for p in cfg.data.train],
+                   "data": [{"path": w.data_dir, "fingerprint": w.index.get("inputs_fingerprint"),
+                             "tokenizer": w.index["tokenizer"]["fingerprint"]} for w in loader.windows],
                    "lmforge": _version(), "config": to_dict(cfg)}
         (run / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (final / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
