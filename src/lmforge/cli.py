@@ -20,6 +20,7 @@ from typing import Any, get_args
 from lmforge.config import (
     COMMAND_LINE, ConfigError, dump_yaml, iter_fields, key_type, load_config, to_dict, type_name,
 )
+from lmforge.data.readers import DataError
 
 VERBS: dict[str, str] = {
     "generate": "Generate text from a model (plain or chat)",
@@ -27,6 +28,7 @@ VERBS: dict[str, str] = {
     "tokenizer": "Train a BPE or WordPiece tokenizer on documents and report bytes per token",
     "prepare": "Tokenize documents into token shards for pretraining",
     "pretrain": "Pretrain a decoder (causal LM) or encoder (masked LM + NSP) on token shards; torchrun-ready",
+    "finetune": "Fine-tune a pretrained model: SFT or classification with full, freeze, LoRA, QLoRA, prompt, adapter",
 }
 """Verb name -> one-line description; verb ``foo-bar`` runs module ``lmforge.stages.foo_bar``."""
 
@@ -44,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (DataError, FileNotFoundError) as e:  # bad or missing input: the message names file and line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

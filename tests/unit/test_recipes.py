@@ -20,7 +20,8 @@ def test_recipe_loads(path):
     assert cfg is not None
 
 
-def test_there_are_recipes_for_each_pretraining_step():
+def test_there_are_recipes_for_each_step():
     names = {f"{p.parent.name}/{p.stem}" for p in RECIPES}
     assert {"tokenizer/stdlib-bpe-8k", "prepare/stdlib", "pretrain/stdlib-small", "pretrain/stdlib-encoder",
-            "pretrain/tiny", "tokenizer/stdlib-wordpiece-8k", "prepare/stdlib-wordpiece"} <= names
+            "pretrain/tiny", "tokenizer/stdlib-wordpiece-8k", "prepare/stdlib-wordpiece", "prepare/stdlib-smollm2",
+            "finetune/sentiment-minilm", "finetune/lora-smollm2"} <= names

@@ -12,12 +12,14 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "expand_inputs", "in_fraction", "TEXT_SUFFIXES"]
+__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "in_fraction",
+           "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 """Plain-text files picked up from directories when no `include` patterns are given (one document per file)."""
@@ -82,12 +84,23 @@ def _walk(root: Path, include: Sequence[str] | None, exclude: Sequence[str]) -> 
     return found
 
 
+_PKG = re.compile(r"\{pkg:([A-Za-z0-9_.]+)\}")
+
+
 def expand_placeholders(path: str) -> str:
-    """`{stdlib}` becomes this Python's standard library folder (a real code corpus on every machine)."""
+    """`{stdlib}` becomes this Python's standard library folder (a real code corpus on every machine);
+    `{pkg:NAME}` the folder of the installed package NAME (found without importing it)."""
     if "{stdlib}" in path:
         import sysconfig
 
         path = path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    for name in _PKG.findall(path):
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"input {path!r}: package {name!r} is not installed (or is not a package)")
+        path = path.replace(f"{{pkg:{name}}}", list(spec.submodule_search_locations)[0])
     return path
 
 
@@ -147,7 +160,8 @@ def _record(obj: Any, text_key: str, where: str) -> tuple[str, str | None, Any]:
     return text, (None if doc_id is None else str(doc_id)), obj.get("meta")
 
 
-def _read_jsonl(path: Path, text_key: str, stats: ReadStats) -> Iterator[Document]:
+def _jsonl_objects(path: Path, stats: ReadStats) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, parsed JSON) of every non-blank line."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -156,13 +170,17 @@ def _read_jsonl(path: Path, text_key: str, stats: ReadStats) -> Iterator[Documen
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 shown = line.strip()[:60]
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}) in {shown!r}; "
                                 f"expected one JSON object per line") from None
-            text, doc_id, meta = _record(obj, text_key, where)
-            yield Document(text, doc_id, where, meta)
+
+
+def _read_jsonl(path: Path, text_key: str, stats: ReadStats) -> Iterator[Document]:
+    for where, obj in _jsonl_objects(path, stats):
+        text, doc_id, meta = _record(obj, text_key, where)
+        yield Document(text, doc_id, where, meta)
 
 
 def _read_parquet(path: Path, text_key: str, batch_rows: int = 1024) -> Iterator[Document]:
@@ -211,3 +229,58 @@ def iter_documents(paths: str | os.PathLike | Sequence[str | os.PathLike], text_
         filt = f" (include {list(include)}, exclude {list(exclude)})" if include or exclude else ""
         raise DataError(f"empty corpus: inputs [{shown}]{filt} gave no documents ({len(files)} files matched, "
                         f"{stats.empty} empty documents skipped)")
+
+
+def _read_csv(path: Path, stats: ReadStats) -> Iterator[tuple[str, dict[str, Any]]]:
+    import csv
+    import io
+
+    text = _decode(path.read_bytes(), str(path), stats)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise DataError(f"{path}: no header row; expected a CSV file whose first line names the columns")
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:
+            raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields, expected "
+                            f"{len(reader.fieldnames)} (the header's {', '.join(reader.fieldnames)})")
+        yield where, row
+
+
+def iter_records(paths: str | os.PathLike | Sequence[str | os.PathLike], include: Sequence[str] | None = None,
+                 exclude: Sequence[str] = (), stats: ReadStats | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream `(where, record)` pairs from JSONL, Parquet and CSV files (`where` is ``file:line`` or
+    ``file:row N``); every record must be an object. Raises DataError when the inputs hold no record."""
+    stats = stats if stats is not None else ReadStats()
+    files = expand_inputs(paths, include or ["*.jsonl", "*.jsonl.gz", "*.ndjson", "*.parquet", "*.csv"], exclude)
+    n = 0
+    for path in files:
+        stats.files += 1
+        name = path.name
+        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+            for where, obj in _jsonl_objects(path, stats):
+                if not isinstance(obj, dict):
+                    raise DataError(f"{where}: found a JSON {type(obj).__name__}, expected an object")
+                n += 1
+                yield where, obj
+        elif name.endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+            row = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                for obj in batch.to_pylist():
+                    row += 1
+                    n += 1
+                    yield f"{path}:row {row}", obj
+        elif name.endswith(".csv"):
+            for where, obj in _read_csv(path, stats):
+                n += 1
+                yield where, obj
+        else:
+            raise DataError(f"{path}: unsupported record file; expected .jsonl, .jsonl.gz, .ndjson, .parquet or .csv")
+    stats.documents = n
+    if n == 0:
+        shown = ", ".join(map(str, paths if not isinstance(paths, (str, os.PathLike)) else [paths]))
+        raise DataError(f"no records in [{shown}] ({len(files)} files matched)")

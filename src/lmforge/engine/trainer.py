@@ -59,6 +59,8 @@ class TrainConfig:
     """Log training metrics every N steps."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step (the baseline a fine-tune is measured against), logged at step 0."""
     eval_batches: int | None = 50
     """Validation sequences per evaluation, in micro batches (shared by the processes; None = the whole split)."""
     save_every: int = 0
@@ -119,7 +121,7 @@ class Trainer:
         self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
         self.run_dir = Path(run_dir)
         self.eval_sets = eval_sets or []
-        self.world = world or D.World()
+        self.world = world or D.init(cfg.device)  # honours cfg.device when the stage passes no world
         self.step, self.tokens = 0, 0
         self.best: float | None = None
         self.best_step: int | None = None
@@ -128,7 +130,8 @@ class Trainer:
         self._stop_signal: int | None = None
 
     # ---- setup
-    def _autocast(self):
+    def autocast(self):
+        """The precision context of training (autocast to bf16 / fp16, or nothing for fp32)."""
         dev = self.world.device.type
         if self.cfg.precision == "fp32":
             return contextlib.nullcontext()
@@ -152,10 +155,20 @@ class Trainer:
 
     # ---- checkpoints
     def _full_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, get_state_dict)
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(self.model, self.optimizer, options=opts)
+        params = dict(self.model.named_parameters())
+        trainable = {n: p for n, p in params.items() if p.requires_grad}
+        if len(trainable) == len(params):
+            return get_state_dict(self.model, self.optimizer, options=opts)
+        # frozen weights (maybe quantized) come back from the parent model: save only the trainable ones
+        osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        if self.cfg.parallel == "fsdp" and self.world.world > 1:
+            msd = get_model_state_dict(self.model, options=opts)
+            return {k: v for k, v in msd.items() if k in trainable}, osd
+        return {n: p.detach().cpu() for n, p in trainable.items()}, osd
 
     def save(self) -> Path | None:
         """Checkpoint the full training state (every rank takes part; rank 0 writes)."""
@@ -174,15 +187,24 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_optimizer_state_dict,
+                                                             set_state_dict)
 
         found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
         if not (self.cfg.resume and found):
             return
         step, path = found[-1]
         msd, osd, st = ckpt.load_checkpoint(path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=msd, optim_state_dict=osd,
-                       options=StateDictOptions(full_state_dict=True))
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        if frozen and not (self.cfg.parallel == "fsdp" and self.world.world > 1):
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                for k, v in msd.items():
+                    params[k].copy_(v)
+            set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=msd, optim_state_dict=osd,
+                           options=StateDictOptions(full_state_dict=True, strict=not frozen))
         self.scheduler.load_state_dict(st["scheduler"])
         if self.scaler and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
@@ -204,7 +226,7 @@ class Trainer:
             sums: dict[str, Tensor] = {}
             for batch in es.batches():
                 batch = {k: v.to(self.world.device) for k, v in batch.items()}
-                with self._autocast():
+                with self.autocast():
                     _, m = self.objective(self.wrapped, batch)
                 n = m["tokens"].double().cpu() if isinstance(m["tokens"], Tensor) else torch.tensor(float(m["tokens"]))
                 for k, v in m.items():
@@ -233,8 +255,11 @@ class Trainer:
         self._setup()
         self._resume()
         handlers = self._install_signals()
-        self.wrapped.train()
         last: dict[str, Any] = {}
+        if cfg.eval_at_start and self.step == 0 and self.eval_sets:
+            last = self.sink.log(0, self.evaluate())
+            self.history.append(last)
+        self.wrapped.train()
         t_last, tok_last = time.perf_counter(), self.tokens
         try:
             with progress(cfg.steps, "train", "steps", enabled=cfg.progress_bar and self.world.main,
@@ -278,7 +303,7 @@ class Trainer:
             batch = {k: v.to(self.world.device, non_blocking=True) for k, v in self.data.next_batch().items()}
             sync = micro == cfg.grad_accum - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.wrapped.no_sync():
-                with self._autocast():
+                with self.autocast():
                     loss, m = self.objective(self.wrapped, batch)
                 scaled = loss / cfg.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()

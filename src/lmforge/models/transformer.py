@@ -224,58 +224,61 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
-        hc, wc = h.to(dtype), w.to(dtype)  # (N, C), (V, C)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hc) if need_grad else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen (e.g. LoRA) head needs no grad_w
+        rows = (labels != -100).nonzero().squeeze(1)  # only labelled tokens cost anything (SFT masks prompts)
+        hc, wc, y = h[rows].to(dtype), w.to(dtype), labels[rows]  # (M, C), (V, C), (M,)
+        grad_h = torch.zeros(h.shape, dtype=dtype, device=h.device) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for a in range(0, hc.shape[0], chunk):
             b = min(a + chunk, hc.shape[0])
-            logits = (hc[a:b] @ wc.t()).float()  # (n, V)
-            y = labels[a:b]
-            valid = y != -100
-            yc = y.clamp(min=0)
-            lse = logits.logsumexp(-1)  # (n,)
-            total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * valid).sum()
-            if need_grad:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(b - a, device=g.device), yc] -= 1.0
-                g = (g * valid[:, None]).to(dtype)  # (n, V)
-                grad_h[a:b] = g @ wc
-                grad_w += (g.t() @ hc[a:b]).float()
-        if need_grad:
-            ctx.save_for_backward(grad_h, grad_w)
+            logp = torch.log_softmax(hc[a:b] @ wc.t(), -1, dtype=torch.float32)  # (n, V), one fused pass
+            picked = torch.arange(b - a, device=h.device), y[a:b]
+            total -= logp[picked].sum()
+            if need_h or need_w:
+                g = logp.exp_()  # softmax, in place
+                g[picked] -= 1.0
+                g = g.to(dtype)  # (n, V): d loss / d logits
+                if need_h:
+                    grad_h[rows[a:b]] = g @ wc
+                if need_w:
+                    grad_w += (g.t() @ hc[a:b]).float()
+        ctx.grads = (grad_h, grad_w)  # not save_for_backward: they are outputs of this pass, not its inputs
         ctx.input_dtypes = (h.dtype, w.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h.to(ctx.input_dtypes[0]) * grad_out, grad_w.to(ctx.input_dtypes[1]) * grad_out,
-                None, None, None)
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        return (None if grad_h is None else grad_h.to(ctx.input_dtypes[0]) * grad_out,
+                None if grad_w is None else grad_w.to(ctx.input_dtypes[1]) * grad_out, None, None, None)
 
 
-def linear_cross_entropy(h: Tensor, w: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
-    """Summed next-token cross-entropy of logits h Wᵀ (h (N, C), w (V, C), labels (N,)), chunked."""
+def linear_cross_entropy(h: Tensor, w: Tensor, labels: Tensor, chunk: int | None = None) -> Tensor:
+    """Summed next-token cross-entropy of logits h Wᵀ (h (N, C), w (V, C), labels (N,)), chunked (default: 256
+    tokens on CPU, where a chunk's logits then stay in cache, 4096 on accelerators)."""
     dev = h.device.type
+    chunk = chunk or (256 if dev == "cpu" else 4096)
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(h, w, labels, chunk, dtype)
 
 
 def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-    """softmax(QKᵀ/√D + M)V with two matmuls and an fp32 softmax. On CPU in bf16 this is faster than the flash
-    kernel for sequences up to ~1k (measured: 17 vs 25 ms forward+backward at B=8, H=6, T=256, D=64)."""
+    """softmax(QKᵀ/√D + M)V with two matmuls, in the inputs' dtype (bf16 on CPU; softmax accumulates in fp32
+    internally, and the bf16 matmul output holds no more precision than that). On CPU this is faster than the
+    flash kernel for sequences up to ~1k, forward + backward."""
     h, kv = q.shape[1], k.shape[1]
     if h != kv:
         k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)  # (B, H, S, D)
-    scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)  # (B, H, T, S)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, S)
     if mask is None and is_causal:
         t, s = scores.shape[-2:]
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1).to(v.dtype) @ v  # (B, H, T, D)
+    return scores.softmax(-1) @ v  # (B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -443,7 +446,10 @@ class Transformer(nn.Module):
         if attention_mask is not None:
             if attention_mask.shape[-1] != s:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {s} (past + new)")
-            allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+            if attention_mask.dim() == 3:  # (B, T, S) pairs, e.g. packed examples that must not see each other
+                allowed = allowed & attention_mask[:, None].bool()  # (B, 1, T, S)
+            else:
+                allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
             # a fully masked row (a left-pad query) would give NaN; let it attend everywhere (its output is unused)
             allowed = allowed | ~allowed.any(-1, keepdim=True)
         return allowed
@@ -452,16 +458,23 @@ class Transformer(nn.Module):
                 position_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
                 cache: KVCache | None = None, inputs_embeds: Tensor | None = None,
                 logits_to_keep: int = 0, labels: Tensor | None = None) -> ModelOutput:
-        """input_ids (B, T); attention_mask (B, S) with 1 for real tokens over past + new; position_ids (B, T).
+        """input_ids (B, T); attention_mask (B, S) with 1 for real tokens over past + new, or (B, T, S) booleans
+        saying which key each query may see (packed sequences); position_ids (B, T).
 
         `logits_to_keep=N` computes LM logits only for the last N positions (generation). With `labels` (B, T)
         an LM head returns the summed cross-entropy in `extra["loss_sum"]` (and the count of labelled tokens in
-        `extra["loss_tokens"]`) without materialising the logits."""
+        `extra["loss_tokens"]`) without materialising the logits. A `prompt` module (prompt tuning) prepends its
+        virtual tokens to every sequence; outputs cover the real tokens only."""
         cfg = self.cfg
         b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         past = cache.length() if cache is not None else 0
+        head_mask, head_ids, virtual = attention_mask, input_ids, 0
+        if getattr(self, "prompt", None) is not None:
+            inputs_embeds, attention_mask, position_ids, token_type_ids, virtual = self.prompt.prepend(
+                self.embed.tokens, input_ids, inputs_embeds, attention_mask, position_ids, token_type_ids, past)
+            input_ids, t = None, t + virtual
         if position_ids is None:
-            if attention_mask is not None and cfg.causal:
+            if attention_mask is not None and attention_mask.dim() == 2 and cfg.causal:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             else:
                 position_ids = torch.arange(past, past + t, device=self.device).expand(b, t)
@@ -479,11 +492,12 @@ class Transformer(nn.Module):
                 x = block(x, rope, mask, cache, cfg.causal)
         if cfg.final_norm:
             x = self.norm(x)
+        x = x[:, virtual:]  # (B, T, C) of the real tokens
         if labels is not None and cfg.head == "lm":
             w = self.embed.tokens.weight if cfg.tie_embeddings else self.lm_head.weight
             loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), w, labels.reshape(-1))
             return ModelOutput(hidden=x, extra={"loss_sum": loss, "loss_tokens": (labels != -100).sum()})
-        return self.head(x, attention_mask, input_ids, logits_to_keep)
+        return self.head(x, head_mask, head_ids, logits_to_keep)
 
     def head(self, h: Tensor, attention_mask: Tensor | None, input_ids: Tensor | None,
              logits_to_keep: int = 0) -> ModelOutput:

@@ -1,4 +1,5 @@
-"""`lmforge generate`: text from a model, plain or through its chat template, streamed to the terminal."""
+"""`lmforge generate`: text from a model, plain or through its chat template, streamed to the terminal; for a
+classifier model, the label and class probabilities of each input (one JSON line per input line)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,11 @@ def main(cfg: Config) -> int:
     if tok is None:
         print(f"error: {cfg.model} has no tokenizer.json; generation needs one", file=sys.stderr)
         return 2
+    if model.cfg.head == "classifier":
+        return _classify(model, tok, prompt if cfg.prompt is not None else prompt.splitlines())
     if model.cfg.head != "lm":
-        print(f"error: {cfg.model} has a {model.cfg.head!r} head; generate needs a causal LM", file=sys.stderr)
+        print(f"error: {cfg.model} has a {model.cfg.head!r} head; generate needs a causal LM or a classifier",
+              file=sys.stderr)
         return 2
     if cfg.chat:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
@@ -91,6 +95,35 @@ def main(cfg: Config) -> int:
     elapsed = time.perf_counter() - start
     sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
     print(f"[{len(new)} tokens in {elapsed:.2f}s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _classify(model, tok, texts: str | list[str]) -> int:
+    """Print {"input", "output", "scores"} per text: the predicted label and its softmax probabilities (or the
+    value of a regression head), framed and tokenized as classification fine-tuning does."""
+    import json
+
+    import torch
+
+    from ..data.classify import ClassifyCollate, ClassifyExample, tokenize_examples
+
+    texts = [texts] if isinstance(texts, str) else [t for t in texts if t.strip()]
+    examples = [ClassifyExample(where="input", text=t, text_pair=None, label=0) for t in texts]
+    tokenized, _ = tokenize_examples(examples, tok, model.cfg.max_position_embeddings)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    batch = ClassifyCollate(pad)(tokenized)
+    batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()  # (B, K)
+    names = model.cfg.id2label or {i: str(i) for i in range(logits.shape[-1])}
+    for text, row in zip(texts, logits):
+        if row.numel() == 1:
+            out = {"input": text, "output": row.item()}
+        else:
+            probs = row.softmax(-1)
+            out = {"input": text, "output": names[int(probs.argmax())],
+                   "scores": {names[i]: round(p, 4) for i, p in enumerate(probs.tolist())}}
+        print(json.dumps(out))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Evaluation reports computed from model predictions (classification and regression metrics)."""

@@ -1,0 +1,418 @@
+"""`lmforge finetune --config recipes/finetune/….yaml`: instruction SFT or classification / regression on a
+pretrained model, with full, freeze (top blocks), LoRA, QLoRA, prompt-tuning or adapter methods — the same
+engine as pretraining, through an objective and a model transform.
+
+With a parameter-efficient method the frozen base is kept in the autocast dtype (bf16) while trainable weights
+stay fp32; checkpoints hold only the trainable weights. Outputs in the run directory: `final/` (a model folder
+for full / freeze / LoRA (merged); an adapter folder in the PEFT layout for prompt tuning and adapters, which
+`lmforge.load` resolves through its base model), `adapter/` for LoRA / QLoRA, `eval.json`, `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data.classify import ClassifyData
+from ..data.sft import SFTFormat
+from ..engine.trainer import TrainConfig
+from ..transforms.adapters import AdapterConfig
+from ..transforms.lora import LoraConfig
+from ..transforms.prompt_tuning import PromptConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSection:
+    """The pretrained model to fine-tune."""
+
+    init_from: str = "smollm2-135m-instruct"
+    """Model folder, .gguf file, local alias or hub id."""
+
+
+@dataclass
+class FreezeSection:
+    """method: freeze."""
+
+    train_top: int = 2
+    """Train only the last N blocks, the final norm and the head."""
+
+
+@dataclass
+class ReplaySection:
+    """Replay against forgetting: pretraining sequences mixed into fine-tuning batches, their loss added."""
+
+    shards: list[str] = field(default_factory=list)
+    """Token-shard directories (`lmforge prepare`, tokenized with this model's tokenizer). Given alone (fraction 0)
+    they only measure forgetting: the pretraining validation loss before and after."""
+    fraction: float = 0.0
+    """Replay sequences per fine-tuning sequence in each micro batch (0 = measure only)."""
+    weight: float = 1.0
+    """Weight of the replay loss: L = L_task + weight · L_pretrain."""
+    seq_len: int = 256
+    """Tokens per replay sequence."""
+
+    def validate(self) -> None:
+        if self.fraction < 0 or self.weight < 0:
+            raise ValueError(f"fraction and weight must be >= 0, found {self.fraction} and {self.weight}")
+        if self.fraction > 0 and not self.shards:
+            raise ValueError(f"fraction {self.fraction} needs shards to replay (token-shard directories)")
+
+
+@dataclass
+class DataSection:
+    """Fine-tuning data (JSONL / Parquet / CSV records; see docs/formats.md)."""
+
+    train: list[str] = field(default_factory=list)
+    """Training files, directories or globs (`{stdlib}` and `{pkg:NAME}` placeholders work)."""
+    validation: list[str] = field(default_factory=list)
+    """Validation files; empty = hold out validation_fraction of train."""
+    validation_fraction: float = 0.05
+    """Share of train held out for validation (a stable hash of each example) when no validation files."""
+    format: SFTFormat = "auto"
+    """SFT record format; auto detects messages, prompt/response and Alpaca per record."""
+    max_length: int = 1024
+    """Longest example in tokens; longer ones are cut (and counted)."""
+    pack: bool = False
+    """Pack several SFT examples into one row of max_length tokens (no attention across examples)."""
+    system_prompt: str | None = None
+    """System message added to prompt/response and Alpaca records."""
+    train_end_of_turn: bool = True
+    """Also train the assistant's end-of-turn token, so the model learns to stop."""
+    classify: ClassifyData = field(default_factory=ClassifyData)
+    """Fields of classification / regression records (task classify or regress)."""
+    replay: ReplaySection = field(default_factory=ReplaySection)
+    """Replay of pretraining data (task sft)."""
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ValueError("train: give at least one file of fine-tuning records")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), found {self.validation_fraction}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, found {self.max_length}")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/finetune"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, eval.json."""
+    task: Literal["sft", "classify", "regress"] = "sft"
+    """Instruction tuning (loss on assistant tokens), classification (cross-entropy) or regression (MSE)."""
+    method: Literal["full", "freeze", "lora", "qlora", "prompt", "adapter"] = "lora"
+    """What trains: everything, the top blocks, LoRA, LoRA on an NF4 base, virtual tokens, or bottleneck adapters."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """The model."""
+    data: DataSection = field(default_factory=DataSection)
+    """The data."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, eval_at_start=True))
+    """The engine."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA settings (method lora, qlora)."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt tuning settings (method prompt)."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """Bottleneck adapter settings (method adapter)."""
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    """Freeze settings (method freeze)."""
+    save_merged: bool = True
+    """LoRA / QLoRA: also write the merged model to final/ (the adapter alone goes to adapter/)."""
+
+    def validate(self) -> None:
+        if self.data.replay.shards and self.task != "sft":
+            raise ValueError("data.replay works with task sft (replay is next-token loss on pretraining text)")
+        if self.data.pack and (self.task != "sft" or self.method == "prompt"):
+            raise ValueError("data.pack works with task sft and a method other than prompt")
+
+
+# ---- the model
+
+
+def build_model(cfg: Config, num_labels: int | None, id2label: dict[int, str] | None, tok):
+    """The pretrained model with the method's transform applied (frozen base in the autocast dtype)."""
+    import torch
+
+    from ..models.loading import load
+
+    head = "classifier" if cfg.task != "sft" else "lm"
+    model, _ = load(cfg.model.init_from, head=head, num_labels=num_labels, dtype=torch.float32)
+    model.train()
+    if id2label is not None:
+        model.cfg.id2label = id2label
+    method = cfg.method
+    if method in ("lora", "qlora"):
+        from ..transforms.lora import apply_lora
+
+        lcfg = cfg.lora
+        if method == "qlora" and lcfg.quantize == "none":
+            lcfg.quantize = "nf4"
+        apply_lora(model, lcfg)  # a classifier head trains and is saved as PEFT's modules_to_save
+    elif method == "prompt":
+        from ..transforms.prompt_tuning import apply_prompt_tuning
+
+        apply_prompt_tuning(model, cfg.prompt, tok)
+        _train_head(model, cfg.task)
+    elif method == "adapter":
+        from ..transforms.adapters import apply_adapters
+
+        apply_adapters(model, cfg.adapter)
+        _train_head(model, cfg.task)
+    elif method == "freeze":
+        from ..transforms.freeze import train_top_blocks
+
+        train_top_blocks(model, cfg.freeze.train_top)
+    if method != "full" and cfg.train.precision != "fp32":
+        low = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(low)
+    return model
+
+
+def _train_head(model, task: str) -> None:
+    """A new classifier head must train with any method (it starts random)."""
+    if task != "sft":
+        for name in ("score", "pooler"):
+            if hasattr(model, name):
+                for p in getattr(model, name).parameters():
+                    p.requires_grad_(True)
+
+
+# ---- the data
+
+
+def _split(items: list[Any], key, fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    from ..data.readers import in_fraction
+
+    train, val = [], []
+    for it in items:
+        (val if in_fraction(key(it), fraction, seed) else train).append(it)
+    return train, val
+
+
+def sft_data(cfg: Config, tok):
+    """(train examples or packed rows, validation examples, collate for train, collate for validation)."""
+    from ..data.sft import SFTCollate, describe, pack_examples, read_conversations, tokenize_conversations, SFTStats
+
+    d = cfg.data
+    st = SFTStats()
+    convs = read_conversations(d.train, d.format, d.system_prompt, st)
+    if d.validation:
+        sv = SFTStats()
+        val_convs = read_conversations(d.validation, d.format, d.system_prompt, sv)
+    else:
+        convs, val_convs = _split(convs, lambda c: json.dumps(c[1]), d.validation_fraction, cfg.train.seed)
+        sv = st
+    train = tokenize_conversations(convs, tok, d.max_length, d.train_end_of_turn, st)
+    val = tokenize_conversations(val_convs, tok, d.max_length, d.train_end_of_turn, SFTStats())
+    log.info(describe(st, "train") + f"; {len(train)} train / {len(val)} validation examples")
+    if st.truncated:
+        log.warning("%d training examples were longer than data.max_length %d tokens and were cut", st.truncated,
+                    d.max_length)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    if d.pack:
+        import random
+
+        order = list(train)
+        random.Random(cfg.train.seed).shuffle(order)
+        rows = pack_examples(order, d.max_length)
+        log.info("packed %d examples into %d rows of <= %d tokens", len(train), len(rows), d.max_length)
+        return rows, val, SFTCollate(pad, packed=True), SFTCollate(pad)
+    return train, val, SFTCollate(pad), SFTCollate(pad)
+
+
+def classify_data(cfg: Config, tok):
+    from ..data.classify import ClassifyCollate, read_classification, split_validation, tokenize_examples
+
+    d = cfg.data
+    examples, label2id, stats = read_classification(d.train, d.classify, cfg.task, None)
+    if d.validation:
+        val, _, _ = read_classification(d.validation, d.classify, cfg.task, label2id)
+        train = examples
+    else:
+        train, val = split_validation(examples, d.validation_fraction, cfg.train.seed)
+    log.info("classification data: %s; %d train / %d validation examples", stats, len(train), len(val))
+    train_t, cut = tokenize_examples(train, tok, d.classify.max_length)
+    val_t, cut_v = tokenize_examples(val, tok, d.classify.max_length)
+    if cut or cut_v:
+        log.warning("%d examples were longer than data.classify.max_length %d tokens and were cut", cut + cut_v,
+                    d.classify.max_length)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    collate = ClassifyCollate(pad, cfg.task)
+    return train_t, val_t, collate, collate, label2id
+
+
+# ---- the run
+
+
+def main(cfg: Config) -> int:
+    import torch
+
+    from ..config import config_hash, save_config, to_dict
+    from ..data.examples import ExampleLoader, ReplayMix, fixed_batches
+    from ..engine import distributed as D
+    from ..engine.trainer import EvalSet, Trainer
+    from ..models.loading import load_tokenizer
+    from ..objectives.causal_lm import CausalLM, WithReplay
+    from ..transforms import count_parameters
+
+    world = D.init(cfg.train.device)
+    run = Path(cfg.run_dir)
+    if world.main:
+        save_config(cfg, run / "config.yaml")
+    tok = load_tokenizer(cfg.model.init_from)
+    label2id = None
+    if cfg.task == "sft":
+        train, val, collate, val_collate = sft_data(cfg, tok)
+        objective: Any = CausalLM()
+        num_labels = id2label = None
+    else:
+        from ..objectives.classify import Classification
+
+        train, val, collate, val_collate, label2id = classify_data(cfg, tok)
+        num_labels = 1 if cfg.task == "regress" else len(label2id)
+        id2label = None if cfg.task == "regress" else {i: lab for lab, i in label2id.items()}
+        objective = Classification(cfg.task, num_labels)
+    if not val:
+        raise ValueError("the validation split is empty: add data.validation files or raise data.validation_fraction")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, num_labels, id2label, tok)
+    trainable, total = count_parameters(model)
+    if world.main:
+        print(f"finetune ({cfg.task}, {cfg.method}): {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.3f}%); {len(train):,} training {'rows' if cfg.data.pack else 'examples'}, "
+              f"{len(val):,} validation")
+    mb = cfg.train.micro_batch
+    data: Any = ExampleLoader(train, mb, collate, seed=cfg.train.seed, rank=world.rank, world=world.world)
+    evals = [EvalSet("validation", lambda: fixed_batches(val, mb, val_collate, rank=world.rank, world=world.world,
+                                                         max_batches=cfg.train.eval_batches))]
+    rep = cfg.data.replay
+    if rep.shards:
+        from ..data.loader import PackedLoader, SourceSpec, eval_batches
+
+        sources = [SourceSpec(p) for p in rep.shards]
+        _check_tokenizer(sources, tok)
+        if rep.fraction > 0:
+            n = max(1, round(rep.fraction * mb))
+            replay = PackedLoader(sources, rep.seq_len, n, seed=cfg.train.seed, rank=world.rank, world=world.world)
+            data = ReplayMix(data, replay)
+            objective = WithReplay(objective, rep.weight)
+        evals.append(EvalSet("pretrain", lambda: eval_batches(sources[:1], rep.seq_len, mb,
+                                                              max_batches=cfg.train.eval_batches, rank=world.rank,
+                                                              world=world.world, seed=cfg.train.seed)))
+    trainer = Trainer(model, objective, data, cfg.train, run, evals, world)
+    try:
+        last = trainer.fit()
+    except KeyboardInterrupt as e:
+        if world.main:
+            print(str(e))
+        return 130
+    sd = trainer.export_state_dict() if cfg.train.parallel == "fsdp" and world.world > 1 else None
+    if world.main:
+        if sd is not None:
+            model.load_state_dict(sd, strict=False)
+        result = _final_eval(cfg, trainer, last, model, val, val_collate, id2label)
+        final = _save(cfg, model, tok, run)
+        lineage = {"stage": "finetune", "task": cfg.task, "method": cfg.method, "config_hash": config_hash(cfg),
+                   "parent": cfg.model.init_from, "trainable_parameters": trainable, "total_parameters": total,
+                   "lmforge": _version(), "config": to_dict(cfg)}
+        (run / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        (final / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        trainer.write_json("eval.json", result)
+        print(f"finetune ({cfg.task}, {cfg.method}): {trainer.step} steps; " + _summary(result) + f"; saved {final}")
+    D.shutdown()
+    return 0
+
+
+def _check_tokenizer(sources, tok) -> None:
+    from ..data.shards import read_index
+
+    for s in sources:
+        fp = read_index(s.path)["tokenizer"]["fingerprint"]
+        if fp != tok.fingerprint():
+            raise ValueError(f"data.replay.shards {s.path} were tokenized with another tokenizer (fingerprint {fp}, "
+                             f"the model's is {tok.fingerprint()}); run `lmforge prepare` with this model's tokenizer")
+
+
+def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate, id2label) -> dict[str, Any]:
+    """eval.json: the last validation metrics, the forgetting measurement and (classification) the full report."""
+    out: dict[str, Any] = {"step": trainer.step, **{k: v for k, v in last.items() if k.startswith("val_")}}
+    start = next((h for h in trainer.history if h.get("step") == 0), None)
+    if start is not None:
+        out["before"] = {k: v for k, v in start.items() if k.startswith("val_")}
+        if "val_pretrain_loss" in start and "val_pretrain_loss" in last:
+            out["forgetting"] = {"pretrain_loss_before": start["val_pretrain_loss"],
+                                 "pretrain_loss_after": last["val_pretrain_loss"],
+                                 "rise": last["val_pretrain_loss"] - start["val_pretrain_loss"]}
+    if cfg.task != "sft":
+        from ..data.examples import fixed_batches
+        from ..evaluation.classification import classification_report, format_report, regression_report
+
+        with trainer.autocast():
+            preds, targets = trainer.objective.predict(model, fixed_batches(val, cfg.train.micro_batch, collate))
+        if cfg.task == "classify":
+            out["report"] = classification_report(preds, targets, id2label)
+        else:
+            out["report"] = regression_report(preds, targets)
+        print(format_report(out["report"]))
+    return out
+
+
+def _save(cfg: Config, model, tok, run: Path) -> Path:
+    """Write the result (see the module docstring); returns final/."""
+    import torch
+
+    from ..models.loading import instantiate, load, save
+
+    final = run / "final"
+    base = cfg.model.init_from
+    base_ref = str(Path(base).resolve()) if Path(base).expanduser().exists() else base
+    if cfg.method in ("full", "freeze"):
+        sd = {k: v.float() for k, v in model.state_dict().items()}
+        return save(instantiate(model.cfg, sd), tok, final)
+    if cfg.method in ("lora", "qlora"):
+        from ..transforms.lora import merge_lora, save_adapter, unwrap_lora
+
+        adapter = save_adapter(model, run / "adapter", base_model_name_or_path=base_ref)
+        tok.save(adapter)
+        if not cfg.save_merged:
+            return Path(adapter)
+        merged, _ = load(adapter, dtype=torch.float32)  # a full-precision base, not the bf16 / NF4 training copy
+        merge_lora(merged)
+        unwrap_lora(merged)
+        if model.cfg.id2label:
+            merged.cfg.id2label = model.cfg.id2label
+        return save(merged, tok, final)
+    head = {k: p for k, p in model.named_parameters() if p.requires_grad and k.startswith(("score.", "pooler."))}
+    if cfg.method == "prompt":
+        from ..transforms.prompt_tuning import save_prompt
+
+        path = save_prompt(model, final, base_model_name_or_path=base_ref, init_text=cfg.prompt.init_text,
+                           extra=head)
+    else:
+        from ..transforms.adapters import save_adapters
+
+        path = save_adapters(model, final, cfg.adapter, base_model_name_or_path=base_ref, extra=head)
+    tok.save(path)
+    return path
+
+
+def _summary(result: dict[str, Any]) -> str:
+    parts = [f"{k} {v:.4g}" for k, v in result.items() if k.startswith("val_") and isinstance(v, float)
+             and k.endswith(("loss", "accuracy", "ppl"))]
+    if "forgetting" in result:
+        f = result["forgetting"]
+        parts.append(f"pretrain loss {f['pretrain_loss_before']:.4f} -> {f['pretrain_loss_after']:.4f}")
+    if "report" in result and "macro_f1" in result["report"]:
+        parts.append(f"macro-F1 {result['report']['macro_f1']:.4f}")
+    return ", ".join(parts)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
