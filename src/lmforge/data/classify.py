@@ -82,6 +82,16 @@ class ClassifyStats:
     replaced: int = 0
     """Undecodable UTF-8 sequences replaced by U+FFFD while reading."""
 
+    def __str__(self) -> str:
+        msg = f"{self.records} records, {self.examples} kept"
+        if self.label_counts:
+            msg += " (" + ", ".join(f"{k} {v}" for k, v in self.label_counts.items()) + ")"
+        if self.dropped:
+            msg += "; dropped by drop_labels: " + ", ".join(f"{k} {v}" for k, v in self.dropped.items())
+        if self.replaced:
+            msg += f"; {self.replaced} undecodable bytes replaced"
+        return msg
+
 
 def _keys(record: dict[str, Any]) -> str:
     return ", ".join(map(repr, list(record)[:12])) or "none"

@@ -196,23 +196,18 @@ def _split(items: list[Any], key, fraction: float, seed: int) -> tuple[list[Any]
 
 def sft_data(cfg: Config, tok):
     """(train examples or packed rows, validation examples, collate for train, collate for validation)."""
-    from ..data.sft import SFTCollate, describe, pack_examples, read_conversations, tokenize_conversations, SFTStats
+    from ..data.sft import SFTCollate, SFTStats, describe, pack_examples, read_conversations, tokenize_conversations
 
     d = cfg.data
     st = SFTStats()
     convs = read_conversations(d.train, d.format, d.system_prompt, st)
     if d.validation:
-        sv = SFTStats()
-        val_convs = read_conversations(d.validation, d.format, d.system_prompt, sv)
+        val_convs = read_conversations(d.validation, d.format, d.system_prompt, SFTStats())
     else:
         convs, val_convs = _split(convs, lambda c: json.dumps(c[1]), d.validation_fraction, cfg.train.seed)
-        sv = st
     train = tokenize_conversations(convs, tok, d.max_length, d.train_end_of_turn, st)
     val = tokenize_conversations(val_convs, tok, d.max_length, d.train_end_of_turn, SFTStats())
-    log.info(describe(st, "train") + f"; {len(train)} train / {len(val)} validation examples")
-    if st.truncated:
-        log.warning("%d training examples were longer than data.max_length %d tokens and were cut", st.truncated,
-                    d.max_length)
+    print(describe(st, "sft data") + f"; {len(train)} train / {len(val)} validation examples")
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     if d.pack:
         import random
@@ -235,7 +230,7 @@ def classify_data(cfg: Config, tok):
         train = examples
     else:
         train, val = split_validation(examples, d.validation_fraction, cfg.train.seed)
-    log.info("classification data: %s; %d train / %d validation examples", stats, len(train), len(val))
+    print(f"classification data: {stats}; {len(train)} train / {len(val)} validation examples")
     train_t, cut = tokenize_examples(train, tok, d.classify.max_length)
     val_t, cut_v = tokenize_examples(val, tok, d.classify.max_length)
     if cut or cut_v:
@@ -350,7 +345,7 @@ def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate,
                                  "rise": last["val_pretrain_loss"] - start["val_pretrain_loss"]}
     if cfg.task != "sft":
         from ..data.examples import fixed_batches
-        from ..evaluation.classification import classification_report, format_report, regression_report
+        from ..eval.classification import classification_report, format_report, regression_report
 
         with trainer.autocast():
             preds, targets = trainer.objective.predict(model, fixed_batches(val, cfg.train.micro_batch, collate))
