@@ -18,7 +18,7 @@ from tokenizers import Encoding
 from torch import Tensor
 
 from ..tokenizer.base import Tokenizer
-from .readers import DataError, ReadStats, in_fraction, iter_records
+from .readers import DataError, ReadStats, iter_records, split_by_hash
 
 __all__ = ["ClassifyData", "ClassifyExample", "ClassifyStats", "TokenizedExample", "read_classification",
            "split_validation", "tokenize_examples", "ClassifyCollate"]
@@ -205,11 +205,8 @@ def split_validation(examples: Sequence[ClassifyExample], fraction: float,
     independent of order, and duplicates of a text never straddle it."""
     if not 0 <= fraction < 1:
         raise ValueError(f"validation fraction must be in [0, 1), found {fraction}")
-    train, val = [], []
-    for ex in examples:
-        key = ex.text if ex.text_pair is None else ex.text + "\x1f" + ex.text_pair
-        (val if in_fraction(key, fraction, seed) else train).append(ex)
-    return train, val
+    return split_by_hash(examples, lambda ex: ex.text if ex.text_pair is None else ex.text + "\x1f" + ex.text_pair,
+                         fraction, seed)
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "in_fraction",
-           "TEXT_SUFFIXES"]
+           "split_by_hash", "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 """Plain-text files picked up from directories when no `include` patterns are given (one document per file)."""
@@ -59,6 +59,16 @@ def in_fraction(key: str, fraction: float, seed: int = 0) -> bool:
         return False
     h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, salt=seed.to_bytes(8, "little"))
     return int.from_bytes(h.digest(), "little") < fraction * 2**64
+
+
+def split_by_hash(items: Sequence[Any], key, fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """(kept, held out): each item is held out by `in_fraction(key(item))`, so the split is stable and does not
+    depend on order (identical keys never straddle it)."""
+    kept: list[Any] = []
+    held: list[Any] = []
+    for it in items:
+        (held if in_fraction(key(it), fraction, seed) else kept).append(it)
+    return kept, held
 
 
 def _matches(path: Path, patterns: Sequence[str]) -> bool:

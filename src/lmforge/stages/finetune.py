@@ -185,17 +185,9 @@ def _train_head(model, task: str) -> None:
 # ---- the data
 
 
-def _split(items: list[Any], key, fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    from ..data.readers import in_fraction
-
-    train, val = [], []
-    for it in items:
-        (val if in_fraction(key(it), fraction, seed) else train).append(it)
-    return train, val
-
-
 def sft_data(cfg: Config, tok):
     """(train examples or packed rows, validation examples, collate for train, collate for validation)."""
+    from ..data.readers import split_by_hash
     from ..data.sft import SFTCollate, SFTStats, describe, pack_examples, read_conversations, tokenize_conversations
 
     d = cfg.data
@@ -204,7 +196,7 @@ def sft_data(cfg: Config, tok):
     if d.validation:
         val_convs = read_conversations(d.validation, d.format, d.system_prompt, SFTStats())
     else:
-        convs, val_convs = _split(convs, lambda c: json.dumps(c[1]), d.validation_fraction, cfg.train.seed)
+        convs, val_convs = split_by_hash(convs, lambda c: json.dumps(c[1]), d.validation_fraction, cfg.train.seed)
     train = tokenize_conversations(convs, tok, d.max_length, d.train_end_of_turn, st)
     val = tokenize_conversations(val_convs, tok, d.max_length, d.train_end_of_turn, SFTStats())
     print(describe(st, "sft data") + f"; {len(train)} train / {len(val)} validation examples")
