@@ -29,6 +29,8 @@ VERBS: dict[str, str] = {
     "prepare": "Tokenize documents into token shards for pretraining",
     "pretrain": "Pretrain a decoder (causal LM) or encoder (masked LM + NSP) on token shards; torchrun-ready",
     "finetune": "Fine-tune a pretrained model: SFT or classification with full, freeze, LoRA, QLoRA, prompt, adapter",
+    "serve": "Serve a model over an OpenAI-compatible HTTP API (completions, chat, embeddings, classify)",
+    "chat": "Chat with a model in the terminal (streamed, with its chat template)",
 }
 """Verb name -> one-line description; verb ``foo-bar`` runs module ``lmforge.stages.foo_bar``."""
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.inference.generate import SamplingParams, generate
+from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.tokenizer import encode_chat
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference (dev extra)")
@@ -33,10 +33,26 @@ def test_smollm2_greedy_20_tokens_identical(smollm2, hf_smollm2):
     (ours, tok), (ref, _) = smollm2, hf_smollm2
     prompt = encode_chat(tok, [{"role": "user", "content": "Write a short poem about the sea."}],
                          add_generation_prompt=True).ids
-    mine = generate(ours, [prompt], SamplingParams(max_new_tokens=20))[0]
+    mine = _generate(ours, [prompt], SamplingParams(max_new_tokens=20))[0]
     theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                           pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
     assert len(mine) == 20 and mine == theirs
+
+
+def test_smollm2_concurrent_prompts_of_very_different_lengths_match_transformers(smollm2, hf_smollm2):
+    (ours, tok), (ref, _) = smollm2, hf_smollm2
+    import inspect
+
+    import lmforge.inference.engine as engine_module
+
+    long_text = inspect.getsource(engine_module)[:1500]  # ~350 tokens of real code
+    prompts = [tok.encode("def add(a, b):"), tok.encode(long_text),
+               encode_chat(tok, CHAT, add_generation_prompt=True).ids]
+    mine = _generate(ours, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    for prompt, got in zip(prompts, mine):
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+        assert got == theirs
 
 
 def test_smollm2_chat_rendering_matches_apply_chat_template(smollm2, hf_smollm2):
@@ -92,3 +108,8 @@ def test_minilm_hidden_states_match_transformers(minilm_dir):
     diff = (out.hidden - theirs.last_hidden_state)[real].abs().max().item()
     assert diff <= 1e-4, f"max abs hidden diff {diff}"
     assert ours.cfg.family == "bert" and not ours.cfg.causal and ours.cfg.pooler
+
+
+def _generate(model, prompts, params):
+    """New token ids per prompt through the engine (stop tokens included when hit)."""
+    return [o.token_ids for o in Engine(model).generate(prompts, params)]

@@ -7,7 +7,7 @@ import torch
 
 import lmforge
 from lmforge import cli
-from lmforge.inference.generate import SamplingParams, generate
+from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.models import ModelConfig, Transformer
 from lmforge.tokenizer import encode_chat
 
@@ -23,7 +23,7 @@ def tiny_dir(tmp_path, gpt2_tokenizer):
 
 def test_generate_prints_the_library_output(tiny_dir, capsys):
     model, tok = lmforge.load(tiny_dir)
-    expected = generate(model, [tok.encode("def main():")], SamplingParams(max_new_tokens=6))[0]
+    expected = _generate(model, [tok.encode("def main():")], SamplingParams(max_new_tokens=6))[0]
     stops = {tok.eos_id}
     text = tok.decode([t for t in expected if t not in stops])
     assert cli.main(["generate", "--model", str(tiny_dir), "--prompt", "def main():", "--max-new-tokens", "6"]) == 0
@@ -34,7 +34,7 @@ def test_generate_chat_uses_the_template(tiny_dir, capsys):
     model, tok = lmforge.load(tiny_dir)
     ids = encode_chat(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
                       add_generation_prompt=True).ids
-    out = generate(model, [ids], SamplingParams(max_new_tokens=4, stop_token_ids=(tok.eos_id,)))[0]
+    out = _generate(model, [ids], SamplingParams(max_new_tokens=4, stop_token_ids=(tok.eos_id,)))[0]
     text = tok.decode([t for t in out if t != tok.eos_id])
     argv = ["generate", "--model", str(tiny_dir), "--chat", "--system", "Be brief.", "--prompt", "Hi",
             "max_new_tokens=4"]
@@ -95,3 +95,8 @@ def test_convert_to_gguf_round_trips_and_loads_in_transformers(smollm2, tmp_path
         mine = ours(x).logits
         assert (back(x).logits - mine).abs().max().item() <= 1e-5
         assert (ref(x).logits - mine).abs().max().item() <= 1e-4
+
+
+def _generate(model, prompts, params):
+    """New token ids per prompt through the engine (stop tokens included when hit)."""
+    return [o.token_ids for o in Engine(model).generate(prompts, params)]

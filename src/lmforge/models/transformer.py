@@ -136,7 +136,8 @@ class ModelOutput:
 
 class KVCache(Protocol):
     """What attention needs from a cache. The contiguous `DenseKVCache` implements it; the inference
-    engine's paged cache implements the same two members."""
+    engine's `PagedKVCache` implements the same two members (its length() is 0: the engine passes positions,
+    and the cache masks each sequence by its own block table, ignoring `mask`)."""
 
     def length(self) -> int:
         """Tokens already stored (the position offset of the next call)."""
@@ -291,13 +292,18 @@ class Attention(nn.Module):
         self.v = nn.Linear(c, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.num_heads * d, c, bias=cfg.out_bias)
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value projections of x (B, T, C) (the inference engine may run them as one matmul)."""
+        return self.q(x), self.k(x), self.v(x)
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
                 cache: KVCache | None, is_causal: bool) -> Tensor:
         b, t, _ = x.shape
         cfg = self.cfg
-        q = self.q(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k, v = self.project_qkv(x)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -457,11 +463,12 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor | None = None, *, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
                 cache: KVCache | None = None, inputs_embeds: Tensor | None = None,
-                logits_to_keep: int = 0, labels: Tensor | None = None) -> ModelOutput:
+                logits_to_keep: int | Tensor = 0, labels: Tensor | None = None) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, S) with 1 for real tokens over past + new, or (B, T, S) booleans
         saying which key each query may see (packed sequences); position_ids (B, T).
 
-        `logits_to_keep=N` computes LM logits only for the last N positions (generation). With `labels` (B, T)
+        `logits_to_keep=N` computes LM logits only for the last N positions (generation), a tensor of positions
+        only for those. With `labels` (B, T)
         an LM head returns the summed cross-entropy in `extra["loss_sum"]` (and the count of labelled tokens in
         `extra["loss_tokens"]`) without materialising the logits. A `prompt` module (prompt tuning) prepends its
         virtual tokens to every sequence; outputs cover the real tokens only."""
@@ -500,14 +507,16 @@ class Transformer(nn.Module):
         return self.head(x, head_mask, head_ids, logits_to_keep)
 
     def head(self, h: Tensor, attention_mask: Tensor | None, input_ids: Tensor | None,
-             logits_to_keep: int = 0) -> ModelOutput:
+             logits_to_keep: int | Tensor = 0) -> ModelOutput:
         """Apply the configured head to final hidden states h (B, T, C)."""
         cfg = self.cfg
         out = ModelOutput(hidden=h)
         if cfg.head == "lm":
-            hk = h[:, -logits_to_keep:] if logits_to_keep else h
-            w = self.embed.tokens.weight if cfg.tie_embeddings else self.lm_head.weight
-            out.logits = F.linear(hk, w)  # (B, T, V)
+            if isinstance(logits_to_keep, Tensor):
+                hk = h[:, logits_to_keep]  # (B, len(positions), C)
+            else:
+                hk = h[:, -logits_to_keep:] if logits_to_keep else h
+            out.logits = self.project(hk)  # (B, T, V)
         elif cfg.head in ("mlm", "pretraining"):
             out.logits = self.mlm(h, self.embed.tokens.weight)
             if cfg.head == "pretraining":
@@ -515,6 +524,11 @@ class Transformer(nn.Module):
         elif cfg.head == "classifier":
             out.logits = self.score(self.pool(h, attention_mask, input_ids))  # (B, num_labels)
         return out
+
+    def project(self, h: Tensor) -> Tensor:
+        """LM logits (..., V) of hidden states h (..., C): the output embedding (tied or lm_head)."""
+        w = self.embed.tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
+        return F.linear(h, w)
 
     def pool(self, h: Tensor, attention_mask: Tensor | None, input_ids: Tensor | None) -> Tensor:
         """Sequence summary (B, C): pooled first token for encoders, last real token for decoders."""

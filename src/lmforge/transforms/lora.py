@@ -20,7 +20,7 @@ from ..models import hf
 from .quantize import NF4Linear, _replace, quantize_nf4, to_linear
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "set_adapter", "merge_lora", "unmerge_lora", "unwrap_lora",
-           "adapter_names", "save_adapter", "load_adapter"]
+           "adapter_names", "save_adapter", "load_adapter", "route_adapters"]
 
 PEFT_PREFIX = "base_model.model."
 _BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -76,8 +76,9 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.active: str | None = None
-        """Adapter added in forward; None computes the base layer only."""
+        self.active: str | dict[str, Tensor] | None = None
+        """Adapter added in forward; None computes the base layer only; {adapter: row indices} chooses an adapter
+        per row of the flattened input (the inference engine batches requests for different adapters)."""
         self.merged: str | None = None
         """Adapter whose update is currently added into the base weight."""
         self.set_base(base)
@@ -141,6 +142,13 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # (..., out)
         name = self.active
         if name is None or name == self.merged:
+            return y
+        if isinstance(name, dict):
+            flat, out = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # (N, in), (N, out) views
+            for n, rows in name.items():
+                if n in self.lora_A:
+                    a, b = self.lora_A[n].weight.to(x.dtype), self.lora_B[n].weight.to(x.dtype)
+                    out.index_add_(0, rows, F.linear(F.linear(flat[rows], a), b) * self.scaling[n])
             return y
         h = self.lora_dropout[name](x)
         a, b = self.lora_A[name].weight.to(h.dtype), self.lora_B[name].weight.to(h.dtype)
@@ -234,6 +242,15 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
             raise ValueError(f"{n}: adapter {w.merged!r} is merged; call unmerge_lora(model) before switching")
         w.active = name if name in w.lora_A else None
     return model
+
+
+def route_adapters(model: nn.Module, rows: dict[str, Tensor]) -> None:
+    """Per-row adapters for the next forward over a flattened batch (B * T rows): {adapter: row indices};
+    rows not listed compute the base. Merged adapters cannot be routed (unmerge first)."""
+    for n, w in _wrappers(model):
+        if w.merged is not None:
+            raise ValueError(f"{n}: adapter {w.merged!r} is merged; call unmerge_lora(model) before routing")
+        w.active = rows or None
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -1,0 +1,665 @@
+"""The generation engine: continuous batching over a paged KV cache, per-request sampling, stop strings,
+log-probs, speculative decoding (draft model or prompt lookup), LoRA adapters per request, and batched
+embeddings / classification for encoders. The library behind `lmforge generate`, `chat`, `serve`, and the
+rollouts of the RL stages.
+
+Each `step()` is one forward pass over a flattened batch: every running sequence contributes the tokens it has
+not cached yet (one while decoding, a chunk of its prompt while prefilling, 1 + k while verifying k drafted
+tokens), waiting requests are admitted while KV blocks and the token budget allow, and finished ones leave at
+once, so no request waits for the longest one in its batch (Yu et al., 2022, "Orca").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from ..models.transformer import Transformer
+from .paged import BlockManager, PagedKVCache, chain_hashes
+from .sampling import (RequestError, SamplingParams, TokenLogprob, apply_penalties, choose, processed_logprobs,
+                       token_logprobs)
+
+__all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput", "TokenLogprob", "RequestError",
+           "AdapterNotFound"]
+
+
+class AdapterNotFound(KeyError):
+    """A request named an adapter the engine has not loaded (the server answers 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "adapter not found"
+
+
+@dataclass
+class EngineConfig:
+    """Memory and scheduling limits of the engine."""
+
+    block_size: int = 16
+    """Token slots per KV-cache block."""
+    kv_cache_gb: float | None = None
+    """Memory for keys and values (the draft model's included); sets the number of blocks. None: enough for
+    max_running sequences of full context length, at most 1 GiB."""
+    max_running: int = 64
+    """Most sequences decoded together."""
+    max_batch_tokens: int = 2048
+    """Most tokens in one forward pass: decode tokens plus prompt chunks (longer prompts are prefilled in chunks)."""
+    prefix_caching: bool = True
+    """Share the KV blocks of identical prompt prefixes between requests."""
+    pack_weights: bool = True
+    """On CPU, run linear layers on oneDNN-packed copies of the weights (about 2x faster decoding, one extra
+    copy of the weights in memory)."""
+    speculative: Literal["none", "ngram", "draft"] = "none"
+    """Speculative decoding: none, prompt lookup (n-grams of the sequence itself) or a draft model."""
+    num_speculative_tokens: int = 4
+    """Tokens proposed per step when speculating."""
+    ngram_max: int = 4
+    """Prompt lookup: longest suffix n-gram searched for earlier in the sequence."""
+    ngram_min: int = 1
+    """Prompt lookup: shortest n-gram that may match."""
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.max_running < 1 or self.max_batch_tokens < 1:
+            raise ValueError("block_size, max_running and max_batch_tokens must be >= 1")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, found {self.kv_cache_gb}")
+        if self.speculative not in ("none", "ngram", "draft"):
+            raise ValueError(f"speculative must be none, ngram or draft, found {self.speculative!r}")
+        if self.num_speculative_tokens < 1 or not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max")
+
+
+@dataclass
+class RequestOutput:
+    """Progress of one request: the tokens and text it gained in a step (everything, from `generate`)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: Literal["stop", "length", "abort"] | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class _Seq:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    adapter: str | None
+    generator: torch.Generator | None
+    stops: frozenset[int]
+    tokens: list[int] = field(default_factory=list)  # virtual prompt-tuning placeholders (< 0) + prompt + output
+    start: int = 0  # where the output begins in tokens
+    table: list[int] = field(default_factory=list)  # KV blocks, in order
+    cached: int = 0  # tokens whose keys/values are in the cache
+    draft_cached: int = 0  # the same for the draft model
+    hashes: list[int] = field(default_factory=list)  # chain hashes of the blocks registered for sharing
+    text: str = ""
+    emitted: int = 0  # characters of text already returned
+    offsets: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) token offsets into output
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    # what this step produced, returned by step()
+    new_tokens: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.start:]
+
+
+class Engine:
+    """Continuous-batching generation over one model (and optionally a draft model with the same tokenizer).
+    Not thread-safe: call it from one thread (the server runs it in its own)."""
+
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None,
+                 draft: Transformer | None = None):
+        self.cfg = config or EngineConfig()
+        self.cfg.validate()
+        if self.cfg.speculative == "draft" and draft is None:
+            raise ValueError("speculative: 'draft' needs a draft model")
+        if draft is not None and draft.cfg.vocab_size != model.cfg.vocab_size:
+            raise ValueError(f"draft model vocabulary ({draft.cfg.vocab_size}) differs from the model's "
+                             f"({model.cfg.vocab_size}); the draft must share the tokenizer")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.draft = draft.eval() if draft is not None and self.cfg.speculative == "draft" else None
+        self.max_context = model.cfg.max_position_embeddings
+        prompt = getattr(model, "prompt", None)  # prompt tuning: P virtual tokens before every prompt
+        self.virtual = [-(i + 1) for i in range(prompt.num_virtual)] if prompt is not None else []
+        self.device = model.device
+        self.adapters: list[str] = []
+        self.default_adapter: str | None = None
+        self._lora = False
+        self._sync_adapters()
+        eos = model.cfg.eos_token_id
+        self.eos = frozenset(i for i in [*(eos if isinstance(eos, list) else [eos]),
+                                         getattr(tokenizer, "eos_id", None)] if i is not None)
+        self.seqs_waiting: list[_Seq] = []
+        self.running: list[_Seq] = []
+        self._aborted: list[RequestOutput] = []
+        self._ids = itertools.count()
+        self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, prefix_cache_hit_tokens=0,
+                             requests_finished_total=0, draft_tokens_total=0, draft_tokens_accepted=0)
+        if model.cfg.head == "lm":
+            self._build_cache()
+        self._pack()
+
+    def _pack(self) -> None:
+        """CPU fast path: packed copies of the linear weights (rebuilt when adapters change the layers)."""
+        self.packed: dict[int, object] = {}  # id(model) -> cpu.PackedWeights
+        if self.cfg.pack_weights:
+            from . import cpu
+
+            for m in [self.model] + ([self.draft] if self.draft is not None else []):
+                if cpu.available(m.device, next(m.parameters()).dtype):
+                    self.packed[id(m)] = cpu.PackedWeights(m)
+
+    # ---- setup
+    def _build_cache(self) -> None:
+        dtype = next(self.model.parameters()).dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        models = [self.model] + ([self.draft] if self.draft is not None else [])
+        per_token = sum(PagedKVCache.bytes_per_token(m.cfg, dtype) for m in models)
+        bs = self.cfg.block_size
+        budget = self.cfg.kv_cache_gb * 2**30 if self.cfg.kv_cache_gb is not None else min(
+            2**30, self.cfg.max_running * (self.max_context + bs) * per_token)
+        num_blocks = int(budget // (per_token * bs))
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_gb {self.cfg.kv_cache_gb} holds fewer than 2 blocks of {bs} tokens")
+        self.blocks = BlockManager(num_blocks, bs)
+        self.cache = PagedKVCache(self.model.cfg, num_blocks, bs, self.device, dtype)
+        self.draft_cache = (PagedKVCache(self.draft.cfg, num_blocks, bs, self.device, dtype)
+                            if self.draft is not None else None)
+        self.capacity = num_blocks * bs
+
+    def _sync_adapters(self) -> None:
+        from ..transforms.lora import _wrappers, adapter_names
+
+        wrappers = _wrappers(self.model)
+        self._lora = bool(wrappers)
+        self.adapters = adapter_names(self.model)
+        active = {w.active for _, w in wrappers if isinstance(w.active, str)}
+        if any(w.merged is not None for _, w in wrappers):
+            raise ValueError("the model has a merged LoRA adapter; unmerge it (or unwrap) before serving")
+        if active:
+            self.default_adapter = sorted(active)[0]  # a model loaded from an adapter folder serves it by default
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter folder under `name`; requests choose it with `adapter=name`."""
+        from ..transforms.lora import load_adapter, route_adapters
+
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        default = self.default_adapter
+        load_adapter(self.model, path, name)
+        route_adapters(self.model, {})
+        self._sync_adapters()
+        self.default_adapter = default
+        self._pack()
+
+    # ---- requests
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None,
+                    adapter: str | None = None) -> str:
+        """Queue a request; returns its id. Raises RequestError for requests that cannot run."""
+        if self.model.cfg.head != "lm":
+            raise RequestError(f"this model has a {self.model.cfg.head!r} head; only causal LMs generate text")
+        params.validate()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise RequestError("the prompt is empty: give at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.model.cfg.vocab_size:
+            raise RequestError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size}), found "
+                               f"{min(prompt)}..{max(prompt)}")
+        total = len(self.virtual) + len(prompt) + params.max_new_tokens
+        if total > self.max_context:
+            raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                               f"exceeds the context length {self.max_context}")
+        if total > self.capacity:
+            raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                               f"exceeds the KV cache ({self.capacity} tokens); raise kv_cache_gb")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need the engine to have a tokenizer")
+        adapter = adapter if adapter is not None else self.default_adapter
+        if adapter is not None and adapter not in self.adapters:
+            raise AdapterNotFound(f"adapter {adapter!r} is not loaded; loaded: {self.adapters}")
+        rid = request_id or f"req-{next(self._ids)}"
+        gen = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
+        seq = _Seq(rid, prompt, params, adapter, gen, stops, tokens=self.virtual + prompt, start=total - params.max_new_tokens,
+                   logprobs=[] if params.logprobs is not None else None)
+        self.seqs_waiting.append(seq)
+        self.counters["prompt_tokens_total"] += len(prompt)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks return to the pool and the next step reports it with reason 'abort'."""
+        for queue in (self.seqs_waiting, self.running):
+            for s in queue:
+                if s.id == request_id:
+                    queue.remove(s)
+                    self._release(s)
+                    s.finish_reason = "abort"
+                    self._aborted.append(self._output(s, flush=True))
+                    return
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs_waiting or self.running or self._aborted)
+
+    def stats(self) -> dict[str, int]:
+        lm = self.model.cfg.head == "lm"
+        return dict(waiting=len(self.seqs_waiting), running=len(self.running),
+                    kv_blocks_used=self.blocks.used if lm else 0, kv_blocks_total=self.blocks.num_blocks if lm else 0,
+                    **self.counters)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 adapter: str | None = None) -> list[RequestOutput]:
+        """Run prompts to completion together; one aggregated output per prompt, in order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [self.add_request(p, sp, adapter=adapter) for p, sp in zip(prompts, plist)]
+        done: dict[str, RequestOutput] = {}
+        parts: dict[str, list[RequestOutput]] = {i: [] for i in ids}
+        while any(i not in done for i in ids):
+            for out in self.step():
+                if out.request_id in parts:
+                    parts[out.request_id].append(out)
+                    if out.finished:
+                        done[out.request_id] = _join(parts[out.request_id])
+        return [done[i] for i in ids]
+
+    # ---- one iteration
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Admit, run one forward pass over every scheduled sequence, sample, retire; outputs of this step."""
+        outs, self._aborted = self._aborted, []
+        plan = self._schedule()
+        if not plan:
+            return outs
+        proposals = self._propose([s for s, _ in plan if s in self._spec_room]) if self._spec_room else {}
+        rows: list[tuple[_Seq, int]] = []  # (sequence, new tokens) in flat order: single tokens first
+        singles = [(s, 1) for s, n in plan if n == 1 and s not in proposals]
+        multis = [(s, n) for s, n in plan if n > 1] + [(s, 1 + len(proposals[s][0])) for s, n in plan
+                                                       if s in proposals]
+        rows = singles + multis
+        ids, pos, keep = [], [], []
+        for s, n in rows:
+            new = s.tokens[s.cached:s.cached + n] if s not in proposals else [s.tokens[-1], *proposals[s][0]]
+            start = len(ids)
+            ids.extend(new)
+            pos.extend(range(s.cached, s.cached + n))
+            if s in proposals:
+                keep.extend(range(start, start + n))
+            elif s.cached + n == len(s.tokens):
+                keep.append(start + n - 1)
+        logits = self._forward(self.model, self.cache, rows, ids, pos, keep)  # (R, V)
+        r = 0
+        finishing: list[tuple[_Seq, int]] = []
+        for s, n in rows:
+            if s in proposals:
+                self._verify(s, proposals[s], logits[r:r + n])
+                r += n
+            else:
+                s.cached += n
+                if s.cached == len(s.tokens):
+                    finishing.append((s, r))
+                    r += 1
+        if finishing:
+            self._sample([s for s, _ in finishing], logits[[i for _, i in finishing]])
+        for s, _ in rows:
+            self._register(s)
+            if s.finish_reason is None:
+                self._check_length(s)
+            if s.new_tokens or s.finish_reason:
+                outs.append(self._output(s, flush=s.finish_reason is not None))
+            if s.finish_reason is not None:
+                self.running.remove(s)
+                self._release(s)
+                self.counters["requests_finished_total"] += 1
+        return outs
+
+    def _forward(self, model: Transformer, cache: PagedKVCache, rows: list[tuple[_Seq, int]], ids: list[int],
+                 pos: list[int], keep: list[int]) -> Tensor:
+        """One pass of `model` over the flattened step; logits (R, V) of the positions in `keep`."""
+        cache.plan([(s.table, s.cached if cache is self.cache else s.draft_cached, n) for s, n in rows])
+        dev = self.device
+        if model is self.model and self._lora:
+            from ..transforms.lora import route_adapters
+
+            routes: dict[str, list[int]] = {}
+            start = 0
+            for s, n in rows:
+                if s.adapter is not None:
+                    routes.setdefault(s.adapter, []).extend(range(start, start + n))
+                start += n
+            route_adapters(model, {a: torch.tensor(r, device=dev) for a, r in routes.items()})
+        packed = self.packed.get(id(model))
+        with packed.installed() if packed is not None else contextlib.nullcontext():
+            return self._run(model, cache, ids, pos, keep)
+
+    def _run(self, model: Transformer, cache: PagedKVCache, ids: list[int], pos: list[int], keep: list[int]
+             ) -> Tensor:
+        dev = self.device
+        x = torch.tensor([ids], device=dev)  # (1, N)
+        kw = dict(position_ids=torch.tensor([pos], device=dev), cache=cache,
+                  logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev))
+        prompt = getattr(model, "prompt", None)
+        if prompt is None:
+            return model(x, **kw).logits[0].float()  # (R, V)
+        emb = model.embed.tokens(x.clamp(min=0))  # (1, N, C); placeholders -1..-P take the virtual tokens
+        virtual = x < 0
+        emb[virtual] = prompt.embedding.to(emb.dtype)[-x[virtual] - 1]
+        model.prompt = None  # the engine placed them: the model must not prepend them again
+        try:
+            return model(inputs_embeds=emb, **kw).logits[0].float()
+        finally:
+            model.prompt = prompt
+
+    # ---- scheduling
+    def _blocks_for(self, s: _Seq, end: int) -> int:
+        """Blocks to add so that positions < end have slots."""
+        return max(0, -(-end // self.blocks.block_size) - len(s.table))
+
+    def _grow(self, s: _Seq, end: int) -> None:
+        for _ in range(self._blocks_for(s, end)):
+            s.table.append(self.blocks.allocate())
+
+    def _release(self, s: _Seq) -> None:
+        self.blocks.release(s.table)
+        s.table, s.hashes, s.cached, s.draft_cached = [], [], 0, 0
+
+    def _schedule(self) -> list[tuple[_Seq, int]]:
+        """Pick (sequence, new tokens) for this step: running sequences first (oldest first), preempting the
+        newest when blocks run out, then waiting requests while blocks, budget and max_running allow."""
+        budget = self.cfg.max_batch_tokens
+        spec = self.cfg.num_speculative_tokens if self.cfg.speculative != "none" else 0
+        plan: list[tuple[_Seq, int]] = []
+        self._spec_room: set[_Seq] = set()  # sequences with slots for drafted tokens this step
+        for s in list(self.running):
+            if s not in self.running:
+                continue  # preempted below
+            n = min(len(s.tokens) - s.cached, budget)
+            if n <= 0:
+                continue
+            extra = spec if n == 1 and self._may_speculate(s) else 0
+            while self._blocks_for(s, s.cached + n + extra) > self.blocks.available:
+                victim = self.running[-1]
+                self._preempt(victim)
+                plan = [(q, m) for q, m in plan if q is not victim]
+                self._spec_room.discard(victim)
+                if victim is s:
+                    break
+            if s not in self.running:
+                continue
+            self._grow(s, s.cached + n + extra)
+            if extra:
+                self._spec_room.add(s)
+            plan.append((s, n))
+            budget -= n + extra
+        watermark = max(1, self.blocks.num_blocks // 100)
+        while self.seqs_waiting and budget > 0 and len(self.running) < self.cfg.max_running:
+            s = self.seqs_waiting[0]
+            if not s.table:
+                self._match_prefix(s)
+            n = min(len(s.tokens) - s.cached, budget)
+            if self._blocks_for(s, s.cached + n) + (watermark if self.running else 0) > self.blocks.available:
+                if not self.running and not plan:  # nothing will free blocks: take what fits
+                    n = (self.blocks.available + len(s.table)) * self.blocks.block_size - s.cached
+                    if n <= 0:
+                        break
+                else:
+                    break
+            self.seqs_waiting.pop(0)
+            self._grow(s, s.cached + n)
+            self.running.append(s)
+            plan.append((s, n))
+            budget -= n
+        return plan
+
+    def _preempt(self, s: _Seq) -> None:
+        """Give a running sequence's blocks back; it re-queues first and recomputes (its full blocks usually
+        come back from the prefix cache)."""
+        self.running.remove(s)
+        self._release(s)
+        self.seqs_waiting.insert(0, s)
+
+    def _match_prefix(self, s: _Seq) -> None:
+        if not self.cfg.prefix_caching:
+            return
+        usable = (len(s.tokens) - 1) // self.blocks.block_size  # the last token is always computed
+        for h in chain_hashes(s.tokens[:usable * self.blocks.block_size], self.blocks.block_size, s.adapter):
+            b = self.blocks.lookup(h)
+            if b is None:
+                break
+            s.table.append(b)
+            s.hashes.append(h)
+        s.cached = s.draft_cached = len(s.table) * self.blocks.block_size
+        self.counters["prefix_cache_hit_tokens"] += s.cached
+
+    def _register(self, s: _Seq) -> None:
+        """Make this sequence's newly completed full blocks findable by later requests."""
+        if not self.cfg.prefix_caching or s.finish_reason is not None:
+            return
+        done = min(s.cached, s.draft_cached) if self.draft is not None else s.cached
+        bs = self.blocks.block_size
+        new = chain_hashes(s.tokens[:done // bs * bs], bs, s.adapter, start=len(s.hashes),
+                           prev=s.hashes[-1] if s.hashes else None)
+        for h in new:
+            self.blocks.register(s.table[len(s.hashes)], h)
+            s.hashes.append(h)
+
+    # ---- sampling and stopping
+    def _sample(self, seqs: list[_Seq], logits: Tensor) -> None:
+        params = [s.params for s in seqs]
+        if any(p.penalised for p in params):
+            logits = torch.stack([apply_penalties(row, s.params, s.prompt, s.output) if s.params.penalised else row
+                                  for row, s in zip(logits, seqs)])
+        lp = processed_logprobs(logits, params)
+        chosen = choose(lp, params, [s.generator for s in seqs])
+        for s, t, row in zip(seqs, chosen, range(len(seqs))):
+            self._append(s, [t], logits[row:row + 1])
+
+    def _append(self, s: _Seq, new: list[int], raw_logits: Tensor) -> None:
+        """Add sampled tokens (with the raw logits rows that produced them) until a stop condition."""
+        for i, t in enumerate(new):
+            if s.finish_reason is not None:
+                return
+            s.tokens.append(t)
+            s.new_tokens.append(t)
+            self.counters["generation_tokens_total"] += 1
+            if s.logprobs is not None:
+                s.new_logprobs.extend(token_logprobs(raw_logits[i:i + 1], [t], s.params.logprobs or 0))
+            if t in s.stops:
+                s.finish_reason = "stop"
+            elif self._decode_text(s):
+                s.finish_reason = "stop"
+            else:
+                self._check_length(s)
+
+    def _check_length(self, s: _Seq) -> None:
+        if s.finish_reason is None and (len(s.output) >= s.params.max_new_tokens or len(s.tokens) >= self.max_context):
+            s.finish_reason = "length"
+
+    def _decode_text(self, s: _Seq) -> bool:
+        """Extend s.text with the newest token; True when a stop string appeared (the text is cut before it)."""
+        if self.tokenizer is None:
+            return False
+        out = s.output
+        if s.tokens[-1] in s.stops:
+            return False
+        prefix, read = s.offsets
+        before = self.tokenizer.decode(out[prefix:read])
+        after = self.tokenizer.decode(out[prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            s.text += after[len(before):]
+            s.offsets = (read, len(out))
+        for stop in s.params.stop:
+            at = s.text.find(stop, max(0, s.emitted - len(stop)))
+            if at >= 0:
+                s.text = s.text[:at]
+                return True
+        return False
+
+    def _output(self, s: _Seq, flush: bool) -> RequestOutput:
+        hold = 0
+        if not flush:  # keep back a tail that may still grow into a stop string
+            for stop in s.params.stop:
+                for k in range(min(len(stop) - 1, len(s.text)), 0, -1):
+                    if s.text.endswith(stop[:k]):
+                        hold = max(hold, k)
+                        break
+        end = max(s.emitted, len(s.text) - hold)
+        text, s.emitted = s.text[s.emitted:end], end
+        out = RequestOutput(s.id, s.new_tokens, text, s.new_logprobs if s.logprobs is not None else None,
+                            s.finish_reason is not None, s.finish_reason, len(s.prompt), len(s.output))
+        if s.logprobs is not None:
+            s.logprobs.extend(s.new_logprobs)
+        s.new_tokens, s.new_logprobs = [], []
+        return out
+
+    # ---- speculative decoding (Leviathan et al., 2023; Chen et al., 2023; prompt lookup: Saxena, 2023)
+    def _may_speculate(self, s: _Seq) -> bool:
+        room = min(s.params.max_new_tokens - len(s.output), self.max_context - len(s.tokens))
+        return not s.params.penalised and room > 1
+
+    def _propose(self, seqs: list[_Seq]) -> dict[_Seq, tuple[list[int], Tensor | None]]:
+        """Draft tokens per decoding sequence, with the draft's probabilities (None for prompt lookup)."""
+        seqs = [s for s in seqs if self._may_speculate(s)]
+        out: dict[_Seq, tuple[list[int], Tensor | None]] = {}
+        for s in seqs:
+            k = min(self.cfg.num_speculative_tokens,
+                    s.params.max_new_tokens - len(s.output) - 1, self.max_context - len(s.tokens) - 1)
+            if self.draft is None:
+                found = _lookup(s.tokens, k, self.cfg.ngram_min, self.cfg.ngram_max)
+                if found:
+                    out[s] = (found, None)
+            elif k > 0:
+                out[s] = ([], [])  # filled by the draft passes below
+        if self.draft is not None and out:
+            ks = {s: min(self.cfg.num_speculative_tokens, s.params.max_new_tokens - len(s.output) - 1,
+                         self.max_context - len(s.tokens) - 1) for s in out}
+            for _ in range(max(ks.values())):
+                # first pass: each sequence catches the draft up to its last token; then one token per pass
+                rows = sorted(((s, len(s.tokens) + len(out[s][0]) - s.draft_cached) for s in out
+                               if len(out[s][0]) < ks[s]), key=lambda r: r[1] != 1)  # single tokens first
+                ids, pos, keep = [], [], []
+                for s, n in rows:
+                    ids.extend((s.tokens + out[s][0])[s.draft_cached:])
+                    pos.extend(range(s.draft_cached, s.draft_cached + n))
+                    keep.append(len(ids) - 1)
+                logits = self._forward(self.draft, self.draft_cache, rows, ids, pos, keep)
+                params = [s.params for s, _ in rows]
+                lp = processed_logprobs(logits, params)
+                chosen = choose(lp, params, [s.generator for s, _ in rows])
+                for (s, n), t, row in zip(rows, chosen, lp):
+                    s.draft_cached += n
+                    out[s][0].append(t)
+                    out[s][1].append(row.exp())
+            out = {s: (toks, torch.stack(q)) for s, (toks, q) in out.items()}
+        return out
+
+    def _verify(self, s: _Seq, proposal: tuple[list[int], Tensor | None], logits: Tensor) -> None:
+        """Accept a prefix of the drafted tokens against the target's logits (1 + k rows) and add one more token:
+        greedy keeps drafts equal to the argmax; sampling accepts d with probability min(1, p(d)/q(d)) and on
+        rejection draws from max(0, p - q) normalised, which leaves the target distribution unchanged."""
+        drafts, q = proposal
+        c = s.cached
+        p = processed_logprobs(logits, [s.params] * len(logits)).exp()  # (k + 1, V)
+        accepted: list[int] = []
+        for i, d in enumerate(drafts):
+            if s.params.greedy:
+                ok = int(p[i].argmax()) == d
+            else:
+                qd = 1.0 if q is None else float(q[i, d])
+                ok = float(torch.rand((), generator=s.generator, device=p.device)) * qd < float(p[i, d])
+            if not ok:
+                break
+            accepted.append(d)
+        i = len(accepted)
+        self.counters["draft_tokens_total"] += len(drafts)
+        self.counters["draft_tokens_accepted"] += i
+        if s.params.greedy:
+            nxt = int(p[i].argmax())
+        elif i < len(drafts):
+            residual = p[i].clone()
+            if q is None:
+                residual[drafts[i]] = 0
+            else:
+                residual = (residual - q[i]).clamp(min=0)
+            nxt = int(torch.multinomial(residual / residual.sum(), 1, generator=s.generator))
+        else:
+            nxt = int(torch.multinomial(p[i], 1, generator=s.generator))
+        s.cached = c + 1 + i
+        s.draft_cached = min(s.draft_cached, s.cached)
+        self._append(s, accepted + [nxt], logits[:i + 1])
+
+    # ---- encoders and classifiers
+    @torch.inference_mode()
+    def embed(self, batch: Sequence[Sequence[int]], normalize: bool = True, batch_size: int = 64) -> Tensor:
+        """Sentence embeddings (B, C) in fp32: the mean of the final hidden states over real tokens for encoders,
+        the last token's for decoders; L2-normalised unless normalize=False."""
+        parts = []
+        for i in range(0, len(batch), batch_size):
+            ids, mask = self._pad(batch[i:i + batch_size])
+            h = self.model(ids, attention_mask=mask).hidden.float()  # (b, T, C)
+            if self.model.cfg.causal:
+                parts.append(self.model.pool(h, mask, ids))
+            else:
+                m = mask[..., None].float()
+                parts.append((h * m).sum(1) / m.sum(1).clamp(min=1))
+        e = torch.cat(parts) if parts else torch.empty(0, self.model.cfg.hidden_size)
+        return torch.nn.functional.normalize(e, dim=-1) if normalize else e
+
+    @torch.inference_mode()
+    def classify(self, batch: Sequence[Sequence[int]], batch_size: int = 64) -> Tensor:
+        """Classifier logits (B, num_labels) in fp32 for a batch of token lists."""
+        if self.model.cfg.head != "classifier":
+            raise RequestError(f"this model has a {self.model.cfg.head!r} head, not a classifier")
+        parts = []
+        for i in range(0, len(batch), batch_size):
+            ids, mask = self._pad(batch[i:i + batch_size])
+            parts.append(self.model(ids, attention_mask=mask).logits.float())
+        return torch.cat(parts) if parts else torch.empty(0, self.model.cfg.num_labels)
+
+    def _pad(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Right-padded ids and attention mask (B, T)."""
+        if any(len(x) == 0 for x in batch):
+            raise RequestError("every input needs at least one token")
+        longest = max(len(x) for x in batch)
+        if longest > self.max_context:
+            raise RequestError(f"input of {longest} tokens exceeds the context length {self.max_context}")
+        ids = torch.full((len(batch), longest), self.model.cfg.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, x in enumerate(batch):
+            ids[i, :len(x)] = torch.tensor(list(x))
+            mask[i, :len(x)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+
+def _lookup(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
+    if k <= 0:
+        return []
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tail:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def _join(parts: list[RequestOutput]) -> RequestOutput:
+    last = parts[-1]
+    lps = [lp for p in parts for lp in (p.logprobs or [])] if last.logprobs is not None else None
+    return RequestOutput(last.request_id, [t for p in parts for t in p.token_ids], "".join(p.text for p in parts),
+                         lps, True, last.finish_reason, last.prompt_tokens, last.completion_tokens)

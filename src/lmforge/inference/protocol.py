@@ -1,0 +1,95 @@
+"""The OpenAI HTTP API's request bodies, as validated dataclasses (the server answers 400 for anything else)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass as api_model
+
+MAX_N = 16  # most choices (`n`) per request
+MAX_LOGPROBS = 20  # most alternatives per token in `logprobs` / `top_logprobs`
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Choices = Annotated[int, Field(ge=1, le=MAX_N)]
+MaxTokens = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0, le=2**62)]
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+TopK = Annotated[int, Field(ge=-1)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+
+
+@api_model
+class StreamOptions:
+    include_usage: bool = False
+
+
+@api_model(kw_only=True)
+class GenerationRequest:
+    """Fields shared by completions and chat completions. Unknown fields are ignored, as OpenAI does."""
+
+    model: str
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: Choices = 1
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None = None
+    top_k: TopK = 0
+    repetition_penalty: RepetitionPenalty = 1.0
+    ignore_eos: bool = False
+
+
+@api_model(kw_only=True)
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: MaxTokens | None = 16
+    logprobs: NumLogprobs | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+@api_model
+class ChatMessage:
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+@api_model(kw_only=True)
+class ChatCompletionRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: NumLogprobs | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+@api_model
+class EmbeddingRequest:
+    """POST /v1/embeddings."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
+@api_model
+class ClassifyRequest:
+    """POST /v1/classify: a text, or a list of texts, to label."""
+
+    input: str | list[str]
+    model: str | None = None
