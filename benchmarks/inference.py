@@ -22,6 +22,7 @@ import asyncio
 import inspect
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def _load(args, folder: Path):
     import transformers
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+    ref.generation_config.eos_token_id = None  # both sides ignore end-of-sequence: same number of tokens
     return ours, tok, ref
 
 
@@ -86,8 +88,7 @@ def single_stream(ours, ref, prompt: list[int], new: int, device: str, repeats: 
         return engine.generate([prompt], params)[0].token_ids
 
     def run_ref():
-        return ref.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                            pad_token_id=0)[0, len(prompt):].tolist()
+        return ref.generate(x, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
 
     times = {}
     outs = {}
@@ -105,15 +106,10 @@ def single_stream(ours, ref, prompt: list[int], new: int, device: str, repeats: 
             "ratio": times["ours"] / times["transformers"], "same_tokens": outs["ours"] == outs["transformers"]}
 
 
-def concurrent(ours, tok, ref, prompts: list[list[int]], max_tokens: list[int], device: str) -> dict:
+def _client(url: str, requests: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
+    """The load generator: every request at once through the official async client, streaming; returns
+    (time to first token, completion tokens) per request. Runs in its own process (see `concurrent`)."""
     import openai
-
-    from lmforge.inference.engine import Engine
-    from lmforge.inference.server import AsyncEngine, create_app, start_server
-
-    # ours: the server, 16 streaming clients at once
-    aeng = AsyncEngine(Engine(ours, tok))
-    running = start_server(create_app(aeng, tok, "smollm2"), "127.0.0.1", 0)
 
     async def one(client, prompt, n):
         t0 = time.perf_counter()
@@ -129,18 +125,42 @@ def concurrent(ours, tok, ref, prompts: list[list[int]], max_tokens: list[int], 
         return first if first is not None else time.perf_counter() - t0, got
 
     async def all_of_them():
-        async with openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0,
-                                      timeout=600) as client:
-            return await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, max_tokens)))
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) as client:
+            return await asyncio.gather(*(one(client, p, n) for p, n in requests))
 
-    asyncio.run(all_of_them())  # warm-up (allocations, first-call costs)
-    t = time.perf_counter()
-    results = asyncio.run(all_of_them())
-    ours_wall = time.perf_counter() - t
+    return asyncio.run(all_of_them())
+
+
+def concurrent(ours, tok, ref, prompts: list[list[int]], max_tokens: list[int], device: str) -> dict:
+    import subprocess
+
+    from lmforge.inference.engine import Engine
+    from lmforge.inference.server import AsyncEngine, create_app, start_server
+
+    # ours: the server in this process as `lmforge serve` runs it (HTTP in a thread, the engine loop on the main
+    # thread); the 16 streaming clients in another process, as a real load generator is
+    aeng = AsyncEngine(Engine(ours, tok), background=False)
+    running = start_server(create_app(aeng, tok, "smollm2"), "127.0.0.1", 0)
+    job = json.dumps([[p, n] for p, n in zip(prompts, max_tokens)])
+    runs = []
+
+    def load_generator() -> None:
+        for _ in range(2):  # warm-up, then measured
+            out = subprocess.run([sys.executable, __file__, "--client", running.url], input=job,
+                                 capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        aeng.close()  # ends aeng.run() below
+
+    import threading
+
+    threading.Thread(target=load_generator).start()
+    aeng.run()
     running.stop()
-    aeng.close()
-    ours_tokens = sum(n for _, n in results)
-    ours_ttft = [f for f, _ in results]
+    results = runs[-1]
+    print(f"client process: {results['cpu_s']:.1f} s CPU over {results['wall']:.1f} s", file=sys.stderr)
+    ours_wall = results["wall"]  # first request sent to last token received, in the client
+    ours_tokens = sum(n for _, n in results["requests"])
+    ours_ttft = [f for f, _ in results["requests"]]
 
     # peer: one static batch, left-padded, runs until the longest request is done
     import transformers
@@ -166,8 +186,8 @@ def concurrent(ours, tok, ref, prompts: list[list[int]], max_tokens: list[int], 
     for _ in range(2):  # warm-up, then measured
         clock = _Clock()
         t = time.perf_counter()
-        ref.generate(ids, attention_mask=mask, max_new_tokens=max(max_tokens), min_new_tokens=max(max_tokens),
-                     do_sample=False, pad_token_id=0, logits_processor=[clock])
+        ref.generate(ids, attention_mask=mask, max_new_tokens=max(max_tokens), do_sample=False, pad_token_id=0,
+                     logits_processor=[clock])
         _sync(device)
         peer.append((time.perf_counter() - t, clock.first - t))
     peer_wall, peer_first = peer[-1]
@@ -237,7 +257,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # internal: the load-generator process
     args = ap.parse_args()
+    if args.client:
+        requests = json.loads(sys.stdin.read())
+        t = time.perf_counter()
+        results = _client(args.client, requests)
+        print(json.dumps({"wall": time.perf_counter() - t, "cpu_s": time.process_time(), "requests": results}))
+        return
     with tempfile.TemporaryDirectory() as d:
         ours, tok, ref = _load(args, Path(d) / "smollm2")
         vocab = ours.cfg.vocab_size

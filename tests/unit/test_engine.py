@@ -347,3 +347,16 @@ def test_encoder_embeddings_and_classifier_logits_batched():
     torch.testing.assert_close(logits, solo, atol=1e-5, rtol=1e-5)
     with pytest.raises(RequestError, match="only causal LMs"):
         Engine(clf).add_request([1], SamplingParams())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_on_cuda_matches_cpu_greedy_and_speculative():
+    model = _model()
+    cpu = [o.token_ids for o in Engine(model).generate(PROMPTS, GREEDY)]
+    gpu = model.to("cuda")
+    assert [o.token_ids for o in Engine(gpu).generate(PROMPTS, GREEDY)] == cpu
+    spec = Engine(gpu, config=EngineConfig(speculative="ngram", num_speculative_tokens=3))
+    assert [o.token_ids for o in spec.generate(PROMPTS, GREEDY)] == cpu
+    sampled = Engine(gpu).generate([PROMPTS[0]] * 2, SamplingParams(max_new_tokens=8, temperature=1.0, seed=3))
+    assert sampled[0].token_ids == sampled[1].token_ids

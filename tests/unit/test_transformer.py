@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.models import DenseKVCache, ModelConfig, Transformer
 
 
@@ -18,36 +17,6 @@ def test_incremental_decoding_matches_full_forward(tiny_llama_cfg):
         parts = [model(x[:, :5], cache=cache).logits]
         parts += [model(x[:, t:t + 1], cache=cache).logits for t in range(5, 12)]
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
-
-
-def test_left_padded_batch_equals_solo_runs(tiny_llama_cfg):
-    model = Transformer(tiny_llama_cfg).eval()
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
-    p = SamplingParams(max_new_tokens=8)
-    batched = _generate(model, prompts, p)
-    for prompt, out in zip(prompts, batched):
-        assert _generate(model, [prompt], p)[0] == out
-
-
-def test_seeded_sampling_is_reproducible(tiny_llama_cfg):
-    model = Transformer(tiny_llama_cfg).eval()
-    p = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=20, seed=7)
-    a, b = _generate(model, [[1, 2, 3]], p), _generate(model, [[1, 2, 3]], p)
-    c = _generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=10, temperature=1.0, seed=8))
-    assert a == b and a != c
-
-
-def test_stop_token_ends_sequence(tiny_llama_cfg):
-    model = Transformer(tiny_llama_cfg).eval()
-    first = _generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=5))[0]
-    stopped = _generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=5, stop_token_ids=(first[1],)))[0]
-    assert stopped == first[: first.index(first[1]) + 1]
-
-
-def test_context_length_is_enforced(tiny_llama_cfg):
-    model = Transformer(tiny_llama_cfg).eval()
-    with pytest.raises(ValueError, match="context length 64"):
-        _generate(model, [[1] * 60], SamplingParams(max_new_tokens=10))
 
 
 def test_sliding_window_limits_attention():
@@ -158,7 +127,3 @@ def test_compiled_blocks_match_eager(tiny_llama_cfg):
     assert torch.allclose(eager, compiled, atol=1e-5)
     assert set(model.state_dict()) == set(Transformer(tiny_llama_cfg).state_dict())  # names unchanged
 
-
-def _generate(model, prompts, params):
-    """New token ids per prompt through the engine (stop tokens included when hit)."""
-    return [o.token_ids for o in Engine(model).generate(prompts, params)]

@@ -18,6 +18,7 @@ import math
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -116,7 +117,7 @@ class AsyncEngine:
     unfinished, handing each output to its request's asyncio queue with `call_soon_threadsafe`; when idle it
     sleeps on an event. Every engine call happens on that thread, since the engine is not thread-safe."""
 
-    def __init__(self, engine: Any, max_queue: int = 256, tps_window_s: float = 10.0):
+    def __init__(self, engine: Any, max_queue: int = 256, tps_window_s: float = 10.0, background: bool = True):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, found {max_queue}")
         self.engine = engine
@@ -132,8 +133,25 @@ class AsyncEngine:
         self._sinks: dict[str, tuple[RequestGroup, int]] = {}  # request id -> (group, index); engine thread only
         self._in_flight = 0  # len(self._sinks), written by the engine thread, read anywhere
         self._samples: deque[tuple[float, int]] = deque()  # (time, new tokens) per step, engine thread only
-        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()  # set when the engine loop has ended
+        self._thread: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None  # the thread running `run`
+        if background:
+            self._thread = threading.Thread(target=self.run, name="lmforge-engine", daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """The engine loop, in the calling thread, until `shutdown` or `close` (made with background=False,
+        `serve` runs it on the main thread: in other threads PyTorch's CPU kernels lose their thread pool
+        here, measured at half the decoding speed)."""
+        self._loop_thread = threading.current_thread()
+        try:
+            self._run()
+        finally:
+            self._done.set()
+
+    def _alive(self) -> bool:
+        return not self._done.is_set() and (self._thread is None or self._thread.is_alive())
 
     # ---- public, any thread / event loop
     @property
@@ -203,28 +221,29 @@ class AsyncEngine:
         stop the engine thread. Safe to call from any event loop, more than once."""
         self.draining = True
         deadline = time.monotonic() + max(grace_s, 0.0)
-        while self._in_flight and time.monotonic() < deadline and self._thread.is_alive():
+        while self._in_flight and time.monotonic() < deadline and self._alive():
             await asyncio.sleep(0.02)
-        if self._in_flight and self._thread.is_alive():
+        if self._in_flight and self._alive():
             log.warning("shutdown: aborting %d request(s) still running after %.1fs", self._in_flight, grace_s)
             self._post(lambda: self._abort(None))
             deadline = time.monotonic() + 10.0
-            while self._in_flight and time.monotonic() < deadline and self._thread.is_alive():
+            while self._in_flight and time.monotonic() < deadline and self._alive():
                 await asyncio.sleep(0.02)
         self._stop = True
         self._wake.set()
-        await asyncio.to_thread(self._thread.join, 10.0)
+        await asyncio.to_thread(self._done.wait, 10.0)
 
     def close(self) -> None:
         """Stop at once from synchronous code: abort everything and end the thread (no grace period)."""
         self.draining = True
-        self._stop = True  # the thread aborts what is left when it leaves its loop
+        self._stop = True  # the loop aborts what is left when it leaves
         self._wake.set()
-        self._thread.join(10.0)
+        if self._loop_thread is not None and self._loop_thread is not threading.current_thread():
+            self._done.wait(10.0)
 
     # ---- engine thread
     def _post(self, fn: Callable[[], T]) -> concurrent.futures.Future:
-        if self._stop or not self._thread.is_alive():
+        if self._stop or not self._alive():
             raise ShuttingDown("the engine has stopped")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, fut))
@@ -248,12 +267,11 @@ class AsyncEngine:
                 self._samples.append((now, sum(len(o.token_ids) for o in outs)))
                 while self._samples[0][0] < now - self.tps_window_s:
                     self._samples.popleft()
-                for out in outs:
-                    self._deliver(out)
+                self._deliver(outs)
             elif self._sinks:  # requests the engine no longer reports on
                 self._end_all()
             else:
-                self._wake.wait()
+                self._wake.wait(0.5)
         self._end_all()
         while True:  # fail commands that arrived too late
             try:
@@ -298,18 +316,23 @@ class AsyncEngine:
         finally:
             self._in_flight = len(self._sinks)
 
-    def _deliver(self, out: RequestOutput, error: Exception | None = None) -> None:
-        """Hand `out` (or `error`, which ends the request) to the request's group on its event loop."""
-        if out.request_id not in self._sinks:
-            return
-        group, i = self._sinks[out.request_id]
-        if out.finished or error is not None:
-            del self._sinks[out.request_id]
-            self._in_flight = len(self._sinks)
-        try:
-            group.loop.call_soon_threadsafe(group.queue.put_nowait, (i, out if error is None else error))
-        except RuntimeError:  # the loop has closed: nobody is listening
-            pass
+    def _deliver(self, outs: list[RequestOutput], error: Exception | None = None) -> None:
+        """Hand each output (or `error`, which ends the request) to its request's group: one wake-up per event
+        loop per step, so the loop thread holds the GIL as little as possible while the engine computes."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            if out.request_id not in self._sinks:
+                continue
+            group, i = self._sinks[out.request_id]
+            if out.finished or error is not None:
+                del self._sinks[out.request_id]
+                self._in_flight = len(self._sinks)
+            batches.setdefault(group.loop, []).append((group.queue, (i, out if error is None else error)))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop has closed: nobody is listening
+                pass
 
     def _engine_abort(self, rid: str) -> None:
         try:
@@ -328,8 +351,13 @@ class AsyncEngine:
         output whose finish_reason is "abort"."""
         for rid in list(self._sinks):
             self._engine_abort(rid)
-            self._deliver(RequestOutput(request_id=rid, token_ids=[], text="", logprobs=None, finished=True,
-                                        finish_reason="abort", prompt_tokens=0, completion_tokens=0), error)
+            self._deliver([RequestOutput(request_id=rid, token_ids=[], text="", logprobs=None, finished=True,
+                                         finish_reason="abort", prompt_tokens=0, completion_tokens=0)], error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -868,7 +896,11 @@ class RunningServer:
 
 def start_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
                  timeout_s: float = 30.0) -> RunningServer:
-    """Serve `app` with uvicorn in a background thread (port 0 picks a free port); returns once it listens."""
+    """Serve `app` with uvicorn in a background thread (port 0 picks a free port); returns once it listens.
+
+    Shortens the interpreter's thread switch interval (5 ms -> 0.5 ms): the engine thread re-takes the GIL after
+    every tensor op, and must not wait a whole interval behind the HTTP thread each time."""
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -894,31 +926,51 @@ def serve(app: FastAPI, async_engine: AsyncEngine, host: str = "127.0.0.1", port
           grace_s: float = 30.0, log_level: str = "info", on_started: Callable[[RunningServer], None] | None = None
           ) -> None:
     """Serve until SIGINT / SIGTERM, then shut down gracefully: new requests get 503 while in-flight ones finish
-    for up to `grace_s` seconds; the rest are aborted. A second signal aborts at once."""
+    for up to `grace_s` seconds; the rest are aborted. A second signal aborts at once. HTTP runs in a background
+    thread; an engine made with background=False runs its loop here (the main thread, where PyTorch is fast)."""
     running = start_server(app, host, port, log_level)
-    stop = threading.Event()
     handled = (signal.SIGINT, signal.SIGTERM)
     in_main = threading.current_thread() is threading.main_thread()
+    stopping = threading.Event()
+    http_died = threading.Event()
+
+    def drain() -> None:
+        log.info("shutting down: finishing in-flight requests for up to %.0fs", grace_s)
+        asyncio.run(async_engine.shutdown(grace_s))
 
     def first_signal(signum: int, _frame: Any) -> None:
-        stop.set()
         for s in handled:  # a second signal interrupts the grace period
             signal.signal(s, signal.default_int_handler)
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=drain, name="lmforge-drain", daemon=True).start()
+
+    def watch_http() -> None:
+        while not stopping.is_set() and running.thread.is_alive():
+            time.sleep(0.2)
+        if not stopping.is_set():
+            http_died.set()
+            stopping.set()
+            async_engine.close()
 
     previous = {s: signal.signal(s, first_signal) for s in handled} if in_main else {}
+    threading.Thread(target=watch_http, name="lmforge-watch", daemon=True).start()
     try:
         if on_started is not None:
             on_started(running)
-        while not stop.wait(0.2):
-            if not running.thread.is_alive():
-                raise RuntimeError("the HTTP server stopped unexpectedly")
-        log.info("shutting down: finishing in-flight requests for up to %.0fs", grace_s)
-        asyncio.run(async_engine.shutdown(grace_s))
+        if async_engine._thread is None:
+            async_engine.run()  # until drain() or close() stops it
+        else:
+            while not async_engine._done.wait(0.2):
+                pass
+        if http_died.is_set():
+            raise RuntimeError("the HTTP server stopped unexpectedly")
     except KeyboardInterrupt:
         running.server.force_exit = True
         async_engine.close()
         raise
     finally:
+        stopping.set()
         running.stop()
         async_engine.close()
         for s, h in previous.items():

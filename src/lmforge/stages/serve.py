@@ -117,7 +117,7 @@ def main(cfg: Config) -> int:
     for name, path in cfg.adapters().items():
         engine.load_adapter(name, path)
     name = cfg.model_name()
-    async_engine = AsyncEngine(engine, max_queue=cfg.max_queue)
+    async_engine = AsyncEngine(engine, max_queue=cfg.max_queue, background=False)  # serve() runs it here
     app = create_app(async_engine, tok, name, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
                      default_max_tokens=cfg.default_max_tokens)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
