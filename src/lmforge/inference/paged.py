@@ -130,6 +130,7 @@ class PagedKVCache:
             nb = max(c // bs + 1 for _, c in decode)
             rows = [t[:c // bs + 1] + [t[0]] * (nb - c // bs - 1) for t, c in decode]  # padding: masked below
             self.decode_blocks = torch.tensor(rows, dtype=torch.long, device=dev).flatten()  # (Bd * nb,)
+            self.decode_len = decode[0][1] + 1
             lens = torch.tensor([c + 1 for _, c in decode], device=dev)
             kpos = torch.arange(nb * bs, device=dev)
             allowed = kpos[None] < lens[:, None]  # (Bd, S)
@@ -188,8 +189,10 @@ class PagedKVCache:
         keys = kp.index_select(1, self.decode_blocks).view(kh, bd, -1, d)  # (K, Bd, S, D)
         vals = vp.index_select(1, self.decode_blocks).view(kh, bd, -1, d)
         qg = q.reshape(kh, h // kh, bd, d).transpose(1, 2).to(keys.dtype)  # (K, Bd, G, D)
-        scores = (qg @ keys.transpose(-1, -2)).float() * d ** -0.5  # (K, Bd, G, S)
-        if self.decode_mask is not None:
+        if bd == 1 and self.window is None:  # one sequence: cut the keys at its length instead of masking
+            keys, vals = keys[:, :, :self.decode_len], vals[:, :, :self.decode_len]
+        scores = (qg * d ** -0.5) @ keys.transpose(-1, -2)  # (K, Bd, G, S)
+        if self.decode_mask is not None and not (bd == 1 and self.window is None):
             scores = scores.masked_fill(~self.decode_mask, float("-inf"))  # mask (1, Bd, 1, S)
-        y = scores.softmax(-1).to(vals.dtype) @ vals  # (K, Bd, G, D)
+        y = torch.softmax(scores, -1, dtype=torch.float32).to(vals.dtype) @ vals  # (K, Bd, G, D)
         return y.transpose(1, 2).reshape(h, bd, d).to(q.dtype)  # (H, Bd, D)
