@@ -1,0 +1,86 @@
+"""Evaluation tasks by name, and the built-in offline ones that build their examples at run time from real data on
+every machine (the Python standard library) rather than from shipped copies.
+
+A task spec is a string: `stdlib-mc` (docstring -> which function, 4 choices), `stdlib-ppl` (perplexity and bits
+per byte of held-out standard-library modules), `humaneval` (pass@k in the sandbox), `mc:PATH` (a multiple-choice
+file in HellaSwag / MMLU / ARC format), `ppl:PATH` (text files, or JSONL/Parquet/CSV records with a `text` field).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import lzma
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STDLIB_MC_MODULES = ("json", "os.path", "textwrap", "string", "shutil", "base64", "inspect", "difflib",
+                     "statistics", "calendar", "glob", "fnmatch")
+
+
+def stdlib_docstring_items(n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """MMLU-format questions from real docstrings: "Which Python function does this docstring describe?" with the
+    function's name and 3 other names of the same modules as choices (the name is masked in its docstring)."""
+    funcs = []
+    for mod_name in STDLIB_MC_MODULES:
+        mod = importlib.import_module(mod_name)
+        names = [k for k, v in vars(mod).items() if not k.startswith("_") and inspect.isfunction(v)
+                 and v.__module__ == mod.__name__ and inspect.getdoc(v)]
+        for k in sorted(names):
+            doc = inspect.getdoc(vars(mod)[k]).split("\n\n")[0].replace("\n", " ").replace(k, "___")
+            funcs.append((mod_name, k, doc[:300]))
+    rnd = random.Random(seed)
+    rnd.shuffle(funcs)
+    items = []
+    for mod_name, name, doc in funcs[:n]:
+        others = sorted({f[1] for f in funcs if f[1] != name})
+        choices = rnd.sample(others, 3) + [name]
+        rnd.shuffle(choices)
+        items.append({"question": f"Which Python function does this docstring describe?\n{doc}",
+                      "choices": choices, "answer": choices.index(name), "source": f"stdlib:{mod_name}.{name}"})
+    return items
+
+
+def stdlib_heldout_texts(n: int = 20, fraction: float = 0.05) -> list[tuple[str, str]]:
+    """(name, source) of standard-library modules in a fixed held-out slice: the files whose path hashes below
+    `fraction` (stable across machines with the same Python), at most n, smallest names first."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    picked = []
+    for p in sorted(root.glob("*.py")):
+        h = int(hashlib.sha256(p.name.encode()).hexdigest()[:8], 16) / 2**32
+        if h < fraction:
+            picked.append((p.name, p.read_text(encoding="utf-8", errors="replace")))
+    return picked[:n]
+
+
+def xz_bits_per_byte(texts: list[str]) -> float:
+    """`xz -9`'s bits per byte on the same texts (each compressed on its own), the classic baseline a language
+    model's bits per byte should beat."""
+    total = sum(len(t.encode("utf-8")) for t in texts)
+    return 8 * sum(len(lzma.compress(t.encode("utf-8"), preset=9)) for t in texts) / max(1, total)
+
+
+@dataclass
+class TaskSpec:
+    """A parsed task string: its kind and, for file tasks, the path."""
+
+    name: str
+    kind: str  # multiple_choice | perplexity | humaneval
+    path: str | None = None
+
+
+def parse_task(spec: str) -> TaskSpec:
+    """`stdlib-mc`, `stdlib-ppl`, `humaneval`, `mc:PATH`, `ppl:PATH` -> TaskSpec; anything else is a ValueError."""
+    builtin = {"stdlib-mc": "multiple_choice", "stdlib-ppl": "perplexity", "humaneval": "humaneval"}
+    if spec in builtin:
+        return TaskSpec(spec, builtin[spec])
+    kind, _, path = spec.partition(":")
+    if kind in ("mc", "ppl") and path:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"task {spec!r}: {path} not found")
+        return TaskSpec(spec, "multiple_choice" if kind == "mc" else "perplexity", path)
+    raise ValueError(f"unknown task {spec!r}: expected one of {sorted(builtin)}, mc:PATH or ppl:PATH")
