@@ -13,7 +13,7 @@ import pytest
 import lmforge
 from lmforge.eval.harness import rolling_loglikelihood
 from lmforge.eval.multiple_choice import evaluate_multiple_choice, read_multiple_choice
-from lmforge.eval.tasks import stdlib_docstring_items
+from lmforge.eval.tasks import stdlib_docstring_items, write_lm_eval_task
 from lmforge.models import ModelConfig
 from lmforge.models.transformer import Transformer
 
@@ -26,29 +26,7 @@ TASK = "lmforge_stdlib_docstrings"
 
 def write_task(tmp: Path, n: int) -> Path:
     """The JSONL data and the lm-eval task YAML (MMLU continuation template) in `tmp`; returns the data file."""
-    data = tmp / "stdlib.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in stdlib_docstring_items(n)))
-    (tmp / f"{TASK}.yaml").write_text(f"""task: {TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "Question: {{{{question.strip()}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""")
-    return data
+    return write_lm_eval_task(tmp, stdlib_docstring_items(n), TASK)
 
 
 def run_lm_eval(folder: Path, task_dir: Path, limit: int | None = None) -> tuple[dict, list[dict]]:

@@ -64,6 +64,25 @@ def xz_bits_per_byte(texts: list[str]) -> float:
     return 8 * sum(len(lzma.compress(t.encode("utf-8"), preset=9)) for t in texts) / max(1, total)
 
 
+def write_lm_eval_task(folder: str | Path, items: list[dict[str, Any]], name: str) -> Path:
+    """Write MMLU-format `items` as JSONL plus an lm-evaluation-harness task YAML (its MMLU continuation template,
+    acc and acc_norm) into `folder`, so `lm_eval --include_path folder --tasks name` scores the same questions as
+    `lmforge evaluate --tasks mc:folder/name.jsonl`. Returns the data file."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in items))
+    metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in ("acc", "acc_norm"))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        'doc_to_text: "Question: {{question.strip()}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+        f'doc_to_target: "{{{{answer}}}}"\nmetric_list:\n{metrics}metadata:\n  version: 1.0\n')
+    return data
+
+
 @dataclass
 class TaskSpec:
     """A parsed task string: its kind and, for file tasks, the path."""
