@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from train_throughput import CyclingSource, random_batches, sync_device  # the same random batches and source
+
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -44,24 +46,10 @@ def _peak_mib(dev: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _batches(vocab: int, batch: int, seq: int, n: int):
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(vocab, (batch, seq + 1), generator=g) for _ in range(n)]
-
-
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _sync(dev: str) -> None:
-    import torch
-
-    if dev == "cuda":
-        torch.cuda.synchronize()
 
 
 def _hf_folder(tmp: str, random_init: bool) -> Path:
@@ -100,35 +88,21 @@ def run_ours(args, folder: Path) -> dict:
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(torch.bfloat16)
     trainable, total = count_parameters(model)
-    data = _batches(model.cfg.vocab_size, args.batch, args.seq, args.steps + args.warmup)
-
-    class Source:
-        i = 0
-
-        def next_batch(self):
-            x = data[self.i % len(data)]
-            self.i += 1
-            return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
-
-        def state_dict(self):
-            return {"i": self.i}
-
-        def load_state_dict(self, s):
-            self.i = s["i"]
+    data = random_batches(model.cfg.vocab_size, args.batch, args.seq, args.steps + args.warmup)
 
     cfg = TrainConfig(steps=args.warmup, micro_batch=args.batch, precision="bf16", log_every=10**9, save_every=0,
                       tensorboard=False, progress_bar=False, resume=False, device=dev)
     cfg.optimizer.lr, cfg.optimizer.weight_decay = 2e-4, 0.0
     with tempfile.TemporaryDirectory() as d:
-        trainer = Trainer(model.train(), CausalLM(), Source(), cfg, d)
+        trainer = Trainer(model.train(), CausalLM(), CyclingSource(data), cfg, d)
         trainer.save = lambda: None  # checkpoint writing is not what this benchmark measures
         trainer.fit()  # warm-up steps
-        _sync(dev)
+        sync_device(dev)
         _rss_reset()
         t = time.perf_counter()
         trainer.cfg.steps = args.warmup + args.steps
         last = trainer.fit()
-        _sync(dev)
+        sync_device(dev)
         seconds = time.perf_counter() - t
     return {"s_per_step": seconds / args.steps, "peak_mib": _peak_mib(dev), "trainable": trainable, "total": total,
             "loss": last.get("loss")}
@@ -157,7 +131,7 @@ def run_peer(args, folder: Path) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     vocab = model.config.vocab_size
-    data = _batches(vocab, args.batch, args.seq, args.steps + args.warmup)
+    data = random_batches(vocab, args.batch, args.seq, args.steps + args.warmup)
 
     def step(x):
         x = x.to(dev)
@@ -172,12 +146,12 @@ def run_peer(args, folder: Path) -> dict:
 
     for x in data[:args.warmup]:
         step(x)
-    _sync(dev)
+    sync_device(dev)
     _rss_reset()
     t = time.perf_counter()
     for x in data[args.warmup:]:
         loss = step(x)
-    _sync(dev)
+    sync_device(dev)
     seconds = time.perf_counter() - t
     return {"s_per_step": seconds / args.steps, "peak_mib": _peak_mib(dev), "trainable": trainable, "loss": loss}
 

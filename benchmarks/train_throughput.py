@@ -33,26 +33,44 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
     for _ in range(2):
         a @ b
-    _sync(dev)
+    sync_device(dev)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(dev)
+    sync_device(dev)
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def _sync(dev: str) -> None:
+def sync_device(dev: str) -> None:
     import torch
 
     if dev == "cuda":
         torch.cuda.synchronize()
 
 
-def _batches(vocab: int, batch: int, seq: int, n: int):
+def random_batches(vocab: int, batch: int, seq: int, n: int):
     import torch
 
     g = torch.Generator().manual_seed(0)
     return [torch.randint(vocab, (batch, seq + 1), generator=g) for _ in range(n)]
+
+
+class CyclingSource:
+    """The Trainer's batch source over fixed random token batches, cycled (shared with finetune_lora.py)."""
+
+    def __init__(self, data):
+        self.data, self.i = data, 0
+
+    def next_batch(self):
+        x = self.data[self.i % len(self.data)]
+        self.i += 1
+        return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, s):
+        self.i = s["i"]
 
 
 def run_ours(args) -> dict:
@@ -70,24 +88,10 @@ def run_ours(args) -> dict:
     model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=width, num_layers=layers, num_heads=heads,
                                     num_kv_heads=kv, intermediate_size=mlp, max_position_embeddings=args.seq,
                                     tie_embeddings=False))
-    data = _batches(vocab, args.batch, args.seq, args.steps + args.warmup)
-
-    class Source:
-        i = 0
-
-        def next_batch(self):
-            x = data[self.i % len(data)]
-            self.i += 1
-            return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
-
-        def state_dict(self):
-            return {"i": self.i}
-
-        def load_state_dict(self, s):
-            self.i = s["i"]
+    data = random_batches(vocab, args.batch, args.seq, args.steps + args.warmup)
 
     times = []
-    src = Source()
+    src = CyclingSource(data)
     cfg = TrainConfig(steps=args.warmup, micro_batch=args.batch, precision=args.precision, log_every=10**9,
                       save_every=0, tensorboard=False, progress_bar=False, resume=False, device=dev,
                       compile=args.compile)
@@ -96,11 +100,11 @@ def run_ours(args) -> dict:
         trainer = Trainer(model, CausalLM(), src, cfg, d)
         trainer.save = lambda: None  # checkpoint writing is not what this benchmark measures
         trainer.fit()  # warm-up steps
-        _sync(dev)
+        sync_device(dev)
         t = time.perf_counter()
         trainer.cfg.steps = args.warmup + args.steps
         trainer.fit()
-        _sync(dev)
+        sync_device(dev)
         times.append(time.perf_counter() - t)
     return _result(args, times[0], model, dev)
 
@@ -121,7 +125,7 @@ def run_peer(args) -> dict:
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=3e-4, betas=(0.9, 0.95))
-    data = _batches(vocab, args.batch, args.seq, args.steps + args.warmup)
+    data = random_batches(vocab, args.batch, args.seq, args.steps + args.warmup)
     ctx = (torch.autocast(dev, dtype=torch.bfloat16) if args.precision == "bf16"
            else torch.autocast(dev, enabled=False))
 
@@ -137,11 +141,11 @@ def run_peer(args) -> dict:
 
     for x in data[: args.warmup]:
         step(x)
-    _sync(dev)
+    sync_device(dev)
     t = time.perf_counter()
     for x in data[args.warmup:]:
         step(x)
-    _sync(dev)
+    sync_device(dev)
     return _result(args, time.perf_counter() - t, model, dev)
 
 
