@@ -95,12 +95,11 @@ def extract_code(answer: str) -> str:
 
 
 def _chat_prompt(tokenizer, problem: dict[str, Any]) -> list[int]:
-    from ..tokenizer.chat import render
+    from ..tokenizer.chat import encode_chat
 
     message = ("Complete the following Python function. Reply with the complete function in one ```python "
                f"code block.\n\n```python\n{problem['prompt'].rstrip()}\n```")
-    text = render(tokenizer, [{"role": "user", "content": message}], add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_chat(tokenizer, [{"role": "user", "content": message}], add_generation_prompt=True).ids
 
 
 def evaluate_humaneval(engine, tokenizer, problems: Sequence[dict[str, Any]], n: int, k: Sequence[int],

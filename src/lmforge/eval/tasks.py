@@ -3,12 +3,11 @@ every machine (the Python standard library) rather than from shipped copies.
 
 A task spec is a string: `stdlib-mc` (docstring -> which function, 4 choices), `stdlib-ppl` (perplexity and bits
 per byte of held-out standard-library modules), `humaneval` (pass@k in the sandbox), `mc:PATH` (a multiple-choice
-file in HellaSwag / MMLU / ARC format), `ppl:PATH` (text files, or JSONL/Parquet/CSV records with a `text` field).
+file in HellaSwag / MMLU / ARC format), `ppl:PATH` (text files, folders, or JSONL/Parquet records with `text`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import lzma
@@ -46,15 +45,13 @@ def stdlib_docstring_items(n: int | None = None, seed: int = 0) -> list[dict[str
 
 
 def stdlib_heldout_texts(n: int = 20, fraction: float = 0.05) -> list[tuple[str, str]]:
-    """(name, source) of standard-library modules in a fixed held-out slice: the files whose path hashes below
-    `fraction` (stable across machines with the same Python), at most n, smallest names first."""
+    """(name, source) of standard-library modules in a fixed held-out slice: the files whose name `in_fraction`
+    puts in `fraction` (stable across machines with the same Python), at most n, in name order."""
+    from ..data.readers import in_fraction
+
     root = Path(sysconfig.get_paths()["stdlib"])
-    picked = []
-    for p in sorted(root.glob("*.py")):
-        h = int(hashlib.sha256(p.name.encode()).hexdigest()[:8], 16) / 2**32
-        if h < fraction:
-            picked.append((p.name, p.read_text(encoding="utf-8", errors="replace")))
-    return picked[:n]
+    picked = [p for p in sorted(root.glob("*.py")) if in_fraction(p.name, fraction)][:n]
+    return [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in picked]
 
 
 def xz_bits_per_byte(texts: list[str]) -> float:

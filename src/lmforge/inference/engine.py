@@ -382,7 +382,7 @@ class Engine:
         """Pick (sequence, new tokens) for this step: running sequences first (oldest first), preempting the
         newest when blocks run out, then waiting requests while blocks, budget and max_running allow."""
         budget = self.cfg.max_batch_tokens
-        spec = self.cfg.num_speculative_tokens if self.cfg.speculative != "none" else 0
+        speculating = self.cfg.speculative != "none"
         plan: list[tuple[_Seq, int]] = []
         self._spec_room: set[_Seq] = set()  # sequences with slots for drafted tokens this step
         for s in list(self.running):
@@ -391,7 +391,7 @@ class Engine:
             n = min(len(s.tokens) - s.cached, budget)
             if n <= 0:
                 continue
-            extra = spec if n == 1 and self._may_speculate(s) else 0
+            extra = self._draft_budget(s) if speculating and n == 1 else 0  # slots for drafted tokens
             while self._blocks_for(s, s.cached + n + extra) > self.blocks.available:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -528,17 +528,17 @@ class Engine:
         return out
 
     # ---- speculative decoding (Leviathan et al., 2023; Chen et al., 2023; prompt lookup: Saxena, 2023)
-    def _may_speculate(self, s: _Seq) -> bool:
+    def _draft_budget(self, s: _Seq) -> int:
+        """Tokens `s` may draft this step: leaves room for the token verification adds; 0 with penalties (they
+        depend on each preceding token)."""
         room = min(s.params.max_new_tokens - len(s.output), self.max_context - len(s.tokens))
-        return not s.params.penalised and room > 1
+        return 0 if s.params.penalised else max(0, min(self.cfg.num_speculative_tokens, room - 1))
 
     def _propose(self, seqs: list[_Seq]) -> dict[_Seq, tuple[list[int], Tensor | None]]:
         """Draft tokens per decoding sequence, with the draft's probabilities (None for prompt lookup)."""
-        seqs = [s for s in seqs if self._may_speculate(s)]
+        ks = {s: self._draft_budget(s) for s in seqs}
         out: dict[_Seq, tuple[list[int], Tensor | None]] = {}
-        for s in seqs:
-            k = min(self.cfg.num_speculative_tokens,
-                    s.params.max_new_tokens - len(s.output) - 1, self.max_context - len(s.tokens) - 1)
+        for s, k in ks.items():
             if self.draft is None:
                 found = _lookup(s.tokens, k, self.cfg.ngram_min, self.cfg.ngram_max)
                 if found:
@@ -546,8 +546,6 @@ class Engine:
             elif k > 0:
                 out[s] = ([], [])  # filled by the draft passes below
         if self.draft is not None and out:
-            ks = {s: min(self.cfg.num_speculative_tokens, s.params.max_new_tokens - len(s.output) - 1,
-                         self.max_context - len(s.tokens) - 1) for s in out}
             for _ in range(max(ks.values())):
                 # first pass: each sequence catches the draft up to its last token; then one token per pass
                 rows = sorted(((s, len(s.tokens) + len(out[s][0]) - s.draft_cached) for s in out

@@ -150,6 +150,16 @@ class AsyncEngine:
         finally:
             self._done.set()
 
+    @property
+    def background(self) -> bool:
+        """Whether the engine loop runs in a thread of its own (else the owner calls `run`)."""
+        return self._thread is not None
+
+    def wait_stopped(self) -> None:
+        """Block until the engine loop has ended (after `shutdown` or `close`)."""
+        while not self._done.wait(0.2):  # short waits keep the main thread responsive to signals
+            pass
+
     def _alive(self) -> bool:
         return not self._done.is_set() and (self._thread is None or self._thread.is_alive())
 
@@ -958,11 +968,10 @@ def serve(app: FastAPI, async_engine: AsyncEngine, host: str = "127.0.0.1", port
     try:
         if on_started is not None:
             on_started(running)
-        if async_engine._thread is None:
-            async_engine.run()  # until drain() or close() stops it
+        if async_engine.background:
+            async_engine.wait_stopped()
         else:
-            while not async_engine._done.wait(0.2):
-                pass
+            async_engine.run()  # until drain() or close() stops it
         if http_died.is_set():
             raise RuntimeError("the HTTP server stopped unexpectedly")
     except KeyboardInterrupt:

@@ -18,7 +18,8 @@ class Config:
     model: str
     """Model: a Hugging Face folder, a .gguf file, a hub id, a local alias, or a fine-tuning run's adapter folder."""
     tasks: list[str] = field(default_factory=lambda: ["stdlib-mc", "stdlib-ppl"])
-    """Tasks: stdlib-mc, stdlib-ppl, humaneval, mc:PATH (HellaSwag/MMLU/ARC file), ppl:PATH (text or records)."""
+    """Tasks: stdlib-mc, stdlib-ppl, humaneval, mc:PATH (HellaSwag/MMLU/ARC file), ppl:PATH (text files, folders,
+    or JSONL/Parquet records with a `text` field)."""
     adapter: str | None = None
     """A LoRA adapter folder (PEFT layout) applied to the model."""
     output: str = "runs/evaluate"
@@ -123,7 +124,9 @@ def _perplexity(model, tok, task, cfg: Config) -> dict[str, Any]:
     if task.path is None:
         docs = stdlib_heldout_texts(cfg.limit or 20)
     else:
-        docs = _read_texts(task.path)[:cfg.limit]
+        from ..data.readers import iter_documents
+
+        docs = [(d.source, d.text) for d in iter_documents(task.path)][:cfg.limit]
     if not docs:
         raise ValueError(f"{task.name}: no documents to score")
     max_length = cfg.max_length or min(model.cfg.max_position_embeddings, 2048)
@@ -148,20 +151,6 @@ def _humaneval(model, tok, task, cfg: Config) -> dict[str, Any]:
                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, chat=cfg.chat)
     rep.pop("per_problem", None)
     return rep
-
-
-def _read_texts(path: str) -> list[tuple[str, str]]:
-    """(name, text) documents: a text file is one document; records need a `text` field."""
-    from ..data.readers import DataError, iter_records
-
-    if Path(path).suffix in (".txt", ".md", ".py", ""):
-        return [(path, Path(path).read_text(encoding="utf-8"))]
-    out = []
-    for where, rec in iter_records(path):
-        if not isinstance(rec.get("text"), str):
-            raise DataError(f"{where}: expected a string field 'text', found {sorted(rec)}")
-        out.append((where, rec["text"]))
-    return out
 
 
 RUNNERS = {"multiple_choice": _multiple_choice, "perplexity": _perplexity, "humaneval": _humaneval}
