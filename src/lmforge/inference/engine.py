@@ -287,11 +287,10 @@ class Engine:
         if not plan:
             return outs
         proposals = self._propose([s for s, _ in plan if s in self._spec_room]) if self._spec_room else {}
-        rows: list[tuple[_Seq, int]] = []  # (sequence, new tokens) in flat order: single tokens first
         singles = [(s, 1) for s, n in plan if n == 1 and s not in proposals]
         multis = [(s, n) for s, n in plan if n > 1] + [(s, 1 + len(proposals[s][0])) for s, n in plan
                                                        if s in proposals]
-        rows = singles + multis
+        rows = singles + multis  # (sequence, new tokens) in flat order: single tokens first, as plan() wants
         ids, pos, keep = [], [], []
         for s, n in rows:
             new = s.tokens[s.cached:s.cached + n] if s not in proposals else [s.tokens[-1], *proposals[s][0]]
