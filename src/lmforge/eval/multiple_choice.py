@@ -28,7 +28,7 @@ from .harness import loglikelihood
 from .metrics import mean_stderr
 
 __all__ = ["MCItem", "read_multiple_choice", "parse_item", "build_requests", "encode_pair",
-           "evaluate_multiple_choice", "hellaswag_preprocess"]
+           "evaluate_multiple_choice", "hellaswag_preprocess", "fewshot_prefix", "encode_text"]
 
 Format = Literal["auto", "hellaswag", "mmlu", "arc"]
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -170,34 +170,36 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = _encode(tokenizer, context + continuation)
-    ctx = _encode(tokenizer, context)
+    whole = encode_text(tokenizer, context + continuation)
+    ctx = encode_text(tokenizer, context)
     return ctx, whole[len(ctx):]
 
 
-def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
     """lm-eval's `tok_encode`: the tokenizer's own special tokens, unless the text already starts with the prefix."""
     prefix = tokenizer.bos_token or tokenizer.eos_token
     return tokenizer.encode(text, add_special_tokens=not (prefix and text.startswith(prefix)))
 
 
-def _fewshot_prefix(items: Sequence[MCItem], i: int, n: int, rnd: random.Random) -> str:
-    """lm-eval's ContextSampler on a pool that holds the item: sample n + 1, drop the item, keep n."""
+def fewshot_prefix(shots: Sequence[str], i: int, n: int, rnd: random.Random) -> str:
+    """lm-eval's ContextSampler on a pool that holds item i: sample n + 1, drop the item, keep n; each shot (an
+    item written out with its answer) is followed by the few-shot delimiter "\\n\\n"."""
     if n == 0:
         return ""
-    if n >= len(items):
-        raise ValueError(f"num_fewshot={n} needs more than {n} items, the file has {len(items)}")
-    picked = [j for j in rnd.sample(range(len(items)), n + 1) if j != i][:n]
-    return "".join(f"{items[j].query} {items[j].choices[items[j].gold]}\n\n" for j in picked)
+    if n >= len(shots):
+        raise ValueError(f"num_fewshot={n} needs more than {n} items, the file has {len(shots)}")
+    picked = [j for j in rnd.sample(range(len(shots)), n + 1) if j != i][:n]
+    return "".join(shots[j] + "\n\n" for j in picked)
 
 
 def build_requests(items: Sequence[MCItem], num_fewshot: int = 0, seed: int = 1234, description: str = "",
                    limit: int | None = None) -> list[tuple[str, list[str]]]:
     """(context, continuations) per evaluated item: description + few-shot examples + query, and " " + choice."""
     rnd = random.Random(seed)
+    shots = [f"{it.query} {it.choices[it.gold]}" for it in items] if num_fewshot else []
     out = []
     for i, item in enumerate(items[:limit] if limit is not None else items):
-        context = description + _fewshot_prefix(items, i, num_fewshot, rnd) + item.query
+        context = description + fewshot_prefix(shots, i, num_fewshot, rnd) + item.query
         out.append((context, [" " + c for c in item.choices]))
     return out
 

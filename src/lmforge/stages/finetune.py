@@ -243,6 +243,7 @@ def main(cfg: Config) -> int:
     from ..data.examples import ExampleLoader, ReplayMix, fixed_batches
     from ..engine import distributed as D
     from ..engine.trainer import EvalSet, Trainer
+    from ..eval.runners import training_evaluators
     from ..models.loading import load_tokenizer
     from ..objectives.causal_lm import CausalLM, WithReplay
     from ..transforms import count_parameters
@@ -291,7 +292,8 @@ def main(cfg: Config) -> int:
         evals.append(EvalSet("pretrain", lambda: eval_batches(sources[:1], rep.seq_len, mb,
                                                               max_batches=cfg.train.eval_batches, rank=world.rank,
                                                               world=world.world, seed=cfg.train.seed)))
-    trainer = Trainer(model, objective, data, cfg.train, run, evals, world)
+    trainer = Trainer(model, objective, data, cfg.train, run, evals, world,
+                      evaluators=training_evaluators(cfg.train, tok))
     try:
         last = trainer.fit()
     except KeyboardInterrupt as e:

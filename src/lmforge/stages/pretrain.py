@@ -97,6 +97,7 @@ def main(cfg: Config) -> int:
     from ..data.shards import read_index
     from ..engine import distributed as D
     from ..engine.trainer import EvalSet, Trainer
+    from ..eval.runners import training_evaluators
     from ..models.loading import instantiate, load_tokenizer, save
     from ..objectives.causal_lm import CausalLM
     from ..objectives.masked_lm import MaskedLM, MLMCollate
@@ -136,7 +137,8 @@ def main(cfg: Config) -> int:
     if world.main:
         n = model.num_parameters()
         log.info("model %s: %.2fM parameters; %d train tokens", model.cfg.family, n / 1e6, loader.windows[0].total)
-    trainer = Trainer(model, objective, loader, cfg.train, run, evals, world)
+    trainer = Trainer(model, objective, loader, cfg.train, run, evals, world,
+                      evaluators=training_evaluators(cfg.train, tok))
     try:
         last = trainer.fit()
     except KeyboardInterrupt as e:
