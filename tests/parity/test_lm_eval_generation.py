@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ import lmforge
 from lmforge.eval.generation import evaluate_generation, read_generation
 from lmforge.eval.multiple_choice import build_requests, fewshot_prefix, read_multiple_choice
 from lmforge.eval.tasks import (
-    stdlib_docstring_items, stdlib_doctest_items, write_lm_eval_generation_task, write_lm_eval_task,
+    stdlib_docstring_items, stdlib_doctest_gsm8k_items, stdlib_doctest_items, write_lm_eval_generation_task,
+    write_lm_eval_task,
 )
 from lmforge.inference.engine import Engine
 from lmforge.models import ModelConfig
@@ -31,10 +31,7 @@ def doctest_records(n: int) -> list[dict]:
 
 
 def gsm8k_records(n: int) -> list[dict]:
-    """Doctest examples with a numeric output, as GSM8K question / worked answer ending in `#### N`."""
-    numeric = [r for r in stdlib_doctest_items() if re.fullmatch(r"-?[0-9][0-9.,]*", r["target"])][:n]
-    return [{"question": "What does the last line print?\n" + r["prompt"].rstrip("\n"),
-             "answer": f"The interpreter prints {r['target']}.\n#### {r['target']}"} for r in numeric]
+    return [{k: r[k] for k in ("question", "answer")} for r in stdlib_doctest_gsm8k_items(n)]
 
 
 def run_both(model, tok, folder: Path, tmp: Path, records: list[dict], num_fewshot: int, max_gen_toks: int):

@@ -305,6 +305,25 @@ def test_lora_adapters_chosen_per_request_in_one_batch(tmp_path):
     assert sorted(engine.adapters) == ["a", "b"]
 
 
+def test_generation_leaves_a_trained_lora_models_adapters_active():
+    """A model being trained with LoRA and evaluated with the engine in between: after generating, its forward
+    still adds the adapter (the engine routed the layers per row only for its own passes)."""
+    from lmforge.transforms.lora import LoraConfig, _wrappers, apply_lora
+
+    model = apply_lora(_model(), LoraConfig(rank=4, targets=["q", "v", "up"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    x = torch.tensor([PROMPTS[0]])
+    before = model(x).logits
+    active = [w.active for _, w in _wrappers(model)]
+    assert set(active) == {"default"}
+    Engine(model).generate(PROMPTS[:2], GREEDY)
+    assert [w.active for _, w in _wrappers(model)] == active
+    torch.testing.assert_close(model(x).logits, before)
+
+
 def test_prompt_tuned_model_generates_as_its_full_forward():
     from lmforge.transforms.prompt_tuning import PromptConfig, apply_prompt_tuning
 

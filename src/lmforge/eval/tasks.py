@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import lzma
 import random
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,9 @@ def stdlib_doctest_items(n: int | None = None, seed: int = 0, context_examples: 
         # the finder's own module check would drop its objects; docstrings reached twice are skipped instead
         for test in sorted(finder.find(importlib.import_module(mod_name), mod_name, module=False),
                            key=lambda t: t.name):
-            if (test.filename, test.docstring) in seen:
-                continue
+            private = any(p.startswith("_") and not p.startswith("__") for p in test.name.split(".")[1:])
+            if (test.filename, test.docstring) in seen or private:
+                continue  # reached twice, or a private helper (which other packages may replace: typing_extensions)
             seen.add((test.filename, test.docstring))
             shown: list[str] = []
             for ex in test.examples:
@@ -82,6 +84,15 @@ def stdlib_doctest_items(n: int | None = None, seed: int = 0, context_examples: 
                 shown.append(">>> " + ex.source.replace("\n", "\n... ", ex.source.count("\n") - 1) + ex.want)
     random.Random(seed).shuffle(records)
     return records[:n]
+
+
+def stdlib_doctest_gsm8k_items(n: int | None = None) -> list[dict[str, Any]]:
+    """The numeric-output doctest examples as GSM8K records: question "What does the last line print?" + the
+    transcript, answer a worked sentence ending in "#### N", so GSM8K's prompt, regex and normalisation apply."""
+    numeric = [r for r in stdlib_doctest_items() if re.fullmatch(r"-?[0-9][0-9.,]*", r["target"])][:n]
+    return [{"question": "What does the last line print?\n" + r["prompt"].rstrip("\n"),
+             "answer": f"The interpreter prints {r['target']}.\n#### {r['target']}", "source": r["source"]}
+            for r in numeric]
 
 
 def stdlib_heldout_texts(n: int = 20, fraction: float = 0.05) -> list[tuple[str, str]]:

@@ -137,7 +137,7 @@ class Engine:
         self.device = model.device
         self.adapters: list[str] = []
         self.default_adapter: str | None = None
-        self._lora = False
+        self._lora: list = []
         self._sync_adapters()
         eos = model.cfg.eos_token_id
         self.eos = frozenset(i for i in [*(eos if isinstance(eos, list) else [eos]),
@@ -185,7 +185,7 @@ class Engine:
         from ..transforms.lora import _wrappers, adapter_names
 
         wrappers = _wrappers(self.model)
-        self._lora = bool(wrappers)
+        self._lora = [w for _, w in wrappers]
         self.adapters = adapter_names(self.model)
         active = {w.active for _, w in wrappers if isinstance(w.active, str)}
         if any(w.merged is not None for _, w in wrappers):
@@ -329,10 +329,13 @@ class Engine:
 
     def _forward(self, model: Transformer, cache: PagedKVCache, rows: list[tuple[_Seq, int]], ids: list[int],
                  pos: list[int], keep: list[int]) -> Tensor:
-        """One pass of `model` over the flattened step; logits (R, V) of the positions in `keep`."""
+        """One pass of `model` over the flattened step; logits (R, V) of the positions in `keep`. LoRA layers are
+        routed per row for the pass and their own routing is put back afterwards (a model being trained and
+        evaluated with the engine trains the adapters it trained before)."""
         cache.plan([(s.table, s.cached if cache is self.cache else s.draft_cached, n) for s, n in rows])
         dev = self.device
-        if model is self.model and self._lora:
+        saved = [w.active for w in self._lora] if model is self.model else []
+        if saved:
             from ..transforms.lora import route_adapters
 
             routes: dict[str, list[int]] = {}
@@ -343,8 +346,12 @@ class Engine:
                 start += n
             route_adapters(model, {a: torch.tensor(r, device=dev) for a, r in routes.items()})
         packed = self.packed.get(id(model))
-        with packed.installed() if packed is not None else contextlib.nullcontext():
-            return self._run(model, cache, ids, pos, keep)
+        try:
+            with packed.installed() if packed is not None else contextlib.nullcontext():
+                return self._run(model, cache, ids, pos, keep)
+        finally:
+            for w, a in zip(self._lora, saved):
+                w.active = a
 
     def _run(self, model: Transformer, cache: PagedKVCache, ids: list[int], pos: list[int], keep: list[int]
              ) -> Tensor:
