@@ -76,3 +76,17 @@ def write_config(path: Path, run_dir: Path, shards: Path, **train) -> Path:
            "data": {"train": [str(shards)], "seq_len": 64}, "train": t}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def dump_config(cfg: dict, path: Path, **over) -> Path:
+    """Write `cfg` as YAML to `path`, with dotted keys of `over` ("train.steps") set first."""
+    import yaml
+
+    for key, value in over.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

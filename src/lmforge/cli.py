@@ -32,6 +32,10 @@ VERBS: dict[str, str] = {
     "serve": "Serve a model over an OpenAI-compatible HTTP API (completions, chat, embeddings, classify)",
     "chat": "Chat with a model in the terminal (streamed, with its chat template)",
     "evaluate": "Evaluate a model: multiple choice, generation, perplexity, HumanEval pass@k, classification, judge",
+    "reward": "Train a reward model (Bradley-Terry on preference pairs) and report held-out pairwise accuracy",
+    "dpo": "Preference optimisation without a reward model: DPO, IPO, KTO, SimPO, ORPO",
+    "ppo": "RLHF with PPO: rollouts from the engine, reward model or functions, KL penalty, GAE, clipped objective",
+    "grpo": "GRPO: G sampled completions per prompt, group-normalised verifiable rewards, clipped objective, KL",
 }
 """Verb name -> one-line description; verb ``foo-bar`` runs module ``lmforge.stages.foo_bar``."""
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from engine_fixtures import write_config
+from engine_fixtures import dump_config, write_config
 
 import lmforge
 from lmforge import cli
@@ -38,13 +38,7 @@ def _finetune(tmp_path: Path, base: Path, name: str, **over) -> Path:
            "train": {"steps": 6, "micro_batch": 4, "log_every": 1, "eval_batches": 4, "tensorboard": False,
                      "progress_bar": False, "precision": "fp32", "device": "cpu", "optimizer": {"lr": 3e-3},
                      "schedule": {"warmup_steps": 0}}}
-    for key, value in over.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    dump_config(cfg, tmp_path / f"{name}.yaml", **over)
     assert cli.main(["finetune", "--config", str(tmp_path / f"{name}.yaml")]) == 0
     return run
 

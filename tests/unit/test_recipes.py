@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.cli import VERBS
 from lmforge.config import load_config
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").rglob("*.yaml"))
@@ -14,7 +15,8 @@ RECIPES = sorted((Path(__file__).parents[2] / "recipes").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_recipe_loads(path):
-    verb = path.parent.name
+    # recipes/<verb>/NAME.yaml, or a folder of several verbs (recipes/align/) with recipes named <verb>-NAME.yaml
+    verb = path.parent.name if path.parent.name in VERBS else path.stem.split("-")[0]
     stage = importlib.import_module(f"lmforge.stages.{verb}")
     cfg = load_config(stage.Config, path)
     assert cfg is not None
@@ -24,4 +26,4 @@ def test_there_are_recipes_for_each_step():
     names = {f"{p.parent.name}/{p.stem}" for p in RECIPES}
     assert {"tokenizer/stdlib-bpe-8k", "prepare/stdlib", "pretrain/stdlib-small", "pretrain/stdlib-encoder",
             "pretrain/tiny", "tokenizer/stdlib-wordpiece-8k", "prepare/stdlib-wordpiece", "prepare/stdlib-smollm2",
-            "finetune/sentiment-minilm", "finetune/lora-smollm2"} <= names
+            "finetune/sentiment-minilm", "finetune/lora-smollm2", "align/reward-smollm2", "align/dpo-smollm2"} <= names

@@ -99,11 +99,20 @@ _PKG = re.compile(r"\{pkg:([A-Za-z0-9_.]+)\}")
 
 def expand_placeholders(path: str) -> str:
     """`{stdlib}` becomes this Python's standard library folder (a real code corpus on every machine);
-    `{pkg:NAME}` the folder of the installed package NAME (found without importing it)."""
+    `{pkg:NAME}` the folder of the installed package NAME (found without importing it); `{align}` the folder of
+    the alignment datasets built from real data on this machine (`data/align_data.py`, built on first use into
+    $LMFORGE_CACHE/align, default ~/.cache/lmforge/align)."""
     if "{stdlib}" in path:
         import sysconfig
 
         path = path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    if "{align}" in path:
+        from .align_data import ensure_align_data
+
+        cache = Path(os.environ.get("LMFORGE_CACHE", "~/.cache/lmforge")).expanduser()
+        folder = ensure_align_data(cache / "align", progress=lambda msg: print(f"{{align}} ({cache / 'align'}, built "
+                                                                                f"on first use): {msg}", flush=True))
+        path = path.replace("{align}", str(folder))
     for name in _PKG.findall(path):
         import importlib.util
 

@@ -224,7 +224,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         raise ValueError(f"adapter(s) {merged} are merged into the base weights, so disabling adapters does not "
                          "give the reference model; call unmerge_lora(model) first")
     full = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n
-            and ".lora_B." not in n]
+            and ".lora_B." not in n and not n.startswith("value_head.")]  # PPO's value head is outside the LM
     if full:
         raise ValueError(f"parameters {full[:4]} are trained in full (not LoRA), so the model with its adapters "
                          "disabled is not the reference; pass ref_model (a frozen copy) instead")

@@ -313,3 +313,146 @@ def grpo_loss(logp: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None, ad
                        clip_high=masked_mean(high.to(dtype), m), clip_frac=masked_mean((low | high).to(dtype), m),
                        ratio=masked_mean(ratio, m))
     return loss, metrics
+
+
+# ---- the GRPO objective ----------------------------------------------------------------------------------------
+
+IGNORE = -100
+
+
+def completion_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                              labels: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token log π(labels) of a batch of (prompt + completion) rows, computed only for the K columns that hold a
+    label in some row (the completion part; `logits_to_keep`), not for the shared prompt.
+
+    Labels follow the project's convention (already shifted, −100 = no label). Returns (logp (B, K) float32, mask
+    (B, K) bool, columns (K,), logits (B, K, V)); logits are divided by `temperature` before the softmax, as the
+    sampler did (TRL does the same), so the ratios compare the distributions that were sampled from."""
+    sel = labels != IGNORE  # (B, T)
+    cols = sel.any(0).nonzero().squeeze(1)  # (K,)
+    out = model(input_ids, attention_mask=attention_mask, logits_to_keep=cols)
+    mask = sel[:, cols]  # (B, K)
+    logp = token_logprobs(out.logits, labels[:, cols].clamp(min=0), temperature)  # (B, K, V) -> (B, K)
+    return torch.where(mask, logp, 0), mask, cols, out.logits
+
+
+class GRPOObjective:
+    """GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3 with the eq. 4 KL estimator): the clipped surrogate on
+    group-normalised advantages plus β·k3(π_θ‖π_ref), per token over the completion (`grpo_loss`).
+
+    Batch (from `data.rollouts.GRPOBatches`): input_ids, attention_mask, labels (B, T) (prompt + completion rows,
+    labels on the completion), advantages (B,), optional old_logps (B, T) (the sampling policy's, needed when a
+    rollout is used for more than one update; absent = on-policy, ratio 1), ref_logps (B, T) when β > 0 (absent:
+    computed here, from `ref_model` or the model with its LoRA adapters disabled), rewards (B,) and `rollout/…`
+    scalars (logged as they are). Metrics: loss, kl (β > 0), clip_frac, clip_low, clip_high, ratio, entropy,
+    reward, completion_len; `tokens` = completion tokens."""
+
+    per_token_nll = False
+
+    def __init__(self, beta: float = 0.04, clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                 loss_type: GRPOLossType = "grpo", temperature: float = 1.0, max_completion_length: int | None = None,
+                 ref_model: torch.nn.Module | None = None, log_entropy: bool = True):
+        if beta < 0 or clip_eps <= 0 or (clip_eps_high is not None and clip_eps_high <= 0):
+            raise ValueError(f"beta must be >= 0 and clip_eps (clip_eps_high) > 0, found beta={beta}, "
+                             f"clip_eps={clip_eps}, clip_eps_high={clip_eps_high}")
+        if loss_type not in ("grpo", "bnpo", "dr_grpo"):
+            raise ValueError(f"loss_type must be grpo, bnpo or dr_grpo, found {loss_type!r}")
+        self.beta, self.clip_eps, self.clip_eps_high, self.loss_type = beta, clip_eps, clip_eps_high, loss_type
+        self.temperature, self.max_len, self.log_entropy = temperature, max_completion_length, log_entropy
+        self.ref_model = ref_model
+
+    @torch.no_grad()
+    def _reference(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        from .preference import adapters_disabled
+
+        args = (batch["input_ids"], batch.get("attention_mask"), batch["labels"], self.temperature)
+        if self.ref_model is not None:
+            return completion_token_logprobs(self.ref_model, *args)[0]
+        inner = getattr(model, "module", model)  # DDP's wrapped module
+        with adapters_disabled(inner):
+            return completion_token_logprobs(model, *args)[0]
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        logp, mask, cols, logits = completion_token_logprobs(model, batch["input_ids"], batch.get("attention_mask"),
+                                                             batch["labels"], self.temperature)
+        old = batch["old_logps"][:, cols] if "old_logps" in batch else None
+        ref = None
+        if self.beta:
+            ref = batch["ref_logps"][:, cols] if "ref_logps" in batch else self._reference(model, batch)
+        loss, m = grpo_loss(logp, old, ref, batch["advantages"], mask, self.clip_eps, self.beta, self.loss_type,
+                            self.clip_eps_high, self.max_len)
+        metrics: dict[str, Any] = dict(m)
+        with torch.no_grad():
+            if self.log_entropy:
+                metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach() / self.temperature, mask), mask)
+            if "rewards" in batch:
+                metrics["reward"] = torch.nanmean(batch["rewards"].float())
+            metrics["completion_len"] = mask.sum(-1).float().mean()
+        metrics.update({k: v for k, v in batch.items() if k.startswith("rollout/")})
+        metrics["tokens"] = mask.sum()
+        return loss, metrics
+
+
+def value_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The scalar value head PPO trains on top of the policy's final hidden states (`model.value_head`), created
+    (zero weights: V = 0 at the start) the first time it is asked for."""
+    inner = getattr(model, "module", model)  # DDP's wrapped module
+    if getattr(inner, "value_head", None) is None:
+        p = next(inner.parameters())
+        inner.value_head = torch.nn.Linear(inner.cfg.hidden_size, 1).to(p.device)
+        torch.nn.init.zeros_(inner.value_head.weight)
+        torch.nn.init.zeros_(inner.value_head.bias)
+    return inner.value_head
+
+
+def policy_and_values(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                      temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One forward pass for PPO: per-token log π(labels) (B, K), values V(s_t) (B, K) of the value head at the same
+    positions (the state before each completion token), the mask (B, K), the columns (K,) and the logits."""
+    sel = labels != IGNORE  # (B, T)
+    cols = sel.any(0).nonzero().squeeze(1)  # (K,)
+    out = model(input_ids, attention_mask=attention_mask, logits_to_keep=cols)
+    mask = sel[:, cols]  # (B, K)
+    logp = token_logprobs(out.logits, labels[:, cols].clamp(min=0), temperature)  # (B, K)
+    head = value_head(model)
+    values = head(out.hidden[:, cols].to(head.weight.dtype)).squeeze(-1).float()  # (B, K, C) -> (B, K)
+    return torch.where(mask, logp, 0), torch.where(mask, values, 0), mask, cols, out.logits
+
+
+class PPOObjective:
+    """PPO for language models (Schulman et al. 2017 eq. 7 and 9; Ziegler et al. 2019; Ouyang et al. 2022 eq. 2):
+    the clipped surrogate on GAE advantages plus vf_coef times the clipped value loss, minus entropy_coef times the
+    entropy, over the completion tokens (`ppo_policy_loss`, `value_loss`).
+
+    Batch (from `data.rollouts.PPOBatches`): input_ids, attention_mask, labels (B, T); old_logps, old_values,
+    advantages, returns (B, T) aligned with the labels; scores (B,) and `rollout/…` scalars. The KL penalty is in
+    the rewards (so in the advantages), not in this loss. Metrics: loss, policy_loss, value_loss, clip_frac,
+    approx_kl, value_clip_frac, entropy, score; `tokens` = completion tokens."""
+
+    per_token_nll = False
+
+    def __init__(self, clip_eps: float = 0.2, vf_coef: float = 0.1, vf_clip: float | None = 0.2,
+                 entropy_coef: float = 0.0, temperature: float = 1.0):
+        if clip_eps <= 0 or vf_coef < 0 or entropy_coef < 0 or (vf_clip is not None and vf_clip <= 0):
+            raise ValueError(f"need clip_eps > 0, vf_coef >= 0, entropy_coef >= 0 and vf_clip > 0 or null; found "
+                             f"{clip_eps}, {vf_coef}, {entropy_coef}, {vf_clip}")
+        self.clip_eps, self.vf_coef, self.vf_clip = clip_eps, vf_coef, vf_clip
+        self.entropy_coef, self.temperature = entropy_coef, temperature
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        logp, values, mask, cols, logits = policy_and_values(model, batch["input_ids"], batch.get("attention_mask"),
+                                                             batch["labels"], self.temperature)
+        pick = {k: batch[k][:, cols] for k in ("old_logps", "old_values", "advantages", "returns")}
+        pg, m = ppo_policy_loss(logp, pick["old_logps"], pick["advantages"], mask, self.clip_eps)
+        vf, mv = value_loss(values, pick["old_values"], pick["returns"], mask, self.vf_clip)
+        loss = pg + self.vf_coef * vf
+        with torch.set_grad_enabled(bool(self.entropy_coef) and torch.is_grad_enabled()):
+            entropy = masked_mean(entropy_from_logits(logits / self.temperature, mask), mask)
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * entropy
+        metrics: dict[str, Any] = {**m, **mv, "loss": loss.detach(), "entropy": entropy.detach()}
+        if "scores" in batch:
+            metrics["score"] = batch["scores"].float().mean()
+        metrics.update({k: v for k, v in batch.items() if k.startswith("rollout/")})
+        metrics["tokens"] = mask.sum()
+        return loss, metrics

@@ -21,25 +21,10 @@ from ..data.sft import SFTFormat
 from ..engine.trainer import TrainConfig
 from ..transforms.adapters import AdapterConfig
 from ..transforms.lora import LoraConfig
+from ..transforms.methods import FreezeSection, ModelSection
 from ..transforms.prompt_tuning import PromptConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelSection:
-    """The pretrained model to fine-tune."""
-
-    init_from: str = "smollm2-135m-instruct"
-    """Model folder, .gguf file, local alias or hub id."""
-
-
-@dataclass
-class FreezeSection:
-    """method: freeze."""
-
-    train_top: int = 2
-    """Train only the last N blocks, the final norm and the head."""
 
 
 @dataclass
@@ -134,52 +119,11 @@ class Config:
 
 def build_model(cfg: Config, num_labels: int | None, id2label: dict[int, str] | None, tok):
     """The pretrained model with the method's transform applied (frozen base in the autocast dtype)."""
-    import torch
+    from ..transforms.methods import build_model as build
 
-    from ..models.loading import load
-
-    head = "classifier" if cfg.task != "sft" else "lm"
-    model, _ = load(cfg.model.init_from, head=head, num_labels=num_labels, dtype=torch.float32)
-    model.train()
-    if id2label is not None:
-        model.cfg.id2label = id2label
-    method = cfg.method
-    if method in ("lora", "qlora"):
-        from ..transforms.lora import apply_lora
-
-        lcfg = cfg.lora
-        if method == "qlora" and lcfg.quantize == "none":
-            lcfg.quantize = "nf4"
-        apply_lora(model, lcfg)  # a classifier head trains and is saved as PEFT's modules_to_save
-    elif method == "prompt":
-        from ..transforms.prompt_tuning import apply_prompt_tuning
-
-        apply_prompt_tuning(model, cfg.prompt, tok)
-        _train_head(model, cfg.task)
-    elif method == "adapter":
-        from ..transforms.adapters import apply_adapters
-
-        apply_adapters(model, cfg.adapter)
-        _train_head(model, cfg.task)
-    elif method == "freeze":
-        from ..transforms.freeze import train_top_blocks
-
-        train_top_blocks(model, cfg.freeze.train_top)
-    if method != "full" and cfg.train.precision != "fp32":
-        low = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
-        for p in model.parameters():
-            if not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(low)
-    return model
-
-
-def _train_head(model, task: str) -> None:
-    """A new classifier head must train with any method (it starts random)."""
-    if task != "sft":
-        for name in ("score", "pooler"):
-            if hasattr(model, name):
-                for p in getattr(model, name).parameters():
-                    p.requires_grad_(True)
+    return build(cfg.model.init_from, cfg.method, head="classifier" if cfg.task != "sft" else "lm",
+                 num_labels=num_labels, id2label=id2label, tok=tok, precision=cfg.train.precision, lora=cfg.lora,
+                 prompt=cfg.prompt, adapter=cfg.adapter, freeze=cfg.freeze)
 
 
 # ---- the data
@@ -239,9 +183,10 @@ def classify_data(cfg: Config, tok):
 def main(cfg: Config) -> int:
     import torch
 
-    from ..config import config_hash, save_config, to_dict
+    from ..config import save_config
     from ..data.examples import ExampleLoader, ReplayMix, fixed_batches
     from ..engine import distributed as D
+    from ..engine.runs import fit, lineage, write_lineage
     from ..engine.trainer import EvalSet, Trainer
     from ..eval.runners import training_evaluators
     from ..models.loading import load_tokenizer
@@ -294,23 +239,14 @@ def main(cfg: Config) -> int:
                                                               world=world.world, seed=cfg.train.seed)))
     trainer = Trainer(model, objective, data, cfg.train, run, evals, world,
                       evaluators=training_evaluators(cfg.train, tok))
-    try:
-        last = trainer.fit()
-    except KeyboardInterrupt as e:
-        if world.main:
-            print(str(e))
+    last = fit(trainer)
+    if last is None:
         return 130
-    sd = trainer.export_state_dict() if cfg.train.parallel == "fsdp" and world.world > 1 else None
     if world.main:
-        if sd is not None:
-            model.load_state_dict(sd, strict=False)
         result = _final_eval(cfg, trainer, last, model, val, val_collate, id2label)
         final = _save(cfg, model, tok, run)
-        lineage = {"stage": "finetune", "task": cfg.task, "method": cfg.method, "config_hash": config_hash(cfg),
-                   "parent": cfg.model.init_from, "trainable_parameters": trainable, "total_parameters": total,
-                   "lmforge": _version(), "config": to_dict(cfg)}
-        (run / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        (final / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        write_lineage(lineage("finetune", cfg, cfg.model.init_from, trainable, total, task=cfg.task,
+                              method=cfg.method), run, final)
         trainer.write_json("eval.json", result)
         print(f"finetune ({cfg.task}, {cfg.method}): {trainer.step} steps; " + _summary(result) + f"; saved {final}")
     D.shutdown()
@@ -329,14 +265,14 @@ def _check_tokenizer(sources, tok) -> None:
 
 def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate, id2label) -> dict[str, Any]:
     """eval.json: the last validation metrics, the forgetting measurement and (classification) the full report."""
-    out: dict[str, Any] = {"step": trainer.step, **{k: v for k, v in last.items() if k.startswith("val_")}}
+    from ..engine.runs import eval_summary
+
+    out = eval_summary(trainer, last)
     start = next((h for h in trainer.history if h.get("step") == 0), None)
-    if start is not None:
-        out["before"] = {k: v for k, v in start.items() if k.startswith("val_")}
-        if "val_pretrain_loss" in start and "val_pretrain_loss" in last:
-            out["forgetting"] = {"pretrain_loss_before": start["val_pretrain_loss"],
-                                 "pretrain_loss_after": last["val_pretrain_loss"],
-                                 "rise": last["val_pretrain_loss"] - start["val_pretrain_loss"]}
+    if start is not None and "val_pretrain_loss" in start and "val_pretrain_loss" in last:
+        out["forgetting"] = {"pretrain_loss_before": start["val_pretrain_loss"],
+                             "pretrain_loss_after": last["val_pretrain_loss"],
+                             "rise": last["val_pretrain_loss"] - start["val_pretrain_loss"]}
     if cfg.task != "sft":
         from ..data.examples import fixed_batches
         from ..eval.classification import classification_report, format_report, regression_report
@@ -353,41 +289,10 @@ def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate,
 
 def _save(cfg: Config, model, tok, run: Path) -> Path:
     """Write the result (see the module docstring); returns final/."""
-    import torch
+    from ..transforms.methods import save_trained
 
-    from ..models.loading import instantiate, load, save
-
-    final = run / "final"
-    base = cfg.model.init_from
-    base_ref = str(Path(base).resolve()) if Path(base).expanduser().exists() else base
-    if cfg.method in ("full", "freeze"):
-        sd = {k: v.float() for k, v in model.state_dict().items()}
-        return save(instantiate(model.cfg, sd), tok, final)
-    if cfg.method in ("lora", "qlora"):
-        from ..transforms.lora import merge_lora, save_adapter, unwrap_lora
-
-        adapter = save_adapter(model, run / "adapter", base_model_name_or_path=base_ref)
-        tok.save(adapter)
-        if not cfg.save_merged:
-            return Path(adapter)
-        merged, _ = load(adapter, dtype=torch.float32)  # a full-precision base, not the bf16 / NF4 training copy
-        merge_lora(merged)
-        unwrap_lora(merged)
-        if model.cfg.id2label:
-            merged.cfg.id2label = model.cfg.id2label
-        return save(merged, tok, final)
-    head = {k: p for k, p in model.named_parameters() if p.requires_grad and k.startswith(("score.", "pooler."))}
-    if cfg.method == "prompt":
-        from ..transforms.prompt_tuning import save_prompt
-
-        path = save_prompt(model, final, base_model_name_or_path=base_ref, init_text=cfg.prompt.init_text,
-                           extra=head)
-    else:
-        from ..transforms.adapters import save_adapters
-
-        path = save_adapters(model, final, cfg.adapter, base_model_name_or_path=base_ref, extra=head)
-    tok.save(path)
-    return path
+    return save_trained(model, tok, run, cfg.method, cfg.model.init_from, save_merged=cfg.save_merged,
+                        prompt=cfg.prompt, adapter=cfg.adapter)
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -399,9 +304,3 @@ def _summary(result: dict[str, Any]) -> str:
     if "report" in result and "macro_f1" in result["report"]:
         parts.append(f"macro-F1 {result['report']['macro_f1']:.4f}")
     return ", ".join(parts)
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -1,0 +1,112 @@
+"""`lmforge reward --config recipes/align/reward-smollm2.yaml`: a reward model — a pretrained body with a scalar head
+(head classifier, num_labels 1) trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected − margin) on
+preference pairs (`objectives.preference.RewardObjective`); the held-out pairwise accuracy and margin are measured
+before and after.
+
+Each pair is rendered by the chat template (`data/preference.py`); the head reads the reply's end-of-turn token,
+which is the model's end-of-sequence token for ChatML templates such as SmolLM2's. Outputs in the run directory:
+`final/` (a classifier folder with one output, which `lmforge.load` reads and other stages load as a reward model;
+`lmforge serve` answers /v1/classify on it with {"output": <reward>, "scores": null} per input, the input being the
+conversation rendered up to the end of the reply, `data.preference.scoring_text`, to which the server appends the
+end-of-sequence token), `adapter/` (LoRA, PEFT layout with the head as modules_to_save), `eval.json`,
+`metrics.jsonl`, `lmforge.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data.preference import PreferenceData
+from ..engine.trainer import TrainConfig
+from ..transforms.lora import LoraConfig
+from ..transforms.methods import FreezeSection, ModelSection
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/reward"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, eval.json."""
+    method: Literal["full", "freeze", "lora", "qlora"] = "lora"
+    """What trains besides the new scalar head: everything, the top blocks, LoRA, or LoRA on an NF4 base."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """The body the reward model starts from."""
+    data: PreferenceData = field(default_factory=PreferenceData)
+    """Preference pairs (prompt, chosen, rejected, optional margin)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, eval_at_start=True))
+    """The engine."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA settings (the head trains in full as modules_to_save)."""
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    """Freeze settings (method freeze)."""
+    center_coef: float | None = None
+    """Add c·(r_chosen + r_rejected)² to the loss to keep rewards near zero (Eisenstein et al. 2023); None = off."""
+    save_merged: bool = True
+    """LoRA / QLoRA: also write the merged model to final/ (the adapter alone goes to adapter/)."""
+
+    def validate(self) -> None:
+        if self.center_coef is not None and self.center_coef < 0:
+            raise ValueError(f"center_coef must be >= 0 or null, found {self.center_coef}")
+
+
+def main(cfg: Config) -> int:
+    import torch
+
+    from ..config import save_config
+    from ..data.examples import ExampleLoader, fixed_batches
+    from ..data.preference import PairCollate, load_preference_data
+    from ..engine import distributed as D
+    from ..engine.runs import eval_summary, fit, lineage, write_lineage
+    from ..engine.trainer import EvalSet, Trainer
+    from ..eval.runners import training_evaluators
+    from ..models.loading import load_tokenizer
+    from ..objectives.preference import RewardObjective
+    from ..transforms import count_parameters
+    from ..transforms.methods import build_model, save_trained
+
+    world = D.init(cfg.train.device)
+    run = Path(cfg.run_dir)
+    if world.main:
+        save_config(cfg, run / "config.yaml")
+    tok = load_tokenizer(cfg.model.init_from)
+    train, val, summary = load_preference_data(cfg.data, tok, cfg.train.seed, close_truncated=True)
+    if not val:
+        raise ValueError("the validation split is empty: add data.validation files or raise data.validation_fraction")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.init_from, cfg.method, head="classifier", num_labels=1, tok=tok,
+                        precision=cfg.train.precision, lora=cfg.lora, freeze=cfg.freeze)
+    trainable, total = count_parameters(model)
+    if world.main:
+        print(summary)
+        print(f"reward ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.3f}%)")
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    collate, mb = PairCollate(pad), cfg.train.micro_batch
+    data = ExampleLoader(train, mb, collate, seed=cfg.train.seed, rank=world.rank, world=world.world)
+    evals = [EvalSet("validation", lambda: fixed_batches(val, mb, collate, rank=world.rank, world=world.world,
+                                                         max_batches=cfg.train.eval_batches))]
+    trainer = Trainer(model, RewardObjective(cfg.center_coef), data, cfg.train, run, evals, world,
+                      evaluators=training_evaluators(cfg.train, tok))
+    last = fit(trainer)
+    if last is None:
+        return 130
+    if world.main:
+        result = eval_summary(trainer, last)
+        final = save_trained(model, tok, run, cfg.method, cfg.model.init_from, save_merged=cfg.save_merged)
+        write_lineage(lineage("reward", cfg, cfg.model.init_from, trainable, total, method=cfg.method), run, final)
+        trainer.write_json("eval.json", result)
+        print(f"reward ({cfg.method}): {trainer.step} steps; {_summary(result)}; saved {final}")
+    D.shutdown()
+    return 0
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """Held-out accuracy and margin, before -> after when the run evaluated at the start."""
+    before = result.get("before", {})
+    parts = []
+    for key, name in (("val_accuracy", "held-out pairwise accuracy"), ("val_margin", "margin")):
+        if key in result:
+            start = f"{before[key]:.4f} -> " if key in before else ""
+            parts.append(f"{name} {start}{result[key]:.4f}")
+    return ", ".join(parts)
