@@ -294,13 +294,14 @@ def main() -> None:
               f"{r:>12}")
 
     row("rollout tokens/s", "rollout_tokens_per_s", "{:.1f}")
-    row("s/step (median)", "s_per_step", "{:.2f}", inv=True)
+    row("s/step (median; TRL/ours)", "s_per_step", "{:.2f}", inv=True)
     row("sampling share of step", "sample_share_of_step", "{:.2f}")
     row("cores used", "cores_used", "{:.2f}")
     row("load avg (1 min) at start", "load_avg_at_start", "{:.2f}")
     if ratio is not None:
         print(f"rollout throughput {ratio:.2f}x TRL (target >= {ROLLOUT_TARGET}x: "
-              f"{'met' if ratio >= ROLLOUT_TARGET else 'NOT met'}); step time {step_ratio:.2f}x faster")
+              f"{'met' if ratio >= ROLLOUT_TARGET else 'NOT met'}); optimizer steps at {step_ratio:.2f}x TRL's speed "
+              f"(TRL s/step / ours)")
     line = json.dumps(result)
     print(line)
     if args.out:

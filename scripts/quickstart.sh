@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job: set up, bring the real SmolLM2-135M-Instruct (GGUF) into a Hugging Face folder, chat with it.
+# The main job: set up .venv, then the whole path on the Python standard library's source in one command
+# (recipes/quickstart.yaml: tokenizer -> pretrain -> SFT -> DPO -> evaluate -> serve one chat request), then the
+# HTML report. A re-run skips the stages that finished. Extra arguments go to `lmforge pipeline`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh gguf
+bash scripts/setup.sh serve,humaneval,report,gguf
 . .venv/bin/activate
-lmforge convert smollm2-135m-instruct runs/quickstart/smollm2-135m-instruct
-lmforge generate --model runs/quickstart/smollm2-135m-instruct --chat \
-  --prompt "${1:-In two sentences, what is a language model?}" --max-new-tokens 80
-echo "Chat again with: .venv/bin/lmforge generate --model runs/quickstart/smollm2-135m-instruct --chat --prompt 'Hi!'"
+lmforge pipeline --config recipes/quickstart.yaml "$@"
+lmforge report runs/quickstart

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import keyword
 import re
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ VERBS: dict[str, str] = {
     "dpo": "Preference optimisation without a reward model: DPO, IPO, KTO, SimPO, ORPO",
     "ppo": "RLHF with PPO: rollouts from the engine, reward model or functions, KL penalty, GAE, clipped objective",
     "grpo": "GRPO: G sampled completions per prompt, group-normalised verifiable rewards, clipped objective, KL",
+    "pipeline": "Run several verbs in order in one run directory (skips finished stages; --from STAGE re-runs)",
+    "report": "Write a self-contained HTML report of a run or pipeline (curves, evaluations, lineage, configs)",
 }
 """Verb name -> one-line description; verb ``foo-bar`` runs module ``lmforge.stages.foo_bar``."""
 
@@ -112,6 +115,7 @@ def parse_args(args: Sequence[str], cls: type, positional: Sequence[str] = ()) -
         elif tok.startswith("--"):
             name, eq, value = tok[2:].partition("=")
             key = name.replace("-", "_")
+            key += "_" if keyword.iskeyword(key) else ""  # --from sets the field from_
             tp = _flag_type(cls, key)
             if tp is None:  # --no-flag
                 overrides.append(f"{key[3:]}=false")

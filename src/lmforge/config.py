@@ -428,12 +428,13 @@ def _read_yaml(path: Path, ctx: _Ctx) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None,
-                overrides: Sequence[str] | Mapping[str, Any] = ()) -> T:
-    """Build ``cls`` from its defaults, then a YAML file, then dotted ``key=value`` overrides."""
+                overrides: Sequence[str] | Mapping[str, Any] = (), where: str = "in overrides") -> T:
+    """Build ``cls`` from its defaults, then a YAML file, then dotted ``key=value`` overrides (command-line
+    strings, or a mapping of dotted keys to values, whose errors say `where` they came from)."""
     ctx = _Ctx(cls)
     tree: dict[str, Any] = _read_yaml(Path(path), ctx) if path is not None else {}
     if isinstance(overrides, Mapping):
-        pairs = [(k, v, "in overrides") for k, v in overrides.items()]
+        pairs = [(k, v, where) for k, v in overrides.items()]
     else:
         pairs = []
         for item in overrides:

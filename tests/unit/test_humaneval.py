@@ -147,6 +147,8 @@ def test_completion_that_exits_early_does_not_pass(problems):
     from lmforge.inference.engine import RequestOutput
 
     class Canned:  # an engine whose every completion quits before the tests
+        max_context = 4096
+
         def generate(self, prompts, params):
             return [RequestOutput("r", [], "    import sys\n    sys.exit(0)\n", None, True, "stop", 1, 1)
                     for _ in prompts]
@@ -155,3 +157,25 @@ def test_completion_that_exits_early_does_not_pass(problems):
     report = evaluate_humaneval(Canned(), tok, problems[:2], n=1, k=[1], temperature=0.0)
     assert report["pass@k"][1] == 0.0 and report["statuses"]["failed"] == 2
     assert run_many([program(problems[0], "    import sys\n    sys.exit(0)\n")])[0].status == "passed"  # no nonce
+
+
+def test_prompts_longer_than_the_context_keep_their_end(problems):
+    from lmforge.eval.humaneval import evaluate_humaneval
+    from lmforge.inference.engine import RequestOutput
+
+    seen = []
+
+    class Short:  # a model with a 40-token context
+        max_context = 40
+
+        def generate(self, prompts, params):
+            seen.extend(prompts)
+            return [RequestOutput("r", [], "    return None\n", None, True, "stop", 1, 1) for _ in prompts]
+
+    tok = type("Tok", (), {"encode": staticmethod(lambda text: list(range(len(text.split()))))})()
+    report = evaluate_humaneval(Short(), tok, problems[:3], n=1, k=[1], temperature=0.0, max_new_tokens=8)
+    full = [tok.encode(p["prompt"]) for p in problems[:3]]
+    assert [s for s in seen] == [ids[-32:] for ids in full]
+    assert report["truncated_prompts"] == sum(len(ids) > 32 for ids in full) > 0
+    with pytest.raises(ValueError, match="leaves no room"):
+        evaluate_humaneval(Short(), tok, problems[:1], n=1, k=[1], temperature=0.0, max_new_tokens=40)

@@ -110,7 +110,8 @@ def evaluate_humaneval(engine, tokenizer, problems: Sequence[dict[str, Any]], n:
     Plain mode continues the prompt as code and cuts the completion at STOP_SEQUENCES; chat mode asks the model
     (as a user message) for the function and takes the first code block of its answer. Greedy decoding
     (temperature 0) yields one sample per problem, so it runs with n = 1. Sample j of every problem uses seed
-    `seed + j`, so a run is reproducible."""
+    `seed + j`, so a run is reproducible. Prompts longer than the model's context leaves after max_new_tokens lose
+    their beginning (counted as truncated_prompts)."""
     if not problems:
         raise ValueError("no problems to evaluate")
     if temperature == 0:
@@ -120,9 +121,15 @@ def evaluate_humaneval(engine, tokenizer, problems: Sequence[dict[str, Any]], n:
         raise ValueError(f"pass@k needs 1 <= k <= n = {n} samples per problem, found k = {list(k)}"
                          + (" (greedy decoding gives one sample per problem; use temperature > 0)"
                             if temperature == 0 else ""))
-    prompts, params = [], []
+    room = engine.max_context - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{engine.max_context} tokens")
+    prompts, params, truncated = [], [], 0
     for problem in problems:
         ids = _chat_prompt(tokenizer, problem) if chat else tokenizer.encode(problem["prompt"])
+        if len(ids) > room:  # a short-context model sees the end of the prompt (the signature and docstring)
+            ids, truncated = ids[-room:], truncated + 1
         for j in range(n):
             prompts.append(ids)
             params.append(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -143,7 +150,7 @@ def evaluate_humaneval(engine, tokenizer, problems: Sequence[dict[str, Any]], n:
         per_problem.append({"task_id": problem["task_id"], "correct": sum(r.status == "passed" for r in rs), "n": n,
                             "statuses": Counter(r.status for r in rs)})
     report: dict[str, Any] = {"pass@k": {}, "stderr": {}, "n": n, "temperature": temperature,
-                              "problems": len(problems), "chat": chat}
+                              "problems": len(problems), "chat": chat, "truncated_prompts": truncated}
     for kk in ks:
         report["pass@k"][kk], report["stderr"][kk] = mean_stderr(pass_at_k(n, p["correct"], kk) for p in per_problem)
     report["statuses"] = sum((p["statuses"] for p in per_problem), Counter())

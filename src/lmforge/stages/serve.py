@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,10 +62,15 @@ class Config:
     """uvicorn's log level."""
     allow_pickle: bool = False
     """Allow loading pickle (.bin/.pt) checkpoints; only for files you trust."""
+    check: str | None = None
+    """A smoke test: start the server, send this message as one chat request through the OpenAI client, print
+    the reply and stop (exit 0 when it answered; a pipeline's last step)."""
+    check_max_tokens: int = 64
+    """Longest reply to the check message."""
 
     def validate(self) -> None:
         for k in ("num_speculative_tokens", "block_size", "max_running", "max_batch_tokens", "max_queue",
-                  "max_body_bytes"):
+                  "max_body_bytes", "check_max_tokens"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, found {getattr(self, k)}")
         if not 0 <= self.port <= 65535:
@@ -92,7 +98,10 @@ class Config:
         return out
 
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model.rstrip("/")).name.removesuffix(".gguf")
+        """served_model_name, else the model's folder or file name (a run's final/ is named after the run)."""
+        path = Path(self.model.rstrip("/"))
+        return self.served_model_name or (path.parent.name if path.name == "final" else path.name).removesuffix(
+            ".gguf")
 
 
 def main(cfg: Config) -> int:
@@ -124,7 +133,13 @@ def main(cfg: Config) -> int:
         print(f"warning: listening on {cfg.host} without an API key: anyone who can reach this port can use the "
               "model (set --api-key or LMFORGE_API_KEY)", file=sys.stderr)
 
+    answered: list[str] = []
+
     def started(running) -> None:
+        if cfg.check is not None:
+            threading.Thread(target=_check, args=(running.url, async_engine, cfg, name, api_key, answered),
+                             name="lmforge-check", daemon=True).start()
+            return
         shown = "$LMFORGE_API_KEY" if cfg.api_key is None else "YOUR_KEY"
         auth = f' -H "Authorization: Bearer {shown}"' if api_key else ""
         print(f"serving {name} ({model.cfg.family}, head {model.cfg.head}) at {running.url}/v1 "
@@ -132,7 +147,29 @@ def main(cfg: Config) -> int:
         print(f"try: curl {running.url}{_example(name, model.cfg)}{auth}", flush=True)
 
     serve(app, async_engine, cfg.host, cfg.port, cfg.shutdown_grace_s, cfg.log_level, on_started=started)
-    return 0
+    return 0 if cfg.check is None or answered else 1
+
+
+def _check(url: str, async_engine, cfg: Config, name: str, api_key: str | None, answered: list[str]) -> None:
+    """Ask the running server one chat question through the official OpenAI client, print the exchange, then
+    stop the server (the way a signal would)."""
+    import asyncio
+
+    try:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", max_retries=0, timeout=600)
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": cfg.check}],
+                                               max_tokens=cfg.check_max_tokens, temperature=0)
+        text = reply.choices[0].message.content or ""
+        answered.append(text)
+        print(f"serve check at {url}/v1 (OpenAI client, model {name!r}):\n  user: {cfg.check}\n  assistant: "
+              f"{text.strip()!r} ({reply.usage.completion_tokens} tokens, {reply.choices[0].finish_reason})",
+              flush=True)
+    except Exception as e:  # reported, then the server stops and the stage fails
+        print(f"serve check failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    finally:
+        asyncio.run(async_engine.shutdown(cfg.shutdown_grace_s))
 
 
 def _example(name: str, model_cfg) -> str:

@@ -1,0 +1,272 @@
+"""The run report: one self-contained HTML page (plots as embedded PNG data, no scripts, no fonts or files from
+elsewhere) and a compact text summary, from what run directories already hold.
+
+A run is a pipeline folder (pipeline.json: its stages in order, each in a sub-folder) or one stage's run
+directory. Per stage the page shows: curves from metrics.jsonl (training and validation loss, learning rate,
+gradient norm, tokens/s, and the other logged validation and rollout metrics), the evaluation table (eval.json:
+before -> after for training stages; task, metric, value and uncertainty for `evaluate`), the lineage (parents,
+config hash, data fingerprints, lmforge version, from stage.json / lmforge.json) and the resolved config. Several
+`evaluate` stages are also put side by side in one table (before vs after across the pipeline).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["StageRun", "read_run", "render_html", "text_summary", "write_report"]
+
+CURVES = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
+          ("tokens / s", ("tokens_per_s",)))
+"""The standard panels: title -> metrics.jsonl keys plotted in it."""
+
+
+@dataclass
+class StageRun:
+    """What one stage's folder holds."""
+
+    name: str
+    verb: str
+    folder: Path
+    status: str = "done"
+    seconds: float | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    eval: dict[str, Any] | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
+    config: str = ""
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _stage(name: str, verb: str, folder: Path, info: dict[str, Any]) -> StageRun:
+    import yaml
+
+    from .metrics import read_metrics
+
+    metrics = read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
+    lineage = {**(_json(folder / "lmforge.json") or {})}
+    lineage.pop("config", None)
+    for k in ("parents", "config_hash", "fingerprint", "lmforge", "output"):
+        if k in info and k not in lineage:
+            lineage[k] = info[k]
+    config = ""
+    if (folder / "config.yaml").exists():
+        config = (folder / "config.yaml").read_text(encoding="utf-8")
+    elif info.get("config") is not None:
+        config = yaml.safe_dump(info["config"], sort_keys=False)
+    return StageRun(name, verb, folder, info.get("status", "done"), info.get("seconds"), metrics,
+                    _json(folder / "eval.json"), lineage, config)
+
+
+def read_run(run_dir: str | Path) -> list[StageRun]:
+    """The stages of a pipeline folder in order, or a single run directory as one stage."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run directory")
+    pipe = _json(run / "pipeline.json")
+    if pipe is not None:
+        return [_stage(s["name"], s["verb"], run / s["name"], {**(_json(run / s["name"] / "stage.json") or {}), **s})
+                for s in pipe["stages"]]
+    info = _json(run / "lmforge.json") or {}
+    if not (run / "metrics.jsonl").exists() and not (run / "eval.json").exists():
+        raise FileNotFoundError(f"{run}: neither a pipeline (pipeline.json) nor a run directory (metrics.jsonl, "
+                                "eval.json)")
+    return [_stage(run.name, info.get("stage", "run"), run, info)]
+
+
+# ---- numbers
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r
+           and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _skipped(key: str) -> bool:
+    """Keys without a panel or a table row of their own: val_loss has the loss panel; token counts and
+    perplexities (exp of a loss already shown) repeat what is there."""
+    return key == "val_loss" or key.endswith(("_tokens", "_ppl"))
+
+
+def _extra_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Logged validation, task and rollout metrics beyond the standard panels (at most 8, one panel each)."""
+    keys: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if (k.startswith(("val_", "task/", "rollout/")) and not _skipped(k) and k not in keys
+                    and isinstance(v, (int, float)) and not k.endswith(("_s", "/round"))):
+                keys.append(k)
+    return keys[:8]
+
+
+def eval_rows(stage: StageRun) -> list[tuple[str, str, str]]:
+    """(metric, before, after) rows of a training stage's eval.json, or (task · metric, value, uncertainty) of an
+    `evaluate` stage's."""
+    ev = stage.eval or {}
+    if "tasks" in ev:
+        from ..eval.runners import headline_metrics, uncertainty
+
+        out = []
+        for task, r in ev["tasks"].items():
+            for metric, value in headline_metrics(r).items():
+                try:
+                    unc = uncertainty(r, metric)
+                except (KeyError, TypeError):
+                    unc = ""
+                out.append((f"{task} · {metric}", _fmt(value), unc))
+        return out
+    before = ev.get("before", {})
+    return [(k, _fmt(before.get(k)), _fmt(v)) for k, v in ev.items()
+            if k.startswith("val_") and isinstance(v, (int, float)) and not k.endswith("_tokens")]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _evaluations(stages: list[StageRun]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The evaluate stages side by side: (stage names, [(task · metric, values per stage)])."""
+    evals = [s for s in stages if s.eval and "tasks" in s.eval]
+    if len(evals) < 2:
+        return [], []
+    table: dict[str, list[str]] = {}
+    for i, s in enumerate(evals):
+        for metric, value, _ in eval_rows(s):
+            table.setdefault(metric, ["–"] * len(evals))[i] = value
+    return [s.name for s in evals], list(table.items())
+
+
+# ---- plots
+
+
+def _figure_png(stage: StageRun) -> str | None:
+    """The stage's curves as one PNG (base64), or None when it logged no metrics."""
+    rows = stage.metrics
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(title, keys) for title, keys in CURVES if any(_series(rows, k)[0] for k in keys)]
+    panels += [(k, (k,)) for k in _extra_keys(rows)]
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.6 * nrows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            x, y = _series(rows, k)
+            if x:
+                ax.plot(x, y, marker="o" if len(x) < 12 else None, markersize=3, linewidth=1.4, label=k)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{stage.name} ({stage.verb})", fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---- output
+
+
+_CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;
+color:#1c1c1c;background:#fff;padding:0 1em}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:2em}table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
+font-size:.9em;text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em;max-height:28em}.done{color:#17672b}
+.failed,.interrupted{color:#a01010}.running{color:#8a6100}details{margin:.5em 0}"""
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    out = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows]
+    return "".join(out) + "</table>"
+
+
+def render_html(stages: list[StageRun], title: str) -> str:
+    """The report page."""
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
+    overview = [[s.name, s.verb, s.status, _fmt(s.seconds), str(len(s.metrics)), _fmt(_last(s, "loss")),
+                 str(s.lineage.get("output", ""))] for s in stages]
+    parts.append("<h2>Stages</h2>" + _table(["stage", "verb", "status", "seconds", "logged steps", "last loss",
+                                               "output"], overview))
+    names, table = _evaluations(stages)
+    if names:
+        parts.append("<h2>Evaluations side by side</h2>" + _table(["task · metric", *names],
+                                                                   [[m, *v] for m, v in table]))
+    for s in stages:
+        parts.append(f"<h2 id='{e(s.name)}'>{e(s.name)} <small>({e(s.verb)}, <span class='{e(s.status)}'>"
+                     f"{e(s.status)}</span>)</small></h2>")
+        png = _figure_png(s)
+        if png:
+            parts.append(f"<img alt='{e(s.name)} curves' src='data:image/png;base64,{png}'>")
+        rows = eval_rows(s)
+        if rows:
+            head = ["task · metric", "value", "uncertainty"] if "tasks" in (s.eval or {}) else \
+                ["metric", "before", "after"]
+            parts.append("<h3>Evaluation</h3>" + _table(head, [list(r) for r in rows]))
+        if s.lineage:
+            lin = [[k, json.dumps(v, default=str) if not isinstance(v, str) else v] for k, v in s.lineage.items()]
+            parts.append("<h3>Lineage</h3>" + _table(["field", "value"], lin))
+        if s.config:
+            parts.append(f"<details><summary>resolved config</summary><pre>{e(s.config)}</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _last(s: StageRun, key: str) -> float | None:
+    _, y = _series(s.metrics, key)
+    return y[-1] if y else None
+
+
+def text_summary(stages: list[StageRun]) -> str:
+    """A compact terminal summary: one line per stage, then its evaluation rows."""
+    lines = []
+    for s in stages:
+        secs = f"{s.seconds:.0f} s" if s.seconds is not None else ""
+        loss = _last(s, "loss")
+        lines.append(f"{s.name:<14} {s.verb:<10} {s.status:<11} {secs:>7}"
+                     + (f"  loss {loss:.4g}" if loss is not None else ""))
+        for metric, a, b in eval_rows(s)[:8]:
+            arrow = f"{a} -> {b}" if "tasks" not in (s.eval or {}) else f"{a} {b}".rstrip()
+            lines.append(f"    {metric}: {arrow}")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None) -> tuple[Path, str]:
+    """Write RUN_DIR/report.html (or `output`); returns (its path, the text summary)."""
+    run = Path(run_dir)
+    stages = read_run(run)
+    path = Path(output) if output else run / "report.html"
+    path.write_text(render_html(stages, f"lmforge run: {run.resolve().name}"), encoding="utf-8")
+    return path, text_summary(stages)
