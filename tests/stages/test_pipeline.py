@@ -64,7 +64,8 @@ def pipeline_yaml(tmp: Path, **stage_over) -> Path:
                            "lora": {"rank": 4, "alpha": 8}, "train": _train(3, eval_at_start=True)}},
         "evaluate": {"config": {"model": "${dpo.output}", "tasks": ["stdlib-ppl", "stdlib-mc", "humaneval"],
                                 "limit": 2, "max_length": 64, "max_new_tokens": 8, "chat": True}},
-        "serve": {"config": {"model": "${dpo.output}", "port": 0, "check": "Say hi.", "check_max_tokens": 4,
+        "merge": {"verb": "convert", "config": {"src": "${dpo.output}", "dtype": "bfloat16"}},
+        "serve": {"config": {"model": "${merge.output}", "port": 0, "check": "Say hi.", "check_max_tokens": 4,
                              "log_level": "warning"}},
     }
     for name, cfg in stage_over.items():
@@ -90,8 +91,8 @@ def test_every_stage_runs_and_hands_on_its_output(piped, capsys):
     tmp, _ = piped
     run = tmp / "run"
     marks = _markers(run)
-    assert list(json.loads((run / "pipeline.json").read_text())["stages"][i]["name"] for i in range(7)) == [
-        "tokenizer", "data", "pretrain", "sft", "dpo", "evaluate", "serve"]
+    assert [s["name"] for s in json.loads((run / "pipeline.json").read_text())["stages"]] == [
+        "tokenizer", "data", "pretrain", "sft", "dpo", "evaluate", "merge", "serve"]
     assert {m["status"] for m in marks.values()} == {"done"}
     assert (run / "tokenizer" / "tokenizer.json").exists() and (run / "pretrain" / "final" / "config.json").exists()
     # references resolved to the earlier stage's output, and recorded as the stage's parents (lineage)
@@ -101,6 +102,9 @@ def test_every_stage_runs_and_hands_on_its_output(piped, capsys):
     ev = json.loads((run / "evaluate" / "eval.json").read_text())
     assert set(ev["tasks"]) == {"stdlib-ppl", "stdlib-mc", "humaneval"}
     assert "bits_per_byte" in ev["tasks"]["stdlib-ppl"] and "pass@k" in ev["tasks"]["humaneval"]
+    merged = json.loads((run / "merge" / "config.json").read_text())
+    assert merged.get("torch_dtype", merged.get("dtype")) == "bfloat16"
+    assert marks["serve"]["config"]["model"] == str(run / "merge")
 
 
 def test_a_rerun_skips_finished_stages_and_from_reruns(piped, capsys):
@@ -110,13 +114,13 @@ def test_a_rerun_skips_finished_stages_and_from_reruns(piped, capsys):
     capsys.readouterr()
     assert cli.main(["pipeline", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("finished before with this config and inputs: skipped") == 7
+    assert out.count("finished before with this config and inputs: skipped") == 8
     assert {n: m["run_id"] for n, m in _markers(run).items()} == {n: m["run_id"] for n, m in before.items()}
     assert cli.main(["pipeline", "--config", str(path), "--from", "dpo"]) == 0
     after = _markers(run)
     for name in ("tokenizer", "data", "pretrain", "sft"):
         assert after[name]["run_id"] == before[name]["run_id"]
-    for name in ("dpo", "evaluate", "serve"):
+    for name in ("dpo", "evaluate", "merge", "serve"):
         assert after[name]["run_id"] != before[name]["run_id"]
 
 
@@ -135,7 +139,7 @@ def test_a_changed_config_reruns_that_stage_and_what_depends_on_it(piped, tmp_pa
     assert cli.main(["pipeline", "--config", str(path)]) == 0
     again = _markers(tmp_path / "run")
     assert sorted(n for n in again if again[n]["run_id"] != after[n]["run_id"]) == [
-        "dpo", "evaluate", "serve", "sft"]
+        "dpo", "evaluate", "merge", "serve", "sft"]
 
 
 def test_a_failing_stage_is_named_and_earlier_artifacts_stay(piped, tmp_path, capsys):
@@ -146,7 +150,7 @@ def test_a_failing_stage_is_named_and_earlier_artifacts_stay(piped, tmp_path, ca
     capsys.readouterr()
     assert cli.main(["pipeline", "--config", str(path)]) != 0
     err = capsys.readouterr().err
-    assert "stage 5/7 'dpo' (dpo) failed" in err and "missing 'rejected'" in err
+    assert "stage 5/8 'dpo' (dpo) failed" in err and "missing 'rejected'" in err
     marks = _markers(tmp_path / "run")
     assert marks["dpo"]["status"] == "failed" and marks["sft"]["status"] == "done"
     assert (tmp_path / "run" / "sft" / "final" / "model.safetensors").exists()
@@ -155,6 +159,27 @@ def test_a_failing_stage_is_named_and_earlier_artifacts_stay(piped, tmp_path, ca
     bad = pipeline_yaml(tmp_path, sft={"model": {"init_from": "${dpo.output}"}})
     assert cli.main(["pipeline", "--config", str(bad)]) == 2
     assert "stages.sft.config.model.init_from: ${dpo.output} refers to no earlier stage" in capsys.readouterr().err
+
+
+def test_an_interrupted_training_stage_resumes_from_its_checkpoint(piped, tmp_path, capsys):
+    tmp, _ = piped
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    shutil.copy(tmp / "pairs.jsonl", tmp_path / "pairs.jsonl")
+    run = tmp_path / "run"
+    marker = run / "pretrain" / "stage.json"
+    state = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**state, "status": "interrupted"}))  # as after Ctrl-C: checkpoints kept
+    shutil.rmtree(run / "pretrain" / "final")
+    rows = (run / "pretrain" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert cli.main(["pipeline", "--config", str(pipeline_yaml(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "'pretrain' (pretrain) resuming" in out and "finished before" in out  # tokenizer, data skipped
+    assert (run / "pretrain" / "metrics.jsonl").read_text().startswith(rows)  # kept, not started again
+    assert (run / "pretrain" / "final" / "model.safetensors").exists()
+    after, first = _markers(run), _markers(tmp / "run")
+    assert after["pretrain"]["status"] == "done" and after["data"]["run_id"] == first["data"]["run_id"]
+    assert after["sft"]["run_id"] != first["sft"]["run_id"]  # its input was made again
 
 
 class _Page(html.parser.HTMLParser):
@@ -191,7 +216,7 @@ def test_report_holds_every_stages_curves_and_tables(piped, capsys):
     page = _Page()
     page.feed((run / "report.html").read_text())
     assert not page.external  # self-contained
-    for name in ("tokenizer", "data", "pretrain", "sft", "dpo", "evaluate", "serve"):
+    for name in ("tokenizer", "data", "pretrain", "sft", "dpo", "evaluate", "merge", "serve"):
         assert name in page.h2
     curves = {alt: src for alt, src in page.images}
     assert set(curves) == {"pretrain curves", "sft curves", "dpo curves"}
