@@ -277,7 +277,7 @@ def _print_end(cfg: Config, run: Path, summary: list[dict[str, Any]], seconds: f
     for r in summary:
         note = " (skipped: done before)" if r.get("skipped") else ""
         print(f"  {r['name']:<14} {r['verb']:<10} {r.get('seconds', 0):>7.1f} s  {r['output']}{note}")
-    models = [r["output"] for r in summary if r["output"].endswith("final") and Path(r["output"]).is_dir()]
+    models = [r["output"] for r in summary if (Path(r["output"]) / "config.json").is_file()]  # model folders
     print(f"report: lmforge report {run}")
     if models:
         print(f"chat with the model: lmforge chat --model {models[-1]}")
