@@ -7,7 +7,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fit", "eval_summary", "lineage", "write_lineage"]
+__all__ = ["start", "fit", "eval_summary", "lineage", "write_lineage"]
+
+
+def start(cfg):
+    """(world, run directory) of a training stage: the process group from cfg.train.device, and the resolved config
+    written to RUN_DIR/config.yaml by the main process."""
+    from ..config import save_config
+    from . import distributed as D
+
+    world = D.init(cfg.train.device)
+    run = Path(cfg.run_dir)
+    if world.main:
+        save_config(cfg, run / "config.yaml")
+    return world, run
 
 
 def fit(trainer) -> dict[str, Any] | None:

@@ -46,19 +46,15 @@ def start(cfg, reference: bool, extend: Callable[[Any], None] | None = None) -> 
 
     import torch
 
-    from ..config import save_config
     from ..data.preference import load_prompt_data
     from ..data.rollouts import encode_prompts, prompt_room
-    from ..engine import distributed as D
+    from ..engine import runs
     from ..models.loading import load_tokenizer
     from ..objectives.rewards import Rewards
     from ..transforms import count_parameters
     from ..transforms.methods import build_model
 
-    world = D.init(cfg.train.device)
-    run = Path(cfg.run_dir)
-    if world.main:
-        save_config(cfg, run / "config.yaml")
+    world, run = runs.start(cfg)
     rewards = Rewards(cfg.rewards)
     tok = load_tokenizer(cfg.model.init_from)
     train_recs, val_recs, fingerprint = load_prompt_data(cfg.data, rewards, cfg.train.seed)

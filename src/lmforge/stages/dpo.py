@@ -14,7 +14,6 @@ log-prob, and logps/margin, the mean log-prob difference. Outputs as `lmforge fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from ..data.preference import PreferenceData
@@ -91,10 +90,10 @@ def main(cfg: Config) -> int:
 
     import torch
 
-    from ..config import save_config
     from ..data.examples import ExampleLoader, fixed_batches
     from ..data.preference import PairCollate, UnpairedCollate, load_preference_data, precompute_reference
     from ..engine import distributed as D
+    from ..engine import runs
     from ..engine.runs import eval_summary, fit, lineage, write_lineage
     from ..engine.trainer import EvalSet, Trainer
     from ..eval.runners import training_evaluators
@@ -103,10 +102,7 @@ def main(cfg: Config) -> int:
     from ..transforms import count_parameters
     from ..transforms.methods import build_model, save_trained
 
-    world = D.init(cfg.train.device)
-    run = Path(cfg.run_dir)
-    if world.main:
-        save_config(cfg, run / "config.yaml")
+    world, run = runs.start(cfg)
     tok = load_tokenizer(cfg.model.init_from)
     kto = cfg.loss == "kto"
     train, val, summary = load_preference_data(cfg.data, tok, cfg.train.seed, unpaired=kto)

@@ -183,9 +183,9 @@ def classify_data(cfg: Config, tok):
 def main(cfg: Config) -> int:
     import torch
 
-    from ..config import save_config
     from ..data.examples import ExampleLoader, ReplayMix, fixed_batches
     from ..engine import distributed as D
+    from ..engine import runs
     from ..engine.runs import fit, lineage, write_lineage
     from ..engine.trainer import EvalSet, Trainer
     from ..eval.runners import training_evaluators
@@ -193,10 +193,7 @@ def main(cfg: Config) -> int:
     from ..objectives.causal_lm import CausalLM, WithReplay
     from ..transforms import count_parameters
 
-    world = D.init(cfg.train.device)
-    run = Path(cfg.run_dir)
-    if world.main:
-        save_config(cfg, run / "config.yaml")
+    world, run = runs.start(cfg)
     tok = load_tokenizer(cfg.model.init_from)
     label2id = None
     if cfg.task == "sft":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from ..data.loader import SourceSpec
@@ -92,20 +91,18 @@ def build_model(cfg: Config, tok, world_seed: int):
 
 
 def main(cfg: Config) -> int:
-    from ..config import config_hash, save_config, to_dict
+    from ..config import config_hash, to_dict
     from ..data.loader import PackedLoader, eval_batches
     from ..data.shards import read_index
     from ..engine import distributed as D
+    from ..engine import runs
     from ..engine.trainer import EvalSet, Trainer
     from ..eval.runners import training_evaluators
     from ..models.loading import instantiate, load_tokenizer, save
     from ..objectives.causal_lm import CausalLM
     from ..objectives.masked_lm import MaskedLM, MLMCollate
 
-    world = D.init(cfg.train.device)
-    run = Path(cfg.run_dir)
-    if world.main:
-        save_config(cfg, run / "config.yaml")
+    world, run = runs.start(cfg)
     index = read_index(cfg.data.train[0])
     tok = load_tokenizer(cfg.data.tokenizer or index["tokenizer"]["path"])
     if tok.fingerprint() != index["tokenizer"]["fingerprint"]:

@@ -15,7 +15,6 @@ end-of-sequence token), `adapter/` (LoRA, PEFT layout with the head as modules_t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from ..data.preference import PreferenceData
@@ -53,10 +52,10 @@ class Config:
 def main(cfg: Config) -> int:
     import torch
 
-    from ..config import save_config
     from ..data.examples import ExampleLoader, fixed_batches
     from ..data.preference import PairCollate, load_preference_data
     from ..engine import distributed as D
+    from ..engine import runs
     from ..engine.runs import eval_summary, fit, lineage, write_lineage
     from ..engine.trainer import EvalSet, Trainer
     from ..eval.runners import training_evaluators
@@ -65,10 +64,7 @@ def main(cfg: Config) -> int:
     from ..transforms import count_parameters
     from ..transforms.methods import build_model, save_trained
 
-    world = D.init(cfg.train.device)
-    run = Path(cfg.run_dir)
-    if world.main:
-        save_config(cfg, run / "config.yaml")
+    world, run = runs.start(cfg)
     tok = load_tokenizer(cfg.model.init_from)
     train, val, summary = load_preference_data(cfg.data, tok, cfg.train.seed, close_truncated=True)
     if not val:
