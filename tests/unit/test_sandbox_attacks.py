@@ -202,12 +202,23 @@ def test_printing_its_own_source_and_exiting_does_not_pass(tier, problem):
 
 @pytest.mark.parametrize("tier", TIERS)
 def test_a_result_whose_eq_always_holds_does_not_pass(tier, problem):
-    for completion in ("    class A:\n        __eq__ = lambda s, o: True\n    return A()\n",
-                       "    class I(int):\n        __eq__ = lambda s, o: True\n        __hash__ = int.__hash__\n"
-                       "    return I(-1)\n",
-                       "    class S(str):\n        __eq__ = lambda s, o: True\n    return S('')\n"):
+    r = run_tests(code_test(problem, "    class A:\n        __eq__ = lambda s, o: True\n    return A()\n"), limits(tier))
+    assert r.status == "failed" and "Unsupported" in r.detail, (r.status, r.detail)
+    # subclasses of built-in types cross as the plain value they hold, read past their overrides
+    for completion in ("    class I(int):\n        __eq__ = lambda s, o: True\n        __hash__ = int.__hash__\n"
+                       "        __index__ = lambda s: len(string)\n    return I(-1)\n",
+                       "    class S(str):\n        __eq__ = lambda s, o: True\n        __hash__ = str.__hash__\n"
+                       "        __str__ = lambda s: 'x' * len(string)\n    return S('')\n"):
         r = run_tests(code_test(problem, completion), limits(tier))
-        assert r.status == "failed" and "Unsupported" in r.detail, (completion, r.status, r.detail)
+        assert r.status == "failed" and "AssertionError" in r.detail, (completion, r.status, r.detail)
+
+
+def test_subclasses_of_plain_values_compare_as_the_reference_harness_does():
+    """A Counter equals a dict and a namedtuple a tuple in HumanEval's own harness; honest code keeps passing."""
+    code = ("import collections\ndef hist(s):\n    return collections.Counter(s)\n"
+            "def pair(a, b):\n    return collections.namedtuple('P', 'x y')(a, b)\n")
+    tests = "assert hist('aab') == {'a': 2, 'b': 1}\nassert pair(1, 2) == (1, 2)\n"
+    assert run_tests(CodeTest(code=code, tests=tests)).status == "passed"
 
 
 @pytest.mark.parametrize("tier", TIERS)

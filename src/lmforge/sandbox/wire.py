@@ -1,9 +1,11 @@
 """Values between the untrusted program and its judge: plain data only, framed on pipes, bounded in size.
 
 A value crosses as JSON with tags for what JSON lacks: None, bool, int, float (nan and infinities included), str and
-list as themselves; tuple, dict, set, frozenset, bytes and complex as one-key objects. Only objects whose type is
-exactly one of these built-in types are encoded (a subclass of int with a rigged `__eq__`, or any other object, is
-refused), so what the judge compares are its own built-in values, never an object the program made.
+list as themselves; tuple, dict, set, frozenset, bytes and complex as one-key objects. An instance of a subclass of
+one of these (a Counter, a namedtuple, an IntEnum, or an int whose `__eq__` always says yes) crosses as the plain
+value it holds, read with the built-in type's own methods (`dict.items(v)`, `int.__index__(v)`, ...), which a
+subclass cannot override; any other object is refused. So the judge compares its own built-in values, never an
+object the program made.
 
 Self-contained (standard library only): the sandbox child imports it from its own folder.
 """
@@ -19,6 +21,14 @@ MAX_DEPTH = 200
 
 class Unsupported(TypeError):
     """A value that cannot cross (not plain built-in data, nested too deep, or too large)."""
+
+
+_PLAIN = (  # a subclass instance -> the plain value, through the base type's own C methods
+    (int, int.__index__), (float, float.__float__), (str, str.__str__), (bytes, lambda v: bytes.fromhex(bytes.hex(v))),
+    (list, lambda v: list(list.__iter__(v))), (tuple, lambda v: tuple(tuple.__iter__(v))),
+    (dict, lambda v: dict(dict.items(v))), (frozenset, lambda v: frozenset(frozenset.__iter__(v))),
+    (set, lambda v: set(set.__iter__(v))), (complex, lambda v: complex(complex.real.__get__(v), complex.imag.__get__(v))),
+)
 
 
 def _enc(v, depth):
@@ -43,6 +53,9 @@ def _enc(v, depth):
         return {"b": v.hex()}
     if t is complex:
         return {"c": [repr(v.real), repr(v.imag)]}
+    for base, plain in _PLAIN:
+        if issubclass(t, base):  # type(v), not isinstance: an object cannot pretend through __class__
+            return _enc(plain(v), depth + 1)
     raise Unsupported(f"a value of type {t.__module__}.{t.__qualname__} (only built-in data crosses: None, bool, "
                       f"int, float, complex, str, bytes, list, tuple, dict, set, frozenset)")
 
