@@ -112,8 +112,15 @@ def test_no_other_process_can_be_signalled(tier, sentinel):
     code = textwrap.dedent(f"""
         import os, signal
         pid = {sentinel}
+        def sigio():  # the kernel signals the pipe's owner when it becomes readable
+            import fcntl
+            r, w = os.pipe()
+            fcntl.fcntl(r, fcntl.F_SETOWN, pid)
+            fcntl.fcntl(r, 10, 9)  # F_SETSIG: SIGKILL
+            fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)
+            os.write(w, b'x')
         for attempt in (lambda: signal.pidfd_send_signal(os.pidfd_open(pid), 9), lambda: os.kill(pid, 9),
-                        lambda: os.killpg(pid, 9), lambda: signal.pthread_kill(pid, 9)):
+                        lambda: os.killpg(pid, 9), lambda: signal.pthread_kill(pid, 9), sigio):
             try:
                 attempt()
             except Exception as e:
@@ -295,6 +302,10 @@ def test_misbehaving_completions_end_as_expected(tier, problem, completion, expe
     "import importlib\nc = importlib.import_module('ctypes')\nc.CDLL(None).kill(1, 9)",  # import_module skips the
     # import event, but ctypes cannot be used
     "import sys\nsys.addaudithook(lambda *a: None)",
+    "import readline\nreadline.read_history_file('/etc/hostname')",  # C modules that open files unaudited
+    "import sqlite3\nsqlite3.connect('/tmp/lmforge-escape.db')",
+    "import _posixshmem\n_posixshmem.shm_open('/lmforge-escape', 0o102)",
+    "import spwd\nspwd.getspnam('root')",
 ])
 def test_more_escapes_are_refused(tier, code):
     r = run_python(code, limits(tier))
@@ -351,7 +362,11 @@ def test_namespaces_alone_hide_the_host(tier, tmp_path, secret):
             socket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=2); out['net'] = 'connected'
         except OSError as e:
             out['net'] = 'refused'
-        out['pids'] = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
+        try:
+            os.kill({os.getpid()}, 0); out['host pid'] = 'visible'
+        except ProcessLookupError:
+            out['host pid'] = 'not found'
+        out['pid'] = os.getpid()
         try:
             out['secret'] = open({path!r}).read()
         except OSError:
@@ -363,7 +378,7 @@ def test_namespaces_alone_hide_the_host(tier, tmp_path, secret):
                           text=True, timeout=30, cwd=root)
     server.close()
     out = eval(done.stdout)  # our own dict literal
-    assert out["net"] == "refused" and max(out["pids"]) < 10, (out, done.stderr)
+    assert out["net"] == "refused" and out["host pid"] == "not found" and out["pid"] < 10, (out, done.stderr)
     if tier == "bwrap":
         assert out["secret"] is None
 
@@ -381,3 +396,88 @@ def test_an_unavailable_tier_is_an_error_not_a_silent_downgrade(monkeypatch):
 def test_results_say_which_isolation_ran():
     r = run_python("print(1)")
     assert r.isolation == TIERS[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"), reason="needs root and a system "
+                    "Python that nobody can read")
+@pytest.mark.parametrize("tier", [t for t in NAMESPACED + ["hook"] if t != "bwrap"])
+def test_as_root_the_program_runs_as_nobody_where_it_can(tier, monkeypatch):
+    """With an interpreter every user can read, the program drops to nobody (the judge stays ours): the host's
+    files are then guarded by their permissions too, not by the audit hook alone."""
+    from lmforge.sandbox import isolation
+
+    monkeypatch.setattr(isolation, "python_executable", lambda: os.path.realpath("/usr/bin/python3"))
+    monkeypatch.setattr(isolation, "drops_privileges", lambda: True)
+    r = run_python("import os\nopen('x', 'w').write('1')\nprint(os.getuid(), os.getgid(), open('x').read())",
+                   limits(tier))
+    assert (r.status, r.stdout) == ("passed", "65534 65534 1\n"), (r.status, r.detail)
+    test = CodeTest(code="import os\ndef uid():\n    return os.getuid()\n",
+                    tests="import os\nassert uid() == 65534 and os.getuid() == 0\n")
+    assert run_tests(test, limits(tier)).status == "passed"
+
+
+# ---- found by a red-team review
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_program_shadowing_builtins_the_tests_use_does_not_pass(tier):
+    problem = {p["task_id"]: p for p in load_problems()}["HumanEval/2"]  # truncate_number; check() calls abs()
+    assert run_tests(code_test(problem, "    return number % 1.0\n"), limits(tier)).status == "passed"
+    r = run_tests(code_test(problem, "    return 0.5\n\ndef abs(x):\n    return 0\n"), limits(tier))
+    assert r.status == "failed", (r.status, r.detail)
+    mbpp = CodeTest("def f(x):\n    return 42\ndef sorted(x):\n    return 1\ndef len(x):\n    return 3\n",
+                    "assert sorted(f([3, 1, 2])) == sorted([1, 2, 3])\nassert len(f('abc')) == 3\n", entry_point="f")
+    assert run_tests(mbpp, limits(tier)).status == "failed"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_path_object_lying_about_its_class_reads_and_writes_nothing(tier, secret):
+    path, token, target = secret
+    code = textwrap.dedent(f"""
+        import io
+        open('harmless', 'w').write('ok')
+        class P:
+            __class__ = property(lambda self: str)
+            def __init__(self, evil):
+                self.evil, self.calls = evil, 0
+            def __fspath__(self):
+                self.calls += 1
+                return self.evil if self.calls == 1 else 'harmless'
+        for attempt in (lambda: print(io.FileIO(P({path!r})).read()),
+                        lambda: io.FileIO(P({target!r}), 'w').write(b'escaped'),
+                        lambda: io.FileIO(P('/proc/self/mem'), 'r+')):
+            try:
+                attempt()
+            except Exception as e:
+                print('E', type(e).__name__)
+    """)
+    r = run_python(code, limits(tier))
+    assert token not in r.stdout and not os.path.exists(target) and r.status == "refused", (r.status, r.stdout)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_the_program_cannot_rewrite_the_judges_tests(tier, problem):
+    completion = textwrap.dedent("""\
+            return -1
+
+        import glob, io, os
+        for p in glob.glob('/tmp/lmforge-sandbox-*/judge/top/*.py') + [__file__.rsplit('/', 3)[0] + '/judge/top/tests.py']:
+            for attempt in (lambda: open(p, 'w').write('pass\\n'), lambda: io.FileIO(p, 'w').write(b'pass\\n')):
+                try:
+                    attempt()
+                except Exception:
+                    pass
+    """)
+    assert run_tests(code_test(problem, completion), limits(tier)).status in NOT_PASSED
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_odd_signals_and_deep_trees_do_not_break_the_evaluator(tier):
+    r = run_python("import signal\nsignal.raise_signal(40)", limits(tier))  # a real-time signal: no Signals name
+    assert r.status == "failed" and "40" in r.detail, (r.status, r.detail)
+    before = set(os.listdir("/tmp"))
+    code = ("import os\nfd = os.open('.', os.O_RDONLY)\nfor i in range(1200):\n    os.mkdir('d', dir_fd=fd)\n"
+            "    fd = os.open('d', os.O_RDONLY, dir_fd=fd)\n")
+    r = run_python(code, limits(tier))
+    assert r.status in ("passed", "failed", "refused")
+    assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("lmforge-sandbox-")}

@@ -27,6 +27,18 @@ def _limits(cfg, write, exit_):
         write(2, ("\n%s cannot set resource limits: %s\n" % (cfg["error_mark"], e)).encode())
         exit_(cfg["error_exit"])
     if cfg["seccomp"]:
+        import ctypes  # noqa: F401  (seccomp.install needs it; loaded while the installation is still readable)
+    if cfg.get("drop_to") is not None:  # before seccomp, which forbids changing ids
+        import os
+
+        try:
+            os.setgroups([])
+            os.setgid(cfg["drop_to"])
+            os.setuid(cfg["drop_to"])
+        except OSError as e:
+            write(2, ("\n%s cannot drop privileges: %s\n" % (cfg["error_mark"], e)).encode())
+            exit_(cfg["error_exit"])
+    if cfg["seccomp"]:
         import seccomp  # already loaded by main()
 
         try:
@@ -40,10 +52,10 @@ def _limits(cfg, write, exit_):
 
 def _hook(cfg):
     """The audit hook (PEP 578). It refers only to immutable values and built-in functions bound as defaults, so
-    nothing the program can reach (frames, modules, builtins) changes what it allows. `strict` (where the hook is
-    the only guard of the file system) also refuses path objects other than str, bytes and os.DirEntry (the hook
-    cannot see which path their `__fspath__` gave the C code), '..' components, and changing directory (a
-    relative path then resolves the same in the hook and in the kernel)."""
+    nothing the program can reach (frames, modules, builtins) changes what it allows. It refuses path objects other
+    than exact str, bytes and os.DirEntry (the hook cannot see which path their `__fspath__` gave the C code, and
+    `isinstance` believes a lying `__class__`), '..' components, and changing directory, so that a path resolves
+    the same in the hook and in the kernel whatever other threads do meanwhile."""
     import os.path
     import posix
     import _stat
@@ -51,18 +63,15 @@ def _hook(cfg):
     roots = (os.path.realpath(cfg["root"]),)
     readable = tuple(os.path.realpath(p) for p in list(sys.path) + [sys.prefix, sys.base_prefix] + cfg["readable"]
                      if p) + roots
-    refused_events = set(cfg["refused_events"])
-    if cfg["strict"]:
-        refused_events.add("os.chdir")
+    refused_events = set(cfg["refused_events"]) | {"os.chdir"}
 
     def hook(event, args, lstat=posix.lstat, readlink=posix.readlink, getcwd=posix.getcwd, fspath=posix.fspath,
              S_ISLNK=_stat.S_ISLNK, S_ISDIR=_stat.S_ISDIR, write=posix.write, type=type, str=str, bytes=bytes,
-             int=int, len=len, any=any, tuple=tuple, hasattr=hasattr, isinstance=isinstance, BaseException=BaseException,
-             PermissionError=PermissionError, roots=roots, readable=readable, strict=cfg["strict"],
-             exact=(str, bytes, posix.DirEntry), devices=("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"),
+             int=int, len=len, any=any, tuple=tuple, hasattr=hasattr, BaseException=BaseException,
+             PermissionError=PermissionError, roots=roots, readable=readable, exact=(str, bytes, posix.DirEntry), devices=("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"),
              refused_events=frozenset(refused_events), refused_prefixes=tuple(cfg["refused_prefixes"]),
              refused_imports=frozenset(cfg["refused_imports"]), write_events=frozenset(cfg["write_events"]),
-             read_events=frozenset(cfg["read_events"]), mark=cfg["refused_mark"], join="".join, bjoin=b"".join,
+             read_events=frozenset(cfg["read_events"]), mark=cfg["refused_mark"],
              write_flags=posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND):
         checks, reason = [], None  # (path, allowed roots, opening), or a reason to refuse outright
         try:
@@ -80,19 +89,18 @@ def _hook(cfg):
             elif event in write_events or event in read_events:
                 allowed = roots if event in write_events else readable
                 for a in args:
-                    if a is not None and type(a) is not int and (isinstance(a, (str, bytes)) or hasattr(a, "__fspath__")):
+                    if a is not None and type(a) is not int and (type(a) in exact or hasattr(a, "__fspath__")):
                         checks.append((a, allowed, False))
             for path, allowed, is_open in checks:
-                if strict and not isinstance(path, exact):
+                if type(path) not in exact:
                     reason = "%s with a path object of type %s (use str paths)" % (event, type(path).__name__)
                     break
                 path = fspath(path)
-                # an exact str or bytes (a subclass could override the methods used below)
-                path = bjoin((path,)).decode("utf-8", "surrogateescape") if isinstance(path, bytes) else join((path,))
+                path = path.decode("utf-8", "surrogateescape") if type(path) is bytes else path
                 if not path.startswith("/"):
                     path = getcwd() + "/" + path
                 todo, done, hops = path.split("/"), [], 0
-                if strict and ".." in todo:
+                if ".." in todo:
                     reason = "%s of a path with '..' (%s)" % (event, path)
                     break
                 while todo:  # os.path.realpath, inlined: '.', '..' and symbolic links resolved
@@ -215,6 +223,15 @@ def _serve(namespace, cfg):
     posix._exit(0)
 
 
+def _names(code):
+    """Every name a code object (and the functions and classes inside it) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if type(const) is type(code):
+            names |= _names(const)
+    return names
+
+
 def _judge(cfg):
     """Run the trusted context and tests against the serving program; the verdict goes to the verdict pipe."""
     import builtins
@@ -266,14 +283,22 @@ def _judge(cfg):
         call.__name__ = call.__qualname__ = name
         return call
 
-    exported = set(str(n) for n in ready["ready"])
-    for name in exported:  # the context's own definitions stay trusted; the entry point is always the program's
-        if name.isidentifier() and (name == entry or name not in namespace):
-            namespace[name] = bind(name)
-    if entry and entry not in exported:
-        report("failed", "the program does not define %s" % entry)
     try:
-        exec(compile(open(cfg["tests"], encoding="utf-8").read(), "tests.py", "exec"), namespace)
+        tests = compile(open(cfg["tests"], encoding="utf-8").read(), "tests.py", "exec")
+    except BaseException:
+        report("error", "the tests do not compile: " + traceback.format_exc(limit=0))
+    exported = set(str(n) for n in ready["ready"])
+    # the program answers for the entry point and for the names the tests use that nothing trusted defines: never
+    # for a context definition or a built-in (a program's `def abs` or `def range` must not reach the tests)
+    for name in exported & _names(tests):
+        if name == entry or (name not in namespace and name not in vars(builtins)):
+            namespace[name] = bind(name)
+    if entry:
+        if entry not in exported:
+            report("failed", "the program does not define %s" % entry)
+        namespace[entry] = bind(entry)
+    try:
+        exec(tests, namespace)
         if entry and callable(namespace.get("check")):
             namespace["check"](namespace[entry])
     except wire.Unsupported as e:

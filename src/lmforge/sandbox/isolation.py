@@ -2,11 +2,12 @@
 
 - bwrap (bubblewrap): new user, mount, PID, network, IPC, UTS and cgroup namespaces; no capabilities, no nested
   user namespaces, a new session; the file system is read-only system folders and the Python installation, the
-  child's own files at /sandbox (read-only) and a size-capped tmpfs at /work (the only writable place).
+  child's own files at /sandbox (read-only), a minimal /dev, no /proc, and a size-capped tmpfs at /work (the only
+  writable place).
 - unshare (util-linux): the same namespaces and a size-capped tmpfs over the work folder, but the rest of the file
-  system is the host's, guarded by the audit hook alone.
-- hook: no namespaces (e.g. no user namespaces allowed, or not Linux): rlimits, seccomp and the audit hook only;
-  writes are capped per file, not in total.
+  system is the host's, guarded by the audit hook (and, when we are root, by running the program as nobody).
+- hook: no namespaces (e.g. no user namespaces allowed, or not Linux): rlimits, seccomp and the audit hook only
+  (and nobody's permissions when we are root); writes are capped per file, not in total.
 
 Each tier is probed once per process by starting an interpreter in it. In both namespace tiers the interpreter is
 not PID 1 (bwrap's init or a shell is), and a child killed by signal N is reported as exit status 128 + N.
@@ -25,6 +26,8 @@ from pathlib import Path
 __all__ = ["TIERS", "available", "best", "command", "python_executable"]
 
 TIERS = ("bwrap", "unshare", "hook")
+NOBODY = 65534
+"""The uid and gid an untrusted program runs as when we are root (bwrap: inside its own user namespace)."""
 INSIDE_TOP, INSIDE_ROOT = "/sandbox", "/work"
 
 
@@ -47,20 +50,40 @@ def _system_binds() -> list[str]:
     return args
 
 
+@functools.lru_cache(maxsize=None)
+def drops_privileges() -> bool:
+    """Whether the program process switches to NOBODY itself (tiers unshare and hook), so that the file system's
+    permissions guard the host's files too: when we are root and NOBODY can read the Python installation (a
+    pyenv under /root, say, it cannot; then the audit hook is the only guard of the host's files)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    for folder in {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(python_executable()))}:
+        path = Path(folder)
+        for p in (path, *path.parents):
+            if not p.stat().st_mode & 0o001:  # others may not pass through
+                return False
+        if not path.stat().st_mode & 0o004:
+            return False
+    return True
+
+
 def command(tier: str, top: Path, root: Path, disk_bytes: int) -> tuple[list[str], str, str]:
     """(argv prefix, top folder, root folder as the child sees them) for starting a child in `tier`: `top` holds
     the child's files, `root` is its (empty) writable working folder."""
     if tier == "bwrap":
         argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
                 "--cap-drop", "ALL", "--uid", "65534", "--gid", "65534", "--hostname", "sandbox", *_system_binds(),
-                "--proc", "/proc", "--dev", "/dev", "--size", str(disk_bytes), "--tmpfs", INSIDE_ROOT,
+                "--dev", "/dev", "--size", str(disk_bytes), "--tmpfs", INSIDE_ROOT,
                 "--ro-bind", str(top), INSIDE_TOP, "--chdir", INSIDE_ROOT, "--"]
         return argv, INSIDE_TOP, INSIDE_ROOT
-    if tier == "unshare":
+    if tier == "unshare":  # root makes the namespaces itself (no user namespace), and the child drops to NOBODY
         # the shell stays as the namespace's PID 1 (which ignores signals it has no handler for) and runs the child
-        script = 'mount -t tmpfs -o size="$1",mode=700 lmforge-sandbox "$2" && cd "$2" || exit 70; shift 2; "$@"; exit $?'
-        argv = ["unshare", "--user", "--map-root-user", "--mount", "--pid", "--fork", "--kill-child", "--net",
-                "--ipc", "--uts", "--mount-proc", "sh", "-c", script, "sh", str(disk_bytes), str(root)]
+        owner = f",uid={NOBODY},gid={NOBODY}" if drops_privileges() else ""
+        script = ('mount -t tmpfs -o size="$1",mode=700' + owner + ' lmforge-sandbox "$2" && cd "$2" || exit 70; '
+                  'shift 2; "$@"; exit $?')
+        user = [] if drops_privileges() else ["--user", "--map-root-user"]
+        argv = ["unshare", *user, "--mount", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--uts",
+                "--mount-proc", "sh", "-c", script, "sh", str(disk_bytes), str(root)]
         return argv, str(top), str(root)
     if tier == "hook":
         return [], str(top), str(root)

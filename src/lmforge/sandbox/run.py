@@ -14,6 +14,7 @@ nor print a verdict, nor return an object whose `__eq__` lies. Only the judge's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 from . import isolation
 
@@ -44,8 +45,12 @@ _EVENTS = dict(
                     "sys.setprofile", "os.chroot", "webbrowser.open", "os.symlink", "os.link", "signal.pthread_kill",
                     "fcntl.ioctl", "sys.addaudithook"],
     refused_prefixes=["socket.", "ctypes.", "_winapi.", "msvcrt."],
+    # C modules that touch files, processes or terminals without audit events of their own
     refused_imports=["_posixsubprocess", "_ctypes", "_testcapi", "_testinternalcapi", "_xxsubinterpreters",
-                     "_multiprocessing", "ctypes"],
+                     "_multiprocessing", "ctypes", "readline", "_sqlite3", "_posixshmem", "spwd", "pwd", "grp", "_dbm",
+                     "_gdbm", "_curses", "_curses_panel", "_tkinter", "nis", "ossaudiodev", "syslog", "termios",
+                     "_testbuffer", "_testmultiphase", "_testimportmultiple", "_testsinglephase", "_xxtestfuzz",
+                     "xxlimited", "xxlimited_35", "_testclinic"],
     write_events=["os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
                   "os.utime", "os.setxattr", "os.removexattr", "os.chflags", "os.lchflags", "os.lchmod", "os.mkfifo",
                   "os.mknod", "os.chdir", "shutil.rmtree", "shutil.copyfile", "shutil.copymode", "shutil.copystat",
@@ -127,13 +132,16 @@ class _Child:
     def __init__(self, role: str, files: dict[str, str], limits: SandboxLimits, tier: str, tmp: Path,
                  fds: dict[str, int], extra: dict, stdin: str = ""):
         top, root = tmp / "top", tmp / "work"  # the child's files (read-only to it) and its working folder
-        top.mkdir()
-        root.mkdir()
+        drop = role != "judge" and tier != "bwrap" and isolation.drops_privileges()  # the judge stays ours
+        top.mkdir(mode=0o755 if drop else 0o700)
+        root.mkdir(mode=0o700)
+        if drop:  # NOBODY reads its files and writes its work folder (the tmpfs, in the unshare tier), nothing else
+            os.chown(root, isolation.NOBODY, isolation.NOBODY)
         here = Path(__file__).parent
         for name in _CHILD_FILES:
             shutil.copyfile(here / name, top / name)
         for name, text in files.items():
-            (top / name).write_text(text, encoding="utf-8")
+            (top / name).write_text(text, encoding="utf-8")  # 0644 under the usual umask
         (top / "stdin.txt").write_text(stdin, encoding="utf-8")
         prefix, inside_top, inside_root = isolation.command(tier, top, root, limits.max_disk_bytes)
         cfg = dict(role=role, root=inside_root, readable=[inside_top], stdin=f"{inside_top}/stdin.txt",
@@ -141,7 +149,7 @@ class _Child:
                    tests=f"{inside_top}/tests.py" if "tests.py" in files else None,
                    context=f"{inside_top}/context.py" if "context.py" in files else None,
                    memory_mb=limits.memory_mb, cpu_s=limits.cpu_s, max_file_bytes=limits.max_file_bytes,
-                   seccomp=_seccomp_supported(), strict=tier != "bwrap", fds=fds,
+                   seccomp=_seccomp_supported(), drop_to=isolation.NOBODY if drop else None, fds=fds,
                    max_message_bytes=MAX_MESSAGE_BYTES, refused_exit=REFUSED_EXIT, memory_exit=MEMORY_EXIT,
                    error_exit=ERROR_EXIT, **MARKS, **_EVENTS, **extra)
         (top / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
@@ -186,7 +194,8 @@ class _Child:
         return rc, b"".join(self.out).decode("utf-8", "replace"), b"".join(self.err).decode("utf-8", "replace")
 
 
-_SIGNALS = {s.value for s in signal.Signals}
+_SIGNALS = {int(s) for s in signal.valid_signals()}  # real-time ones included
+_NAMED = {s.value for s in signal.Signals}
 
 
 def _seccomp_supported() -> bool:
@@ -217,6 +226,22 @@ def _marked(text: str, mark: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _scratch() -> Iterator[Path]:
+    """A temporary folder (0711: NOBODY may pass through to the program's files), removed afterwards even when the
+    program left a tree too deep for a recursive delete."""
+    path = Path(tempfile.mkdtemp(prefix="lmforge-sandbox-"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        try:
+            shutil.rmtree(path)
+        except (OSError, RecursionError):
+            subprocess.run(["rm", "-rf", "--", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
+
+
 def _tier(limits: SandboxLimits) -> tuple[str | None, str]:
     """(tier to use, or None with the reason it cannot run)."""
     if limits.isolation == "auto":
@@ -243,7 +268,7 @@ def _program_status(rc: int | None, stdout: str, stderr: str, seconds: float, ti
     if rc == 0:
         return "passed", ""
     if rc is not None and rc < 0:
-        return "failed", f"killed by {signal.Signals(-rc).name}"
+        return "failed", f"killed by {signal.Signals(-rc).name if -rc in _NAMED else f'signal {-rc}'}"
     return "failed", _tail(stderr) or f"exit code {rc}"
 
 
@@ -255,9 +280,9 @@ def run_python(code: str, limits: SandboxLimits | None = None, stdin: str = "") 
     tier, why = _tier(limits)
     if tier is None:
         return SandboxResult("error", None, "", "", 0.0, why)
-    with tempfile.TemporaryDirectory(prefix="lmforge-sandbox-") as tmp:
+    with _scratch() as tmp:
         try:
-            child = _Child("program", {"program.py": code}, limits, tier, Path(tmp), {}, {}, stdin)
+            child = _Child("program", {"program.py": code}, limits, tier, tmp, {}, {}, stdin)
         except OSError as e:
             return SandboxResult("error", None, "", "", 0.0, f"cannot start the sandbox: {e}", tier)
         timed_out = child.wait(child.started + limits.timeout_s)
@@ -283,14 +308,14 @@ def run_tests(test: CodeTest, limits: SandboxLimits | None = None) -> SandboxRes
     reader.start()
     children: list[_Child] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="lmforge-sandbox-") as tmp:
-            (Path(tmp) / "program").mkdir()
-            (Path(tmp) / "judge").mkdir()
+        with _scratch() as tmp:
+            (tmp / "program").mkdir(mode=0o711)
+            (tmp / "judge").mkdir(mode=0o700)
             try:
-                children.append(_Child("serve", {"program.py": test.code}, limits, tier, Path(tmp) / "program",
+                children.append(_Child("serve", {"program.py": test.code}, limits, tier, tmp / "program",
                                        {"requests": req_r, "replies": rep_w}, {}))
                 judge_files = {"tests.py": test.tests} | ({"context.py": test.context} if test.context else {})
-                children.append(_Child("judge", judge_files, limits, tier, Path(tmp) / "judge",
+                children.append(_Child("judge", judge_files, limits, tier, tmp / "judge",
                                        {"requests": req_w, "replies": rep_r, "verdict": ver_w},
                                        {"entry_point": test.entry_point}))
             except OSError as e:

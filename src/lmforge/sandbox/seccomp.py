@@ -4,7 +4,7 @@ Denied (EPERM): new processes (fork, vfork, execve, clone without CLONE_THREAD o
 ENOSYS so the C library falls back to clone and threads still work), signals to any process but this one (kill,
 tgkill and rt_sigqueueinfo only for our own pid; tkill and pidfd_* never), tracing and other processes' memory
 (ptrace, process_vm_*, kcmp), namespaces and mounts, sockets, raising resource limits or changing ids, TIOCSTI,
-and kernel interfaces a program has no use for (bpf, perf_event_open, io_uring, keyrings, modules, clocks, ...).
+choosing who gets SIGIO (fcntl F_SETOWN / F_SETSIG / F_SETOWN_EX, FIOSETOWN, SIOCSPGRP), and kernel interfaces a program has no use for (bpf, perf_event_open, io_uring, keyrings, modules, clocks, ...).
 A call from another architecture's ABI (x32 on x86_64, or a foreign audit arch) kills the process.
 
 This file is self-contained (standard library only): the sandbox child imports it from its own folder before the
@@ -32,7 +32,7 @@ _ARCHES = {
         open_by_handle_at=304, name_to_handle_at=303, quotactl=179, syslog=103, vhangup=153, mbind=237,
         migrate_pages=256, move_pages=279, setrlimit=160, prlimit64=302, setuid=105, setgid=106, setreuid=113,
         setregid=114, setresuid=117, setresgid=119, setfsuid=122, setfsgid=123, setgroups=116, capset=126,
-        ioctl=16)),
+        ioctl=16, fcntl=72)),
     "aarch64": (0xC00000B7, dict(
         execve=221, execveat=281, clone=220, clone3=435, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
         rt_tgsigqueueinfo=240, pidfd_open=434, pidfd_send_signal=424, pidfd_getfd=438, ptrace=117,
@@ -46,7 +46,7 @@ _ARCHES = {
         open_by_handle_at=265, name_to_handle_at=264, quotactl=60, syslog=116, vhangup=58, mbind=235,
         migrate_pages=238, move_pages=239, setrlimit=164, prlimit64=261, setuid=146, setgid=144, setreuid=145,
         setregid=143, setresuid=147, setresgid=149, setfsuid=151, setfsgid=152, setgroups=159, capset=91,
-        ioctl=29)),
+        ioctl=29, fcntl=25)),
 }
 _DENIED = ("fork", "vfork", "execve", "execveat", "tkill", "pidfd_open", "pidfd_send_signal", "pidfd_getfd",
            "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "process_madvise", "unshare", "setns", "mount",
@@ -67,7 +67,8 @@ _EPERM, _ENOSYS = 1, 38
 _CLONE_THREAD = 0x00010000
 _CLONE_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 \
     | 0x00000080  # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME
-_TIOCSTI = 0x5412
+_IOCTL_DENIED = (0x5412, 0x8901, 0x8902)  # TIOCSTI; FIOSETOWN, SIOCSPGRP (choose who gets SIGIO)
+_FCNTL_DENIED = (8, 10, 15)  # F_SETOWN, F_SETSIG, F_SETOWN_EX: a signal of our choice to any process on I/O
 _X32_BIT = 0x40000000
 
 
@@ -99,6 +100,7 @@ def build(pid: int) -> bytes:
     emit(_JEQ, nr["clone3"], "enosys", None)
     emit(_JEQ, nr["clone"], "clone", None)
     emit(_JEQ, nr["ioctl"], "ioctl", None)
+    emit(_JEQ, nr["fcntl"], "fcntl", None)
     emit(_JEQ, nr["prlimit64"], "prlimit", None)
     for name in _SELF_ONLY:
         emit(_JEQ, nr[name], "self_only", None)
@@ -109,7 +111,14 @@ def build(pid: int) -> bytes:
     emit(_JSET, _CLONE_THREAD, "allow", "eperm")
     code.append("ioctl")
     emit(_LD_ABS, _arg_lo(1))  # request
-    emit(_JEQ, _TIOCSTI, "eperm", "allow")
+    for request in _IOCTL_DENIED:
+        emit(_JEQ, request, "eperm", None)
+    emit(_RET, _ALLOW)
+    code.append("fcntl")
+    emit(_LD_ABS, _arg_lo(1))  # command
+    for command in _FCNTL_DENIED:
+        emit(_JEQ, command, "eperm", None)
+    emit(_RET, _ALLOW)
     code.append("prlimit")
     emit(_LD_ABS, _arg_lo(2))  # new limit: only reading (NULL) is allowed
     emit(_JEQ, 0, None, "eperm")
