@@ -7,21 +7,27 @@ by positional arguments, in order) and ``main(cfg) -> int | None``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
 import json
 import keyword
+import os
 import re
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
 from lmforge.config import (
     COMMAND_LINE, ConfigError, dump_yaml, iter_fields, key_type, load_config, to_dict, type_name,
 )
-from lmforge.data.readers import DataError
+from lmforge.errors import DEBUG_ENV, InputError, debug_requested, one_line
+
+INPUT_ERRORS = (ConfigError, InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""Errors about what the user gave (exit status 2); DataError and model-file errors are InputErrors."""
 
 VERBS: dict[str, str] = {
     "generate": "Generate text from a model (plain or chat)",
@@ -49,18 +55,49 @@ _BOOLS = {"true", "false", "yes", "no", "on", "off", "True", "False", "Yes", "No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit code (2 for config errors, 130 on Ctrl-C)."""
+    """Console entry point; returns the exit code: 2 for bad input (config, data or model files), 1 for a runtime
+    failure, 130 on Ctrl-C. Errors print as one line; `--debug` (anywhere before `--`) or LMFORGE_DEBUG=1 adds
+    the traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
+    end = args.index("--") if "--" in args else len(args)
+    flag = "--debug" in args[:end]
+    args = [a for a in args[:end] if a != "--debug"] + args[end:]
+    with _debug_env(flag):
+        try:
+            return _run(args)
+        except KeyboardInterrupt:
+            return 130
+        except Exception as e:  # noqa: BLE001 - every failure ends in one line (and a traceback only on request)
+            if debug_requested():
+                traceback.print_exc()
+            code, line = describe_error(e)
+            print(f"error: {line}", file=sys.stderr)
+            return code
+
+
+@contextlib.contextmanager
+def _debug_env(on: bool) -> Iterator[None]:
+    """LMFORGE_DEBUG=1 while a command given --debug runs (code that reports errors itself, such as pipeline
+    stages, reads it), restored afterwards."""
+    saved = os.environ.get(DEBUG_ENV)
+    if on:
+        os.environ[DEBUG_ENV] = "1"
     try:
-        return _run(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, FileNotFoundError) as e:  # bad or missing input: the message names file and line
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        yield
+    finally:
+        if on and saved is None:
+            os.environ.pop(DEBUG_ENV, None)
+        elif on:
+            os.environ[DEBUG_ENV] = saved
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """(exit status, one-line message) of an error: 2 with the message for bad input, 1 with the exception's type
+    and a pointer to `--debug` for anything else."""
+    if isinstance(e, INPUT_ERRORS):
+        return 2, one_line(str(e) or type(e).__name__)
+    text = one_line(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+    return 1, f"{text} (a runtime failure; --debug or {DEBUG_ENV}=1 prints the traceback)"
 
 
 def _run(args: list[str]) -> int:
@@ -86,7 +123,12 @@ def _run(args: list[str]) -> int:
     if print_config:
         sys.stdout.write(dump_yaml(cfg))
         return 0
-    return int(stage.main(cfg) or 0)
+    try:
+        return int(stage.main(cfg) or 0)
+    except ConfigError as e:  # a setting found wrong while running: name the file it came from
+        if path is not None and str(path) not in str(e):
+            raise ConfigError(f"{e} (config {path})") from e
+        raise
 
 
 def parse_args(args: Sequence[str], cls: type, positional: Sequence[str] = ()) -> tuple[str | None, list[str], bool]:
@@ -199,7 +241,8 @@ def overview() -> str:
     width = max(map(len, VERBS))
     lines = ["usage: lmforge <command> [args ...]", "", "commands:"]
     lines += [f"  {v.ljust(width)}  {d}" for v, d in VERBS.items()]
-    lines += ["", "Run 'lmforge <command> --help' for a command's options; 'lmforge --version' for the version."]
+    lines += ["", "Run 'lmforge <command> --help' for a command's options; 'lmforge --version' for the version.",
+              f"Errors print as one line; add --debug (or set {DEBUG_ENV}=1) to see the traceback."]
     return "\n".join(lines)
 
 

@@ -230,6 +230,8 @@ def _from_cli(text: str, tp: Any) -> Any:
         node = yaml.compose(text)
         if get_origin(inner) in (list, tuple) and isinstance(node, yaml.ScalarNode) and not node.style:
             node = yaml.compose(f"[{text}]")  # --betas 0.9,0.95
+        if node is not None:
+            _check_expansion(node, COMMAND_LINE)
     except yaml.YAMLError:
         if get_origin(inner) in (list, tuple):  # e.g. include=[*.py] (YAML would read * as an alias)
             items = text.strip().removeprefix("[").removesuffix("]").split(",")
@@ -368,11 +370,22 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, ctx: _Ctx, base: 
         raise ConfigError(f"{prefix[:-1]}: {e}" if prefix else str(e)) from e
 
 
-def _validate(obj: Any, key: str) -> None:
-    """Call ``validate()`` on every dataclass in the tree, children first."""
+def _invalid(obj: Any, key: str, message: str, ctx: _Ctx | None) -> ConfigError:
+    """The ConfigError of a failed ``validate()``: a message starting with one of the object's field names
+    ("lr: must be > 0") is about that field, so the error names its dotted key and where its value came from."""
+    name, sep, rest = message.partition(": ")
+    if sep and name in _fields(type(obj)):
+        key, message = (f"{key}.{name}" if key else name), rest
+    where = ctx.where(key) if ctx is not None and key else ""
+    return ConfigError(f"{key}: {message}{where}" if key else message)
+
+
+def _validate(obj: Any, key: str, ctx: _Ctx | None = None) -> None:
+    """Call ``validate()`` on every dataclass in the tree, children first; a ValueError becomes a ConfigError
+    naming the key and where its value came from."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            _validate(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+            _validate(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name, ctx)
         hook = getattr(obj, "validate", None)
         if callable(hook):
             try:
@@ -380,32 +393,85 @@ def _validate(obj: Any, key: str) -> None:
             except ConfigError:
                 raise
             except ValueError as e:
-                raise ConfigError(f"{key}: {e}" if key else str(e)) from e
+                raise _invalid(obj, key, str(e), ctx) from e
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            _validate(v, f"{key}[{i}]")
+            _validate(v, f"{key}[{i}]", ctx)
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            _validate(v, f"{key}.{k}")
+            _validate(v, f"{key}.{k}", ctx)
 
 
 # ----------------------------------------------------------------------------- loading
 
-def _read_yaml(path: Path, ctx: _Ctx) -> dict[str, Any]:
-    """Read a YAML mapping, recording the line of every dotted key in ``ctx.sources``."""
+MAX_YAML_VALUES = 100_000
+"""Most values a config may expand to, aliases counted at every use: a 'billion laughs' file (aliases of aliases,
+a few hundred bytes that expand to billions of values) stops with an error instead of filling the memory."""
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; ConfigError naming the file and line of an unreadable or non-UTF-8 file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8 ({e.reason}); expected a "
+                          f"UTF-8 text file") from None
+
+
+def _parse_yaml(text: str, where: str) -> tuple[yaml.Node | None, Any]:
+    """(node graph, data) of a YAML document, checked first to expand to at most MAX_YAML_VALUES values; syntax
+    errors become one-line ConfigErrors with the line and column."""
     loader = yaml.SafeLoader(text)
-    loader.name = str(path)  # marks in YAML syntax errors name the file
+    loader.name = where  # marks in YAML syntax errors name the file
     try:
         node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
+        if node is None:
+            return None, None
+        _check_expansion(node, where)
+        return node, loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        context = f" ({e.context})" if e.context else ""
+        raise ConfigError(f"{where}{at}: invalid YAML: {e.problem}{context}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply to read") from None
     finally:
         loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """ConfigError when the values reachable from `root`, counted at every alias use, exceed MAX_YAML_VALUES; the
+    walk stops there, so it costs at most that many steps whatever the aliases."""
+    seen: set[int] = set()
+    repeated: yaml.Node | None = None
+    stack, count = [root], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            anchor = f" (the anchor at line {repeated.start_mark.line + 1} is used again and again)" if repeated else ""
+            raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_VALUES:,} values through "
+                              f"aliases{anchor}; expected a config of at most {MAX_YAML_VALUES:,} values")
+        if id(node) in seen and repeated is None:
+            repeated = node
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
+def _read_yaml(path: Path, ctx: _Ctx) -> dict[str, Any]:
+    """Read a YAML mapping, recording the line of every dotted key in ``ctx.sources``."""
+    node, data = _parse_yaml(_read_text(path), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -453,7 +519,7 @@ def load_config(cls: type[T], path: str | Path | None = None,
         node[last] = value
         ctx.set_source(key, source)
     cfg = _build(cls, tree, "", ctx)
-    _validate(cfg, "")
+    _validate(cfg, "", ctx)
     return cfg
 
 

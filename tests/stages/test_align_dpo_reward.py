@@ -282,7 +282,7 @@ def test_bad_preference_data_names_file_and_line(tiny, tmp_path, capsys, verb):
     cfg = {"run_dir": str(tmp_path / "r"), "model": {"init_from": str(tiny)}, "data": {"train": [str(data)]},
            "train": {"device": "cpu", "progress_bar": False}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert cli.main([verb, "--config", str(tmp_path / "c.yaml")]) == 1
+    assert cli.main([verb, "--config", str(tmp_path / "c.yaml")]) == 2  # bad input
     err = capsys.readouterr().err
     assert f"{data}:3" in err and "missing 'rejected'" in err
 

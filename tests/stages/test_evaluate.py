@@ -58,7 +58,7 @@ def test_bad_tasks_fail_clearly(tiny_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
     assert cli.main(["evaluate", "--model", str(tiny_dir), "--tasks", f"mc:{bad}", "--output",
-                     str(tmp_path / "o")]) == 1
+                     str(tmp_path / "o")]) == 2  # bad input
     err = capsys.readouterr().err
     assert f"{bad}:1" in err and "answer" in err
 
@@ -98,11 +98,11 @@ def test_bad_generation_files_name_file_and_line(tiny_dir, tmp_path, capsys):
         bad = tmp_path / "bad.jsonl"
         bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
         assert cli.main(["evaluate", "--model", str(tiny_dir), "--tasks", f"gen:{bad}", "--output",
-                         str(tmp_path / "o")]) == 1
+                         str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert str(bad) in err and match in err, err
     (tmp_path / "empty.jsonl").write_text("")
-    assert cli.main(["evaluate", "--model", str(tiny_dir), "--tasks", f"gen:{tmp_path / 'empty.jsonl'}"]) == 1
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--tasks", f"gen:{tmp_path / 'empty.jsonl'}"]) == 2
     assert "empty.jsonl" in capsys.readouterr().err
 
 
@@ -142,7 +142,7 @@ def test_classification_task_reports_against_direct_predictions(tmp_path, gpt2_t
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "positive"}\n{"text": "meh", "label": "neutral"}\n')
     assert cli.main(["evaluate", "--model", str(folder), "--tasks", f"cls:{bad}", "--output",
-                     str(tmp_path / "o")]) == 1
+                     str(tmp_path / "o")]) == 2
 
 
 def test_contamination_share_per_task(tiny_dir, tmp_path):

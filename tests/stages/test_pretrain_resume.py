@@ -1,13 +1,14 @@
 """Exact resume and atomic checkpoints of `lmforge pretrain`, on real data, across real process deaths.
 
 Run A trains 12 steps straight. Other runs use the same config, die in a subprocess (SIGKILL between steps,
-SIGKILL in the middle of a checkpoint write, SIGTERM) and are resumed with the same command; their final
-weights and per-step losses must be bit-identical to A's.
+SIGKILL in the middle of a checkpoint write, SIGTERM) or after their last checkpoint, and are resumed with the
+same command; their final weights, per-step losses and eval.json must be the same as A's.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,3 +176,45 @@ def test_sigterm_checkpoints_and_resumes(straight, bpe_data, tmp_path):
     assert _pretrain(config) == 0
     _assert_same_weights(_final(straight), _final(run))
     assert _losses(run) == _losses(straight)
+
+
+def test_a_rerun_at_the_last_step_writes_the_same_eval_json(straight, bpe_data, tmp_path):
+    """A finished run re-run, and a run killed after its last checkpoint (before final/ and eval.json were
+    written), train nothing and write eval.json with the last validation metrics, as the straight run did."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    config = write_config(tmp_path / "config.yaml", run, bpe_data.shards)
+    want = json.loads((straight / "eval.json").read_text())
+    assert want["step"] == STEPS and "val_loss" in want
+
+    assert _pretrain(config) == 0  # the finished run, re-run
+    assert json.loads((run / "eval.json").read_text()) == want
+
+    shutil.rmtree(run / "final")  # killed after checkpoint 12, before the model and eval.json were written
+    (run / "eval.json").unlink()
+    assert _pretrain(config) == 0
+    assert json.loads((run / "eval.json").read_text()) == want
+    _assert_same_weights(_final(straight), _final(run))
+    assert _losses(run) == _losses(straight)
+
+
+@pytest.fixture(scope="module")
+def straight_bf16(bpe_data, tmp_path_factory) -> Path:
+    """Run A in bf16 autocast, the precision recipes train in."""
+    root = tmp_path_factory.mktemp("straight-bf16")
+    assert _pretrain(write_config(root / "config.yaml", root / "run", bpe_data.shards, precision="bf16")) == 0
+    return root / "run"
+
+
+def test_bf16_exact_resume_after_sigkill(straight_bf16, straight, bpe_data, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", run, bpe_data.shards, precision="bf16")
+    assert _losses(straight_bf16) != _losses(straight), "bf16 autocast did not change the arithmetic"
+
+    proc = _faulty_run(tmp_path, config, "kill-at", 9)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [6]
+
+    assert _pretrain(config) == 0
+    _assert_same_weights(_final(straight_bf16), _final(run))
+    assert _losses(run) == _losses(straight_bf16)

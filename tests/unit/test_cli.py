@@ -164,7 +164,7 @@ def test_unknown_verb(capsys):
     assert "did you mean 'generate'" in capsys.readouterr().err
 
 
-def test_exit_codes_from_main(stage, monkeypatch):
+def test_exit_codes_from_main(stage, monkeypatch, capsys):
     monkeypatch.setattr(stage, "main", lambda cfg: 3)
     assert cli.main(["fake"]) == 3
 
@@ -177,6 +177,10 @@ def test_exit_codes_from_main(stage, monkeypatch):
     def broken(cfg):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(stage, "main", broken)
-    with pytest.raises(RuntimeError, match="boom"):
-        cli.main(["fake"])
+    monkeypatch.setattr(stage, "main", broken)  # a runtime failure: one line, status 1, traceback on request
+    capsys.readouterr()
+    assert cli.main(["fake"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: RuntimeError: boom") and err.count("\n") == 1 and "--debug" in err
+    assert cli.main(["fake", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err

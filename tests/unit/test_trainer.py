@@ -1,16 +1,18 @@
 """`Trainer.fit()` on tiny models and in-memory batches: learning, the NaN/Inf guard, gradient accumulation,
-clipping, early stopping with checkpoint pruning, and bf16 autocast on CPU."""
+clipping, early stopping with checkpoint pruning, bf16 autocast on CPU, and resumes that lose nothing (a kill
+before the first checkpoint, a torn metrics line, a truncated checkpoint, an interrupted prune, bf16)."""
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmforge.engine.checkpoint import list_checkpoints
+from lmforge.engine.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
 from lmforge.engine.metrics import read_metrics
 from lmforge.engine.optim import OptimConfig
 from lmforge.engine.schedule import ScheduleConfig
@@ -235,3 +237,187 @@ def test_bf16_autocast_runs_on_cpu_close_to_fp32(tmp_path):
         assert a == pytest.approx(b, rel=2e-2)
     for p in models["bf16"].parameters():
         assert p.dtype == torch.float32  # parameters stay fp32 under autocast
+
+
+# ---- resumes that lose nothing ------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: it passes every `except Exception`, so nothing is saved on the way out."""
+
+
+class KillAt(Batches):
+    """Batches that raise Killed when asked for the first micro batch of (1-based) step `step`."""
+
+    def __init__(self, samples: torch.Tensor, micro_batch: int, step: int, grad_accum: int = 1):
+        super().__init__(samples, micro_batch)
+        self.kill_pos = (step - 1) * grad_accum
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.pos == self.kill_pos:
+            raise Killed(f"killed at batch {self.pos}")
+        return super().next_batch()
+
+
+def _fit(run: Path, cfg: TrainConfig, data: torch.Tensor, kill_at: int | None = None):
+    """(last metrics or None when killed, the trained model) of a fresh model trained in `run` (resuming there)."""
+    model = tiny_model()
+    batches = KillAt(data, cfg.micro_batch, kill_at, cfg.grad_accum) if kill_at else Batches(data, cfg.micro_batch)
+    evals = [EvalSet("validation", lambda: [Batches(data, cfg.micro_batch).next_batch()])]
+    try:
+        return Trainer(model, CausalLM(), batches, cfg, run, evals).fit(), model
+    except Killed:
+        return None, model
+
+
+def _assert_same_run(a: Path, b: Path, model_a: torch.nn.Module, model_b: torch.nn.Module) -> None:
+    """Each step logged once, with bit-identical metrics, and bit-identical parameters."""
+    rows_a = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "rss_gb")} for r in read_metrics(a)]
+    rows_b = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "rss_gb")} for r in read_metrics(b)]
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a], "each step must be logged exactly once"
+    assert rows_b == rows_a
+    differ = [k for k, v in model_a.named_parameters() if not torch.equal(v, dict(model_b.named_parameters())[k])]
+    assert not differ, f"parameters differ from the straight run: {differ}"
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_every_step_once(tmp_path):
+    data, cfg = samples(16), config(steps=8, save_every=5)
+    _, straight = _fit(tmp_path / "a", cfg, data)
+    assert _fit(tmp_path / "b", cfg, data, kill_at=4)[0] is None
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3]
+    assert not list_checkpoints(tmp_path / "b" / "checkpoints")
+    _, resumed = _fit(tmp_path / "b", cfg, data)
+    _assert_same_run(tmp_path / "a", tmp_path / "b", straight, resumed)
+
+
+def test_resume_survives_a_torn_last_metrics_line(tmp_path):
+    data, cfg = samples(16), config(steps=8, save_every=3)
+    _, straight = _fit(tmp_path / "a", cfg, data)
+    assert _fit(tmp_path / "b", cfg, data, kill_at=6)[0] is None
+    with (tmp_path / "b" / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"step": 6, "loss": 1.2')  # the append a kill cut short
+    _, resumed = _fit(tmp_path / "b", cfg, data)
+    _assert_same_run(tmp_path / "a", tmp_path / "b", straight, resumed)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path):
+    data, cfg = samples(16), config(steps=8, save_every=3, keep_last=2)
+    _, straight = _fit(tmp_path / "a", cfg, data)
+    assert _fit(tmp_path / "b", cfg, data, kill_at=8)[0] is None
+    ckdir = tmp_path / "b" / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckdir)] == [3, 6]
+    torn = ckdir / "step-000006" / "optimizer.safetensors"
+    os.truncate(torn, torn.stat().st_size // 2)
+    _, resumed = _fit(tmp_path / "b", cfg, data)  # from step 3: steps 4-8 again
+    _assert_same_run(tmp_path / "a", tmp_path / "b", straight, resumed)
+    assert [s for s, _ in list_checkpoints(ckdir)] == [6, 8]
+    for _, path in list_checkpoints(ckdir):
+        load_checkpoint(path)  # whole
+    assert (ckdir / "step-000006.unreadable").is_dir(), "the unreadable checkpoint is set aside, not deleted"
+
+
+@pytest.mark.parametrize("cut", ["after-optimizer-unlink", "before-rmdir"])
+def test_an_interrupted_prune_leaves_no_half_checkpoint_and_the_next_prune_cleans_up(cut, tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        save_checkpoint(root, step, {"w": torch.full((4,), float(step))},
+                        {"state": {0: {"exp_avg": torch.ones(4)}}, "param_groups": [{"params": [0]}]}, {})
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if cut == "after-optimizer-unlink" and Path(path).name == "optimizer.safetensors":
+            raise Killed(f"after unlinking {path}")
+
+    def rmdir(path, *args, **kwargs):
+        raise Killed(f"before rmdir {path}")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "unlink", unlink)
+        if cut == "before-rmdir":
+            m.setattr(os, "rmdir", rmdir)
+        with pytest.raises(Killed):
+            prune(root, keep_last=1)
+    listed = list_checkpoints(root)
+    assert [s for s, _ in listed] == [2, 3], "a half-deleted checkpoint must not count as one"
+    for _, path in listed:
+        load_checkpoint(path)
+    prune(root, keep_last=1)
+    assert [p.name for p in root.iterdir()] == ["step-000003"]
+
+
+def test_bf16_resume_is_exact(tmp_path):
+    """Recipes train under bf16 autocast: N steps straight == N/2, a kill, a resume, N/2 more, bit for bit."""
+    data = samples(16)
+    kw = dict(steps=8, save_every=4, grad_accum=2, micro_batch=2, clip_grad=1.0,
+              schedule=ScheduleConfig(name="cosine", warmup_steps=2))
+    cfg = config(precision="bf16", **kw)
+    _, straight = _fit(tmp_path / "a", cfg, data)
+    assert _fit(tmp_path / "b", cfg, data, kill_at=6)[0] is None
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [4]
+    _, resumed = _fit(tmp_path / "b", cfg, data)
+    _assert_same_run(tmp_path / "a", tmp_path / "b", straight, resumed)
+    _fit(tmp_path / "fp32", config(precision="fp32", **kw), data)
+    assert train_rows(tmp_path / "fp32") != train_rows(tmp_path / "a"), "bf16 autocast did not change the arithmetic"
+
+
+def test_a_run_resumed_at_its_end_returns_its_last_metrics(tmp_path):
+    """A finished run re-run (or one killed after its last checkpoint) trains nothing and returns what it logged
+    at its last step, validation metrics included (eval.json is written from them)."""
+    data, cfg = samples(16), config(steps=6, save_every=3)
+    last, _ = _fit(tmp_path, cfg, data)
+    assert last["step"] == 6 and "val_loss" in last
+    again, _ = _fit(tmp_path, cfg, data)
+    assert again == last
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 7))
+
+
+# ---- on CUDA (run whenever a GPU is lent: pytest -m gpu) ------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_resume_is_exact(tmp_path, precision):
+    """bf16 autocast, and fp16 with the gradient scaler (its scale comes back with the checkpoint), on CUDA."""
+    data = samples(16)
+    cfg = config(precision=precision, device="cuda", steps=8, save_every=4, grad_accum=2, micro_batch=2,
+                 clip_grad=1.0, schedule=ScheduleConfig(name="cosine", warmup_steps=2))
+    _, straight = _fit(tmp_path / "a", cfg, data)
+    assert _fit(tmp_path / "b", cfg, data, kill_at=6)[0] is None
+    _, resumed = _fit(tmp_path / "b", cfg, data)
+    assert next(resumed.parameters()).is_cuda
+    _assert_same_run(tmp_path / "a", tmp_path / "b", straight, resumed)
+    if precision == "fp16":
+        state = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1][1])[2]
+        assert state["scaler"] and state["scaler"]["scale"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_on_cuda_follows_the_plain_loop(tmp_path):
+    data = samples(16)
+    runs = {}
+    for fused in (True, False):
+        cfg = config(device="cuda", steps=6, optimizer=OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1,
+                                                                   fused=fused))
+        _, runs[fused] = _fit(tmp_path / str(fused), cfg, data)
+    for (name, a), b in zip(runs[True].named_parameters(), runs[False].parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    assert not torch.equal(next(runs[True].parameters()).cpu(), next(tiny_model().parameters())), "nothing trained"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_kernels_on_cuda_agree_with_the_cpu_model():
+    """The flash / memory-efficient SDPA kernels (bf16 on CUDA) against the fp32 CPU model's logits."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_model().eval()
+    ids = samples(2)[:, :T]
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+        gpu = copy.deepcopy(model).cuda()
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+            with sdpa_kernel(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+                got = gpu(ids.cuda()).logits.float().cpu()
+            assert (got - expected).abs().max() < 0.05 * expected.abs().max(), backend

@@ -81,6 +81,8 @@ class ClassifyStats:
     """Kept examples by label (classify only)."""
     replaced: int = 0
     """Undecodable UTF-8 sequences replaced by U+FFFD while reading."""
+    replaced_first: str | None = None
+    """The first file (and line) that had one."""
 
     def __str__(self) -> str:
         msg = f"{self.records} records, {self.examples} kept"
@@ -89,7 +91,7 @@ class ClassifyStats:
         if self.dropped:
             msg += "; dropped by drop_labels: " + ", ".join(f"{k} {v}" for k, v in self.dropped.items())
         if self.replaced:
-            msg += f"; {self.replaced} undecodable bytes replaced"
+            msg += f"; {self.replaced} undecodable byte sequences replaced by U+FFFD (first: {self.replaced_first})"
         return msg
 
 
@@ -180,7 +182,7 @@ def read_classification(paths: str | os.PathLike | Sequence[str | os.PathLike], 
             value = _target(value, cfg.label_field, where)
         text = _text(rec, cfg.text_field, where, "text")
         raw.append((where, text, _pair(rec, cfg.text_pair_field, where), value))
-    stats.replaced = read.replaced
+    stats.replaced, stats.replaced_first = read.replaced, (read.replaced_files or [None])[0]
     shown = ", ".join(map(str, [paths] if isinstance(paths, (str, os.PathLike)) else paths))
     if not raw:
         raise DataError(f"no examples in [{shown}]: {stats.records} records read, all dropped {stats.dropped}")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from .readers import DataError
 from .shards import open_split, read_index
 
 _BLOCK = 4096  # mixture draws are made in blocks of this many global samples
@@ -33,8 +34,8 @@ class TokenWindows:
         self.length, self.stride = length, stride or length
         self.n = max(0, (self.total - length) // self.stride + 1)
         if self.n == 0:
-            raise ValueError(f"{data_dir}: split {split!r} has {self.total} tokens, fewer than one window of "
-                             f"{length}; prepare more data or lower the sequence length")
+            raise DataError(f"{data_dir}: split {split!r} has {self.total} tokens, fewer than one window of "
+                            f"{length}; prepare more data or lower the sequence length")
 
     def __len__(self) -> int:
         return self.n
@@ -183,7 +184,7 @@ def eval_batches(sources: list[SourceSpec], seq_len: int, micro_batch: int, *, m
         windows = min(windows, max_batches * micro_batch)
     n = windows // (micro_batch * world)
     if n == 0:
-        raise ValueError(f"{sources[0].path}: {windows} validation windows are fewer than one batch of "
-                         f"{micro_batch} x {world} processes; lower the batch size or raise validation_fraction")
+        raise DataError(f"{sources[0].path}: {windows} validation windows are fewer than one batch of "
+                        f"{micro_batch} x {world} processes; lower the batch size or raise validation_fraction")
     for _ in range(n):
         yield loader.next_batch()

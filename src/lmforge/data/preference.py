@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..tokenizer.chat import ChatFormatError, check_messages, encode_chat, render
-from .readers import DataError, iter_records, split_by_hash
+from ..tokenizer.chat import ChatFormatError, check_messages, clip_messages, encode_chat, render, useful_chars
+from .readers import DataError, ReadStats, iter_records, replaced_note, split_by_hash
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,12 @@ class PreferenceStats:
     """Examples with a reply cut on the right."""
     no_target: int = 0
     """Examples left without a scored reply token (skipped)."""
+    clipped: int = 0
+    """Records with a message far longer than max_length could use, cut before tokenizing (bounded memory)."""
     first_no_target: str | None = None
     formats: dict[str, int] = field(default_factory=dict)
+    read: ReadStats = field(default_factory=ReadStats)
+    """What reading found (undecodable bytes replaced)."""
 
 
 Messages = list[dict[str, str]]
@@ -291,7 +295,7 @@ def read_pairs(paths: str | Sequence[str], system_prompt: str | None = None,
     """Every paired record in `paths` as conversations (identical pairs skipped and counted)."""
     stats = stats if stats is not None else PreferenceStats()
     out = []
-    for where, record in iter_records(paths):
+    for where, record in iter_records(paths, stats=stats.read):
         stats.records += 1
         pair = _pair(record, where, system_prompt, stats)
         if not _identical(pair, stats):
@@ -307,7 +311,7 @@ def read_unpaired(paths: str | Sequence[str], system_prompt: str | None = None,
     desirable, rejected undesirable); a file may mix both."""
     stats = stats if stats is not None else PreferenceStats()
     out: list[UnpairedRecord] = []
-    for where, record in iter_records(paths):
+    for where, record in iter_records(paths, stats=stats.read):
         stats.records += 1
         if isinstance(record, dict) and "completion" not in record and ("chosen" in record or "rejected" in record):
             pair = _pair(record, where, system_prompt, stats)
@@ -373,10 +377,17 @@ def holdout(records: Sequence[Any], fraction: float, seed: int = 0) -> tuple[lis
 
 # ---- conversations -> tokens -----------------------------------------------------------------------------------
 
-def _encode(tok, prompt: Messages, reply: Messages, where: str) -> tuple[list[int], list[int], list[int]]:
+def _encode(tok, prompt: Messages, reply: Messages, where: str, limit: int | None = None,
+            stats: PreferenceStats | None = None) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, reply ids, reply mask) of the rendered conversation: the prompt is the longest prefix of the
     conversation's tokens that the prompt alone (with the generation prompt) also gives; the reply runs to its
-    last scored token (the end-of-turn token)."""
+    last scored token (the end-of-turn token). With `limit` (`useful_chars`), longer prompt messages keep their
+    end and longer replies their beginning, as `_fit` would, so a huge record is never tokenized whole."""
+    if limit is not None:
+        prompt, cut_prompt = clip_messages(prompt, limit, keep_end=True)
+        reply, cut_reply = clip_messages(reply, limit)
+        if stats is not None:
+            stats.clipped += cut_prompt or cut_reply
     enc = encode_chat(tok, prompt + reply, include_end_of_turn=True)
     ptext = render(tok, prompt, add_generation_prompt=True)
     if not enc.text.startswith(ptext):
@@ -425,10 +436,11 @@ def tokenize_pairs(pairs: Sequence[PairRecord], tok, max_length: int, stats: Pre
                    close_truncated: bool = False) -> list[PairExample]:
     """Token rows of each pair (see the module docstring); `close_truncated` for reward models (see `_fit`)."""
     stats = stats if stats is not None else PreferenceStats()
+    limit = useful_chars(tok, max_length)
     out = []
     for p in pairs:
-        p_c, chosen, m_c = _encode(tok, p.prompt, p.chosen, p.where)
-        p_r, rejected, m_r = _encode(tok, p.prompt, p.rejected, p.where)
+        p_c, chosen, m_c = _encode(tok, p.prompt, p.chosen, p.where, limit, stats)
+        p_r, rejected, m_r = _encode(tok, p.prompt, p.rejected, p.where, limit)
         n = 0  # the shared prompt: tokens at a template boundary may be merged differently in the two rows
         while n < min(len(p_c), len(p_r)) and p_c[n] == p_r[n]:
             n += 1
@@ -450,7 +462,8 @@ def tokenize_unpaired(records: Sequence[UnpairedRecord], tok, max_length: int,
     """Token rows of each KTO example and of its mismatched pair: the reply of the example before it in a seeded
     permutation (fixed here, so reference log-probs of the pairs can be precomputed)."""
     stats = stats if stats is not None else PreferenceStats()
-    encoded = [_encode(tok, r.prompt, r.completion, r.where) for r in records]
+    limit = useful_chars(tok, max_length)
+    encoded = [_encode(tok, r.prompt, r.completion, r.where, limit, stats) for r in records]
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     partner = {order[j]: order[j - 1] for j in range(len(order))}
@@ -564,6 +577,10 @@ def describe(stats: PreferenceStats, name: str) -> str:
                "right to max_length"
     if stats.no_target:
         msg += f"; {stats.no_target} skipped with no reply token left (first: {stats.first_no_target})"
+    if stats.clipped:
+        msg += f"; {stats.clipped} records with a message far longer than max_length clipped before tokenizing"
+    if stats.read.replaced:
+        msg += f"; {replaced_note(stats.read)}"
     return msg
 
 

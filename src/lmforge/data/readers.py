@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "in_fraction",
-           "split_by_hash", "TEXT_SUFFIXES"]
+           "split_by_hash", "require_validation", "replaced_note", "decode_utf8", "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 """Plain-text files picked up from directories when no `include` patterns are given (one document per file)."""
@@ -27,7 +29,7 @@ RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet")
 _GLOB_CHARS = set("*?[")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data: the message names the file, the line (or row), what was found and what was expected."""
 
 
@@ -53,6 +55,14 @@ class ReadStats:
     replaced_files: list[str] = field(default_factory=list)
 
 
+def replaced_note(stats: ReadStats) -> str:
+    """The words every stage uses to report undecodable input ("" when there was none): how many byte sequences
+    were replaced by U+FFFD and the first file (and line) that had one."""
+    if not stats.replaced:
+        return ""
+    return f"{stats.replaced} undecodable byte sequences replaced by U+FFFD (first: {stats.replaced_files[0]})"
+
+
 def in_fraction(key: str, fraction: float, seed: int = 0) -> bool:
     """Stable pseudo-random membership of a document key (its id, else its text) in a fraction of the corpus."""
     if fraction <= 0:
@@ -69,6 +79,17 @@ def split_by_hash(items: Sequence[Any], key, fraction: float, seed: int = 0) -> 
     for it in items:
         (held if in_fraction(key(it), fraction, seed) else kept).append(it)
     return kept, held
+
+
+def require_validation(examples: Sequence[Any], data: Any) -> None:
+    """DataError when a stage's validation split is empty; `data` is its data section (train, validation,
+    validation_fraction), named in the message so the user knows which setting to change."""
+    if examples:
+        return
+    source = (f"data.validation {list(data.validation)}" if data.validation else
+              f"data.validation_fraction {data.validation_fraction} of data.train {list(data.train)}")
+    raise DataError(f"the validation split is empty ({source} gave no example); expected at least one: add "
+                    f"data.validation files or raise data.validation_fraction")
 
 
 def _matches(path: Path, patterns: Sequence[str]) -> bool:
@@ -154,7 +175,8 @@ def expand_inputs(paths: str | os.PathLike | Sequence[str | os.PathLike], includ
     return out
 
 
-def _decode(raw: bytes, where: str, stats: ReadStats) -> str:
+def decode_utf8(raw: bytes, where: str, stats: ReadStats) -> str:
+    """`raw` as UTF-8 text; undecodable sequences become U+FFFD and are counted in `stats` (with `where`)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -185,7 +207,7 @@ def _jsonl_objects(path: Path, stats: ReadStats) -> Iterator[tuple[str, Any]]:
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
-            line = _decode(raw, where, stats)
+            line = decode_utf8(raw, where, stats)
             if not line.strip():
                 continue
             try:
@@ -236,7 +258,7 @@ def iter_documents(paths: str | os.PathLike | Sequence[str | os.PathLike], text_
         elif name.endswith(".parquet"):
             docs = _read_parquet(path, text_key)
         else:
-            docs = iter([Document(_decode(path.read_bytes(), str(path), stats), None, str(path))])
+            docs = iter([Document(decode_utf8(path.read_bytes(), str(path), stats), None, str(path))])
         for doc in docs:
             if not doc.text:
                 stats.empty += 1
@@ -254,7 +276,7 @@ def _read_csv(path: Path, stats: ReadStats) -> Iterator[tuple[str, dict[str, Any
     import csv
     import io
 
-    text = _decode(path.read_bytes(), str(path), stats)
+    text = decode_utf8(path.read_bytes(), str(path), stats)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames:
         raise DataError(f"{path}: no header row; expected a CSV file whose first line names the columns")

@@ -19,8 +19,8 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
-from ..tokenizer.chat import ChatFormatError, check_messages, encode_chat
-from .readers import DataError, ReadStats, _decode, expand_inputs, iter_records
+from ..tokenizer.chat import ChatFormatError, check_messages, clip_messages, encode_chat, useful_chars
+from .readers import DataError, ReadStats, decode_utf8, expand_inputs, iter_records, replaced_note
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,12 @@ class SFTStats:
     """Examples cut to max_length."""
     no_target: int = 0
     """Examples left without any assistant token after truncation (skipped; `first_no_target` names one)."""
+    clipped: int = 0
+    """Records with a message longer than max_length could use, cut to that before tokenizing (bounded memory)."""
     first_no_target: str | None = None
     formats: dict[str, int] = field(default_factory=dict)
+    read: ReadStats = field(default_factory=ReadStats)
+    """What reading found (undecodable bytes replaced)."""
 
 
 def detect_format(record: dict[str, Any], where: str) -> str:
@@ -110,7 +114,7 @@ def python_function_pairs(paths: str | Sequence[str], min_doc: int = 20, max_cod
     with that name, signature and documentation, and the response is its code (docstring removed)."""
     stats = stats if stats is not None else ReadStats()
     for path in expand_inputs(paths, include=["*.py"]):
-        source = _decode(path.read_bytes(), str(path), stats)
+        source = decode_utf8(path.read_bytes(), str(path), stats)
         try:
             tree = ast.parse(source)
         except (SyntaxError, ValueError):  # files written for other Python versions, test fixtures
@@ -140,7 +144,8 @@ def read_conversations(paths: str | Sequence[str], fmt: str = "auto", system_pro
                        stats: SFTStats | None = None) -> list[tuple[str, list[dict[str, str]]]]:
     """(where, messages) of every record in `paths`."""
     stats = stats if stats is not None else SFTStats()
-    records = python_function_pairs(paths) if fmt == "python_functions" else iter_records(paths)
+    records = (python_function_pairs(paths, stats=stats.read) if fmt == "python_functions"
+               else iter_records(paths, stats=stats.read))
     out = []
     for where, record in records:
         kind = "prompt_response" if fmt == "python_functions" else fmt
@@ -159,8 +164,11 @@ def tokenize_conversations(conversations: Sequence[tuple[str, list[dict[str, str
                            stats: SFTStats | None = None) -> list[SFTExample]:
     """Token ids and shifted labels (assistant tokens only) of each conversation, cut to `max_length` inputs."""
     stats = stats if stats is not None else SFTStats()
+    limit = useful_chars(tokenizer, max_length)
     out = []
     for where, messages in conversations:
+        messages, clipped = clip_messages(messages, limit)
+        stats.clipped += clipped
         enc = encode_chat(tokenizer, messages, include_end_of_turn=include_end_of_turn)
         ids, mask = enc.ids, enc.assistant_mask
         if len(ids) > max_length + 1:
@@ -243,7 +251,11 @@ def describe(stats: SFTStats, name: str) -> str:
     msg = f"{name}: {stats.records} records ({json.dumps(stats.formats)})"
     if stats.truncated:
         msg += f"; {stats.truncated} cut to max_length"
+    if stats.clipped:
+        msg += f" ({stats.clipped} of them with a message clipped before tokenizing, far longer than max_length)"
     if stats.no_target:
         msg += f"; {stats.no_target} skipped with no assistant token left after truncation (first: " \
                f"{stats.first_no_target})"
+    if stats.read.replaced:
+        msg += f"; {replaced_note(stats.read)}"
     return msg

@@ -38,7 +38,10 @@ __all__ = ["FORMAT", "SPLITS", "PrepareResult", "prepare_shards", "read_index", 
 FORMAT = "lmforge-shards/1"
 SPLITS = ("train", "validation")
 _OURS = re.compile(r"^\.?(train|validation)-\d{5}\.bin(\.tmp)?$")
-_MAX_BATCH_CHARS = 16 * 2**20
+_MAX_BATCH_CHARS = 4 * 2**20
+MAX_PIECE_CHARS = 2**20
+"""Documents longer than this are tokenized piece by piece (cut at line breaks), so one huge document costs the
+memory of one piece, not of its whole tokenization at once (a 50 MB record took `prepare` to 8 GB)."""
 # settings that change the shards' content; the others (workers, batch size) do not
 _OUTPUT_KEYS = ("inputs", "include", "exclude", "text_key", "validation_fraction", "shard_tokens", "max_documents",
                 "add_bos")
@@ -104,14 +107,12 @@ def _init_worker(backend_json: str, eos_id: int, bos_id: int | None, dtype: str,
               fraction=fraction)
 
 
-def _encode(batch: list[tuple[str, str | None]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize a batch of (text, id): (flat tokens with BOS/EOS, tokens per doc, bytes per doc, in validation)."""
-    backend = _W["backend"]
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: we only need ids
-    encs = encode([t for t, _ in batch], add_special_tokens=False)
+def _encode(batch: list[tuple[str, str | None]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Tokenize a batch of (text, id): (flat tokens with BOS/EOS, tokens per doc, bytes per doc, in validation,
+    documents tokenized in pieces)."""
+    ids, pieced = _token_ids([t for t, _ in batch])
     bos, eos = _W["bos"], _W["eos"]
     head = 0 if bos is None else 1
-    ids = [e.ids for e in encs]
     lengths = np.fromiter((len(x) + head + 1 for x in ids), np.int64, len(ids))
     flat = np.empty(int(lengths.sum()), _W["dtype"])
     pos = 0
@@ -123,7 +124,47 @@ def _encode(batch: list[tuple[str, str | None]]) -> tuple[np.ndarray, np.ndarray
         pos += n
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t, _ in batch), np.int64, len(batch))
     val = np.fromiter((in_fraction(i if i is not None else t, _W["fraction"]) for t, i in batch), bool, len(batch))
-    return flat, lengths, nbytes, val
+    return flat, lengths, nbytes, val, pieced
+
+
+def _token_ids(texts: list[str]) -> tuple[list[Any], int]:
+    """(token ids of each text, how many were tokenized in pieces): texts up to MAX_PIECE_CHARS in one batch call,
+    longer ones piece by piece into an array."""
+    backend = _W["backend"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: we only need ids
+    ids: list[Any] = [None] * len(texts)
+    short = [i for i, t in enumerate(texts) if len(t) <= MAX_PIECE_CHARS]
+    for i, enc in zip(short, encode([texts[i] for i in short], add_special_tokens=False)):
+        ids[i] = enc.ids
+    long = [i for i, t in enumerate(texts) if len(t) > MAX_PIECE_CHARS]
+    for i in long:
+        ids[i] = np.concatenate([np.asarray(encode([piece], add_special_tokens=False)[0].ids, np.int64)
+                                 for piece in text_pieces(texts[i], MAX_PIECE_CHARS)])
+    return ids, len(long)
+
+
+def text_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters. Each cut falls, where the second half of the piece
+    has one, just before a line break (else a space) that follows a non-space character: every pre-tokenizer
+    starts a new word there, so the pieces' tokens are the tokens of the whole text."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = _word_start(text, "\n", start + size // 2, end)
+        if cut < 0:
+            cut = _word_start(text, " ", start + size // 2, end)
+        end = end if cut < 0 else cut
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+def _word_start(text: str, sep: str, lo: int, hi: int) -> int:
+    """The last index in [lo, hi) holding `sep` right after a non-space character, or -1."""
+    at = text.rfind(sep, lo, hi)
+    while at > lo and text[at - 1].isspace():
+        at = text.rfind(sep, lo, at)
+    return at if at > lo else -1
 
 
 class _ShardWriter:
@@ -325,11 +366,12 @@ def prepare_shards(inputs: Sequence[str | os.PathLike], tokenizer: Any, output: 
     if max_documents is not None:
         docs = itertools.islice(docs, max_documents)
     initargs = (tokenizer.backend.to_str(), eos_id, bos_id, dtype, validation_fraction)
-    n_bytes = 0
+    n_bytes = pieced = 0
     try:
         with _worker_pool(workers, initargs) as pool, \
                 progress(None, "prepare", unit="docs", enabled=show_progress) as bar:
-            for flat, lengths, nbytes, val in _results(_batches(docs, batch_documents), pool, workers):
+            for flat, lengths, nbytes, val, n_pieced in _results(_batches(docs, batch_documents), pool, workers):
+                pieced += n_pieced
                 if not val.any():
                     writers["train"].add(flat, lengths, nbytes)
                 else:
@@ -349,7 +391,8 @@ def prepare_shards(inputs: Sequence[str | os.PathLike], tokenizer: Any, output: 
              "splits": splits, "inputs": settings["inputs"], "inputs_fingerprint": inputs_fp,
              "config": {**settings, "num_workers": workers, "batch_documents": batch_documents},
              "stats": {"files": stats.files, "documents": stats.documents, "empty_documents_skipped": stats.empty,
-                       "undecodable_bytes_replaced": stats.replaced}}
+                       "undecodable_bytes_replaced": stats.replaced,
+                       "long_documents_tokenized_in_pieces": pieced}}
     tmp = out / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / "index.json")

@@ -1,7 +1,9 @@
 """Checkpoints as safetensors + JSON (no pickle): full model and optimizer state, written atomically.
 
 Layout: checkpoints/step-NNNNNN/{model.safetensors, optimizer.safetensors, trainer.json}. A checkpoint is
-written into a temporary directory and renamed into place, so a kill mid-write leaves the previous one intact.
+written into a temporary directory and swapped into place (`atomic.replace_folder`), so a kill mid-write leaves the
+previous one intact; pruning renames a checkpoint out of the `step-` names before deleting it (`atomic.remove_folder`),
+so a kill mid-prune never leaves a half checkpoint that counts as one. `tidy` removes what kills left behind.
 Full (unsharded) state dicts make checkpoints independent of world size and parallelism (DDP, FSDP2).
 """
 
@@ -19,7 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..atomic import recover_all, remove_folder, replace_folder
+
 _STEP = re.compile(r"^step-(\d{6,})$")
+FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
+"""What a complete checkpoint directory holds."""
 
 
 def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -94,13 +100,7 @@ def save_checkpoint(root: Path, step: int, model_sd: dict[str, Tensor], optim_sd
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = dict(trainer_state, optimizer=plain, step=step)
     (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    return replace_folder(tmp, final)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
@@ -111,12 +111,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under root, oldest first (temporary directories are ignored)."""
+    """Complete checkpoints under root (every file of FILES present), oldest first."""
     if not root.exists():
         return []
-    out = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and
-           (p / "trainer.json").exists()]
+    out = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and _complete(p)]
     return sorted(out)
+
+
+def _complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in FILES)
 
 
 def prune(root: Path, keep_last: int, keep: set[int] = frozenset()) -> None:
@@ -124,6 +127,26 @@ def prune(root: Path, keep_last: int, keep: set[int] = frozenset()) -> None:
     ckpts = list_checkpoints(root)
     for step, path in ckpts[:-keep_last] if keep_last > 0 else ckpts:
         if step not in keep:
-            shutil.rmtree(path, ignore_errors=True)
-    for p in root.glob(".tmp-step-*"):  # leftovers of killed writes
-        shutil.rmtree(p, ignore_errors=True)
+            remove_folder(path)  # renamed out of the step- names first: a kill midway leaves no half checkpoint
+    tidy(root)
+
+
+def tidy(root: Path) -> None:
+    """Remove what killed writes and prunes left in root: temporary and half-deleted directories, and `step-`
+    directories that miss a file (a prune cut short before prunes renamed first); a swap cut short is completed."""
+    if not root.is_dir():
+        return
+    recover_all(root)
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-step-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif _STEP.match(p.name) and not _complete(p):
+            remove_folder(p)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint to NAME.unreadable (out of the checkpoints that count, kept to inspect)."""
+    aside = path.with_name(path.name + ".unreadable")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    return aside

@@ -12,10 +12,14 @@ __all__ = ["start", "fit", "eval_summary", "lineage", "write_lineage"]
 
 def start(cfg):
     """(world, run directory) of a training stage: the process group from cfg.train.device, and the resolved config
-    written to RUN_DIR/config.yaml by the main process."""
-    from ..config import save_config
+    written to RUN_DIR/config.yaml by the main process. Settings that only make sense together are checked first."""
+    from ..config import ConfigError, save_config
     from . import distributed as D
 
+    warmup, steps = cfg.train.schedule.warmup_steps, cfg.train.steps
+    if warmup > steps:
+        raise ConfigError(f"train.schedule.warmup_steps: found {warmup}, more than train.steps {steps}; expected at "
+                          f"most train.steps (the warmup would never end)")
     world = D.init(cfg.train.device)
     run = Path(cfg.run_dir)
     if world.main:

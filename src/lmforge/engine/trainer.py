@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..atomic import write_text
 from . import checkpoint as ckpt
 from . import distributed as D
 from .metrics import MetricsSink
@@ -187,6 +188,7 @@ class Trainer:
                      "rng": ckpt.rng_state(), "best": self.best, "best_step": self.best_step,
                      "bad_steps": self.bad_steps, "evals_without_improvement": self.evals_without_improvement,
                      "world": self.world.world}
+            self.sink.sync()  # the rows up to this step last as long as the checkpoint
             path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, msd, osd, state)
             keep = {self.best_step} if self.best_step is not None else set()
             ckpt.prune(self.run_dir / "checkpoints", self.cfg.keep_last, keep)
@@ -194,14 +196,20 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
+        """Continue from the newest readable checkpoint (an unreadable one is set aside, with a warning), or start
+        afresh; either way metrics.jsonl keeps exactly the rows of the steps behind us."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_optimizer_state_dict,
                                                              set_state_dict)
 
-        found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if not (self.cfg.resume and found):
+        root = self.run_dir / "checkpoints"
+        if self.world.main:
+            ckpt.tidy(root)  # what a kill mid-write or mid-prune left behind
+        D.barrier(self.world)
+        found = self._newest_readable(root) if self.cfg.resume else None
+        if found is None:
+            self.sink.clear()
             return
-        step, path = found[-1]
-        msd, osd, st = ckpt.load_checkpoint(path)
+        step, path, (msd, osd, st) = found
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         if frozen and not (self.cfg.parallel == "fsdp" and self.world.world > 1):
             with torch.no_grad():
@@ -222,6 +230,23 @@ class Trainer:
         self.bad_steps, self.evals_without_improvement = st["bad_steps"], st["evals_without_improvement"]
         self.sink.truncate_after(step)
         log.info("resumed from %s (step %d)", path, step)
+
+    def _newest_readable(self, root: Path) -> tuple[int, Path, tuple] | None:
+        """(step, path, loaded state) of the newest checkpoint that reads back. The main process chooses: a
+        truncated or garbled newer one is set aside as NAME.unreadable and the next older one tried."""
+        chosen, loaded = None, None
+        if self.world.main:
+            for step, path in reversed(ckpt.list_checkpoints(root)):
+                try:
+                    chosen, loaded = (step, path), ckpt.load_checkpoint(path)
+                    break
+                except Exception as e:  # noqa: BLE001 - safetensors, JSON and OS errors: cannot resume from it
+                    log.warning("checkpoint %s is unreadable (%s: %s); set aside as %s, trying the one before it",
+                                path, type(e).__name__, str(e)[:200], ckpt.set_aside(path))
+        chosen = D.broadcast_object(chosen, self.world)
+        if chosen is None:
+            return None
+        return chosen[0], chosen[1], loaded if self.world.main else ckpt.load_checkpoint(chosen[1])
 
     # ---- evaluation
     @torch.no_grad()
@@ -283,7 +308,7 @@ class Trainer:
             last = self.sink.log(0, self.evaluate())
             self.history.append(last)
         self.wrapped.train()
-        t_last, tok_last = time.perf_counter(), self.tokens
+        t_last, tok_last, resumed_at = time.perf_counter(), self.tokens, self.step
         try:
             with progress(cfg.steps, "train", "steps", enabled=cfg.progress_bar and self.world.main,
                           completed=self.step) as bar:
@@ -313,10 +338,16 @@ class Trainer:
         finally:
             self._restore_signals(handlers)
             self.sink.close()
+        if resumed_at >= cfg.steps and resumed_at > 0:  # a finished run re-run, or killed after its last checkpoint
+            last = self._logged_row(resumed_at)
         if self._stop_signal is not None:
             raise KeyboardInterrupt(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, "
                                     "re-run the same command to resume")
         return last
+
+    def _logged_row(self, step: int) -> dict[str, Any]:
+        """What the run that reached `step` logged there (read by the main process, sent to every process)."""
+        return D.broadcast_object(self.sink.row(step) if self.world.main else {}, self.world)
 
     def _train_step(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -426,5 +457,6 @@ class Trainer:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def write_json(self, name: str, obj: Any) -> None:
+        """Write RUN_DIR/NAME atomically from the main process (e.g. eval.json)."""
         if self.world.main:
-            (self.run_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
+            write_text(self.run_dir / name, json.dumps(obj, indent=2) + "\n")

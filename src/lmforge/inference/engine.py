@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..models.transformer import Transformer
 from .paged import BlockManager, PagedKVCache, chain_hashes
-from .sampling import (RequestError, SamplingParams, TokenLogprob, apply_penalties, choose, processed_logprobs,
+from .sampling import (RequestError, SamplingParams, StopStrings, TokenLogprob, apply_penalties, choose,
+                       processed_logprobs,
                        token_logprobs)
 
 __all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput", "TokenLogprob", "RequestError",
@@ -102,8 +103,8 @@ class _Seq:
     cached: int = 0  # tokens whose keys/values are in the cache
     draft_cached: int = 0  # the same for the draft model
     hashes: list[int] = field(default_factory=list)  # chain hashes of the blocks registered for sharing
-    text: str = ""
-    emitted: int = 0  # characters of text already returned
+    pending: str = ""  # decoded text not yet returned (at most a held-back tail plus the newest piece)
+    watch: StopStrings | None = None  # the request's stop strings, matched as text arrives
     offsets: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) token offsets into output
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
@@ -114,6 +115,11 @@ class _Seq:
     @property
     def output(self) -> list[int]:
         return self.tokens[self.start:]
+
+    @property
+    def n_output(self) -> int:
+        """len(self.output) without copying it."""
+        return len(self.tokens) - self.start
 
 
 class Engine:
@@ -238,7 +244,8 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(seed)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
         seq = _Seq(rid, prompt, params, adapter, gen, stops, tokens=self.virtual + prompt, start=total - params.max_new_tokens,
-                   logprobs=[] if params.logprobs is not None else None)
+                   logprobs=[] if params.logprobs is not None else None,
+                   watch=StopStrings(params.stop) if params.stop else None)
         self.seqs_waiting.append(seq)
         self.counters["prompt_tokens_total"] += len(prompt)
         return rid
@@ -493,41 +500,36 @@ class Engine:
                 self._check_length(s)
 
     def _check_length(self, s: _Seq) -> None:
-        if s.finish_reason is None and (len(s.output) >= s.params.max_new_tokens or len(s.tokens) >= self.max_context):
+        if s.finish_reason is None and (s.n_output >= s.params.max_new_tokens or len(s.tokens) >= self.max_context):
             s.finish_reason = "length"
 
     def _decode_text(self, s: _Seq) -> bool:
-        """Extend s.text with the newest token; True when a stop string appeared (the text is cut before it)."""
+        """Add the newest token's text to s.pending; True when a stop string appeared (the text is cut before it).
+        Only the tokens since the last complete character are decoded, so a step costs the same however long
+        the output already is."""
         if self.tokenizer is None:
             return False
-        out = s.output
         if s.tokens[-1] in s.stops:
             return False
         prefix, read = s.offsets
-        before = self.tokenizer.decode(out[prefix:read])
-        after = self.tokenizer.decode(out[prefix:])
+        before = self.tokenizer.decode(s.tokens[s.start + prefix:s.start + read])
+        after = self.tokenizer.decode(s.tokens[s.start + prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            s.text += after[len(before):]
-            s.offsets = (read, len(out))
-        for stop in s.params.stop:
-            at = s.text.find(stop, max(0, s.emitted - len(stop)))
-            if at >= 0:
-                s.text = s.text[:at]
+            piece = after[len(before):]
+            s.offsets = (read, s.n_output)
+            s.pending += piece
+            at = s.watch.feed(piece) if s.watch is not None else None
+            if at is not None:
+                s.pending = s.pending[:len(s.pending) - (s.watch.fed - at)]
                 return True
         return False
 
     def _output(self, s: _Seq, flush: bool) -> RequestOutput:
-        hold = 0
-        if not flush:  # keep back a tail that may still grow into a stop string
-            for stop in s.params.stop:
-                for k in range(min(len(stop) - 1, len(s.text)), 0, -1):
-                    if s.text.endswith(stop[:k]):
-                        hold = max(hold, k)
-                        break
-        end = max(s.emitted, len(s.text) - hold)
-        text, s.emitted = s.text[s.emitted:end], end
+        hold = s.watch.hold if s.watch is not None and not flush else 0  # a tail that may grow into a stop string
+        end = max(0, len(s.pending) - hold)
+        text, s.pending = s.pending[:end], s.pending[end:]
         out = RequestOutput(s.id, s.new_tokens, text, s.new_logprobs if s.logprobs is not None else None,
-                            s.finish_reason is not None, s.finish_reason, len(s.prompt), len(s.output))
+                            s.finish_reason is not None, s.finish_reason, len(s.prompt), s.n_output)
         if s.logprobs is not None:
             s.logprobs.extend(s.new_logprobs)
         s.new_tokens, s.new_logprobs = [], []
@@ -537,7 +539,7 @@ class Engine:
     def _draft_budget(self, s: _Seq) -> int:
         """Tokens `s` may draft this step: leaves room for the token verification adds; 0 with penalties (they
         depend on each preceding token)."""
-        room = min(s.params.max_new_tokens - len(s.output), self.max_context - len(s.tokens))
+        room = min(s.params.max_new_tokens - s.n_output, self.max_context - len(s.tokens))
         return 0 if s.params.penalised else max(0, min(self.cfg.num_speculative_tokens, room - 1))
 
     def _propose(self, seqs: list[_Seq]) -> dict[_Seq, tuple[list[int], Tensor | None]]:

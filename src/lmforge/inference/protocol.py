@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -93,3 +95,53 @@ class ClassifyRequest:
 
     input: str | list[str]
     model: str | None = None
+
+
+@api_model
+class ErrorDetail:
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+@api_model
+class ErrorResponse:
+    """Every error the server answers, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what} for status, what in [
+        (400, "Invalid request: a body that does not validate, invalid JSON or Unicode, an unsupported parameter"),
+        (401, "Missing or incorrect API key"), (404, "Unknown model or path"),
+        (405, "Method not allowed (the Allow header lists the allowed ones)"), (413, "Request body too large"),
+        (429, "The request queue is full"), (500, "Internal error"), (503, "The server is shutting down")]}
+"""The error responses every route may answer, as listed in the OpenAPI document."""
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(body: bytes) -> str | None:
+    """The field (e.g. ``messages[0].content``) of a JSON body whose text holds a lone UTF-16 surrogate such as
+    "\\ud800" (valid JSON, but not Unicode any tokenizer can encode), or None. Bodies without an escaped
+    surrogate are not parsed; pairs (an escaped emoji) decode to one character and pass."""
+    if not _ESCAPED_SURROGATE.search(body):
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None  # FastAPI answers invalid JSON itself
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            return path or "body"
+        if isinstance(value, dict):
+            stack += [(k, path or "body") for k in value]
+            stack += [(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return None

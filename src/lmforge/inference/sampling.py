@@ -134,3 +134,55 @@ def token_logprobs(raw_logits: Tensor, chosen: Sequence[int], k: int) -> list[To
     top_v, top_i = (lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long()))
     return [TokenLogprob(c, lp_c, list(zip(ti, tv))) for c, lp_c, ti, tv in
             zip(chosen, picked, top_i.tolist(), top_v.tolist())]
+
+
+class StopStrings:
+    """Watches text that arrives piece by piece for stop strings, in time linear in the text: one Knuth-Morris-Pratt
+    automaton per stop string (Knuth, Morris and Pratt, 1977), so no step rescans or copies what came before.
+    `feed` says where the first stop string begins; `hold` is how many trailing characters may still grow into
+    one (a stream holds them back)."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.fail = [_prefix_function(s) for s in self.stops]
+        self.state = [0] * len(self.stops)  # characters of each stop string matched at the end of the text
+        self.fed = 0
+
+    def feed(self, piece: str) -> int | None:
+        """Advance over `piece`; the offset (in all the text fed so far) where the earliest stop string completed
+        in it begins, or None."""
+        first = None
+        for j, stop in enumerate(self.stops):
+            state, fail = self.state[j], self.fail[j]
+            for i, ch in enumerate(piece):
+                while state and stop[state] != ch:
+                    state = fail[state - 1]
+                if stop[state] == ch:
+                    state += 1
+                if state == len(stop):
+                    at = self.fed + i + 1 - len(stop)
+                    first = at if first is None else min(first, at)
+                    state = 0
+                    break
+            self.state[j] = state
+        self.fed += len(piece)
+        return first
+
+    @property
+    def hold(self) -> int:
+        """Characters at the end of the text that are the beginning of some stop string."""
+        return max(self.state, default=0)
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP prefix function: p[i] = length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    p = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        ch = s[i]
+        while k and s[k] != ch:
+            k = p[k - 1]
+        if s[k] == ch:
+            k += 1
+        p[i] = k
+    return p

@@ -39,8 +39,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from ..tokenizer.base import Tokenizer
 from ..tokenizer.chat import ChatFormatError, encode_chat
 from .engine import AdapterNotFound, RequestError, RequestOutput, SamplingParams, TokenLogprob
-from .protocol import (ChatCompletionRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
-                       GenerationRequest)
+from .protocol import (ERROR_RESPONSES, ChatCompletionRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
+                       GenerationRequest, lone_surrogate)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -382,13 +382,14 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 class _Guard:
-    """ASGI middleware run before routing: the bearer key (401) and the body size (413).
+    """ASGI middleware run before routing: the bearer key (401), the body size (413) and text that is not Unicode
+    (400: a lone surrogate such as "\\ud800" in any string field, which JSON allows and no tokenizer encodes).
 
     The size is checked on the Content-Length header and again on the bytes actually received (a chunked body
     or a lying header), reading at most `max_body_bytes + 1` bytes; the body is then replayed to the app."""
@@ -427,6 +428,11 @@ class _Guard:
         if len(body) > self.max_body_bytes or not length.isdigit() or int(length) > self.max_body_bytes:
             await self._reply(send, 413, too_big, "request_too_large")
             return
+        field = lone_surrogate(bytes(body))
+        if field is not None:
+            await self._reply(send, 400, f"{field}: the text holds a lone UTF-16 surrogate (such as \\ud800), which "
+                              "is not valid Unicode; expected surrogates only in pairs", None, param=field)
+            return
         replayed = False
 
         async def replay() -> dict:
@@ -439,8 +445,8 @@ class _Guard:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _reply(send: Callable, status: int, message: str, code: str | None) -> None:
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+    async def _reply(send: Callable, status: int, message: str, code: str | None, param: str | None = None) -> None:
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                      "code": code}}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -460,6 +466,22 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}{found}", param
 
 
+def _document_errors_as_answered(app: FastAPI) -> None:
+    """FastAPI lists its 422 validation error on every route with a body; this server answers those with 400 in
+    OpenAI's shape (ERROR_RESPONSES), so the OpenAPI document drops them."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            for operations in build().get("paths", {}).values():
+                for op in operations.values():
+                    op.get("responses", {}).pop("422", None)
+            app.openapi_schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error in OpenAI's shape; FastAPI's 422 validation errors become 400 as OpenAI answers."""
     from jinja2 import TemplateError
@@ -476,9 +498,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(e)
         return error_response(400, message, param=param)
 
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return error_response(e.status_code, str(e.detail), code=code)
+        headers = getattr(e, "headers", None)
+        message = str(e.detail)
+        if e.status_code == 405 and headers and "Allow" in headers:
+            message = f"method {request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+        return error_response(e.status_code, message, code=code, headers=headers)
 
     async def known(_: Request, e: Exception) -> JSONResponse:
         status, kind, code = next(v for k, v in simple.items() if isinstance(e, k))
@@ -566,7 +592,9 @@ def create_app(async_engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
     cfg = ae.model_cfg
     vocab = cfg.vocab_size
     started = int(time.time())
-    app = FastAPI(title="lmforge", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lmforge", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  responses=ERROR_RESPONSES)
+    _document_errors_as_answered(app)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     _install_error_handlers(app)
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError, one_line
 from ..tokenizer.base import Tokenizer
 from .transformer import ModelConfig
 
@@ -34,7 +35,11 @@ def _reader(path: str | Path):
         from gguf import GGUFReader
     except ImportError:
         raise ImportError("reading GGUF files needs the `gguf` package: pip install 'lmforge[gguf]'") from None
-    return GGUFReader(str(path))
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:  # gguf's own checks
+        raise InputError(f"{path}: not a readable GGUF file ({one_line(str(e))[:200]}); expected the GGUF magic, "
+                         f"version, metadata and tensors (is it truncated?)") from None
 
 
 def _fields(reader) -> dict[str, Any]:
@@ -48,9 +53,21 @@ def _fields(reader) -> dict[str, Any]:
 
 
 def config_from_gguf(meta: dict[str, Any], path: str | Path) -> ModelConfig:
+    """The ModelConfig a GGUF file's metadata describes; InputError naming the file and the missing or wrong key."""
+    try:
+        return _config_from_gguf(meta, path)
+    except KeyError as e:
+        raise InputError(f"{path}: GGUF metadata has no {e.args[0]!r}; expected it in a llama-style file") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: GGUF metadata does not describe a model lmforge can build ({e})") from None
+
+
+def _config_from_gguf(meta: dict[str, Any], path: str | Path) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; expected llama, mistral or qwen2")
+        raise InputError(f"{path}: GGUF architecture {arch!r} is not supported; expected llama, mistral or qwen2")
     a = arch
 
     def get(key: str, default: Any = None) -> Any:
@@ -79,8 +96,6 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, Tensor],
                                                                              Tokenizer]:
     """Read a GGUF file: (config, our state dict dequantized to `dtype`, tokenizer)."""
-    from gguf import dequantize
-
     reader = _reader(path)
     meta = _fields(reader)
     cfg = config_from_gguf(meta, path)
@@ -95,9 +110,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mod
         else:
             key = base
         if key not in _NAMES:
-            raise ValueError(f"{path}: tensor {t.name!r} has no lmforge counterpart")
-        w = dequantize(t.data, t.tensor_type)
-        w = np.asarray(w, dtype=np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
+            raise InputError(f"{path}: tensor {t.name!r} has no lmforge counterpart")
+        w = _tensor(t, path)
         if key.endswith("attn_q"):
             w = _unpermute(w, cfg.num_heads)
         elif key.endswith("attn_k"):
@@ -106,6 +120,19 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mod
         sd[f"{name}.{kind}"] = torch.from_numpy(np.array(w, copy=True)).to(dtype)
     cfg.tie_embeddings = "lm_head.weight" not in sd
     return cfg, sd, tokenizer_from_gguf(meta, path)
+
+
+def _tensor(t, path: str | Path) -> np.ndarray:
+    """One GGUF tensor dequantized to float32 in our (rows, columns) order; InputError naming the file and tensor
+    when its bytes do not fit its shape (a truncated file)."""
+    from gguf import dequantize
+
+    shape = tuple(reversed([int(x) for x in t.shape]))
+    try:
+        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise InputError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}, shape {shape}) cannot be read "
+                         f"({one_line(str(e))[:200]}); is the file truncated?") from None
 
 
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
@@ -120,7 +147,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: str | Path) -> Tokenizer:
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported yet; expected 'gpt2' (byte-level "
+        raise InputError(f"{path}: GGUF tokenizer model {kind!r} is not supported yet; expected 'gpt2' (byte-level "
                          "BPE). Convert the model with its tokenizer.json instead.")
     tokens = list(meta["tokenizer.ggml.tokens"])
     vocab = {tok: i for i, tok in enumerate(tokens)}

@@ -5,13 +5,13 @@ Supported `model_type`s: llama, mistral, qwen2 (and any Llama-shaped decoder), g
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..errors import InputError, read_json_object
 from .transformer import ModelConfig
 
 DECODERS = ("llama", "mistral", "qwen2")
@@ -111,16 +111,48 @@ def _head_from_arch(arch: str | None) -> str:
                      "*ForMaskedLM, *ForPreTraining or base *Model class")
 
 
+_REQUIRED = object()
+
+
+def _size(hf: dict[str, Any], key: str, where: str, default: Any = _REQUIRED) -> Any:
+    """A positive-integer setting of config.json (`default` when absent or null); InputError naming the file and
+    key when it is missing without a default, or not a positive integer."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise InputError(f"{where}: missing key {key!r}; expected a positive integer")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{where}: {key} is {value!r}, expected a positive integer")
+    return value
+
+
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """Translate a Hugging Face config.json dict into a ModelConfig."""
+    """Translate a Hugging Face config.json dict into a ModelConfig; InputError (naming `where` and the key) for
+    what lmforge cannot build."""
+    try:
+        return _config_from_hf(hf, where)
+    except ValueError as e:  # ModelConfig's own checks, e.g. hidden_size not divisible by num_heads
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{where}: {e}") from None
+
+
+def _config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    def size(key: str, default: Any = _REQUIRED) -> Any:
+        return _size(hf, key, where, default)
+
     mt = hf.get("model_type")
     if mt not in FAMILIES:
-        raise ValueError(f"{where}: model_type {mt!r} is not supported; expected one of {FAMILIES}")
+        raise InputError(f"{where}: model_type {mt!r} is not supported; expected one of {FAMILIES}")
     archs = hf.get("architectures") or [None]
-    head = _head_from_arch(archs[0])
+    try:
+        head = _head_from_arch(archs[0])
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
     id2label = hf.get("id2label")
     num_labels = len(id2label) if id2label else hf.get("num_labels", 2)
-    common = dict(family=mt, head=head, vocab_size=hf["vocab_size"], pad_token_id=hf.get("pad_token_id"),
+    common = dict(family=mt, head=head, vocab_size=size("vocab_size"), pad_token_id=hf.get("pad_token_id"),
                   bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
                   initializer_range=hf.get("initializer_range", 0.02), num_labels=num_labels,
                   id2label=id2label if head == "classifier" else None)
@@ -130,17 +162,17 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "gelu", "relu"):
-            raise ValueError(f"{where}: hidden_act {act!r} is not supported; expected silu, gelu or relu")
+            raise InputError(f"{where}: hidden_act {act!r} is not supported; expected silu, gelu or relu")
         window = hf.get("sliding_window") if (mt == "mistral" or hf.get("use_sliding_window")) else None
-        if mt == "qwen2" and window and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
-            raise ValueError(f"{where}: qwen2 sliding window on only some layers (max_window_layers="
+        if mt == "qwen2" and window and hf.get("max_window_layers", 0) < size("num_hidden_layers"):
+            raise InputError(f"{where}: qwen2 sliding window on only some layers (max_window_layers="
                              f"{hf.get('max_window_layers')}) is not supported")
         bias = bool(hf.get("attention_bias", mt == "qwen2"))
         return ModelConfig(
-            **common, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
-            head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+            **common, hidden_size=size("hidden_size"), num_layers=size("num_hidden_layers"),
+            num_heads=size("num_attention_heads"), num_kv_heads=size("num_key_value_heads", None),
+            head_dim=size("head_dim", None), intermediate_size=size("intermediate_size"),
+            max_position_embeddings=size("max_position_embeddings", 2048), norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", rope_theta=float(theta),
             rope_scaling=scaling, mlp="gated", activation=act, qkv_bias=bias,
             out_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
@@ -149,25 +181,28 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     if mt == "gpt2":
         for opt in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if hf.get(opt):
-                raise ValueError(f"{where}: gpt2 option {opt}=true is not supported")
+                raise InputError(f"{where}: gpt2 option {opt}=true is not supported")
         act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
         if hf.get("activation_function", "gelu_new") not in act:
-            raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported")
-        c = hf["n_embd"]
+            raise InputError(f"{where}: activation_function {hf['activation_function']!r} is not supported")
+        c = size("n_embd")
         return ModelConfig(
-            **common, hidden_size=c, num_layers=hf["n_layer"], num_heads=hf["n_head"],
-            intermediate_size=hf.get("n_inner") or 4 * c, max_position_embeddings=hf["n_positions"],
+            **common, hidden_size=c, num_layers=size("n_layer"), num_heads=size("n_head"),
+            intermediate_size=size("n_inner", 4 * c), max_position_embeddings=size("n_positions"),
             norm="layernorm", norm_bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="learned",
             mlp="plain", activation=act[hf.get("activation_function", "gelu_new")], qkv_bias=True, out_bias=True,
             mlp_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
     # bert
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
-    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[hf.get("hidden_act", "gelu")]
+        raise InputError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
+    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}.get(hf.get("hidden_act", "gelu"))
+    if act is None:
+        raise InputError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; expected gelu, gelu_new or relu")
     return ModelConfig(
-        **common, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf["max_position_embeddings"], causal=False, norm="layernorm", norm_bias=True,
+        **common, hidden_size=size("hidden_size"), num_layers=size("num_hidden_layers"),
+        num_heads=size("num_attention_heads"), intermediate_size=size("intermediate_size"),
+        max_position_embeddings=size("max_position_embeddings"), causal=False, norm="layernorm",
+        norm_bias=True,
         norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", position="learned", mlp="plain",
         activation=act, qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
         type_vocab_size=hf.get("type_vocab_size", 2), embed_norm=True, final_norm=False,
@@ -297,7 +332,5 @@ def state_dict_to_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tenso
 
 
 def read_config(path) -> dict[str, Any]:
-    try:
-        return json.loads(open(path, encoding="utf-8").read())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    """config.json (or another JSON object file of a model folder) as a dict; InputError naming the file."""
+    return read_json_object(path, "an object of model settings")

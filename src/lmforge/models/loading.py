@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..atomic import recover_folder, replace_folder, staging_folder
+from ..errors import InputError, one_line
 from ..tokenizer.base import Tokenizer
 from . import hf
 from .transformer import ModelConfig, Transformer
@@ -65,18 +68,38 @@ def resolve(source: str | os.PathLike) -> Path:
 def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         sd: dict[str, Tensor] = {}
-        for shard in shards:
-            sd.update(load_file(str(folder / shard)))
+        for shard in _index_shards(index):
+            sd.update(read_safetensors(folder / shard))
         return sd
     single = folder / "model.safetensors"
     if single.exists():
-        return load_file(str(single))
+        return read_safetensors(single)
     pickles = [f for f in sorted(folder.iterdir()) if f.suffix in PICKLE_SUFFIXES]
     if pickles:
         return read_pickle(pickles, allow_pickle)
     raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or weights file found")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json names (its weight_map values), sorted."""
+    meta = hf.read_config(index)
+    weight_map = meta.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index}: weight_map is {type(weight_map).__name__}, expected an object of tensor name -> "
+                         f"shard file")
+    return sorted(set(weight_map.values()))
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; InputError naming it when it is truncated, garbage or missing."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found (named by the model folder)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e}); expected an 8-byte header length, a JSON "
+                         f"header and the tensor bytes it describes") from None
 
 
 def read_pickle(files: list[Path], allow_pickle: bool) -> dict[str, Tensor]:
@@ -88,9 +111,21 @@ def read_pickle(files: list[Path], allow_pickle: bool) -> dict[str, Tensor]:
             "safetensors.")
     sd: dict[str, Tensor] = {}
     for f in files:
-        obj = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a corrupt or unsafe pickle
+            raise InputError(f"{f}: refused: {_pickle_problem(e)}; expected a pickle of tensors only (a weights-only "
+                             f"load), or convert the checkpoint to safetensors") from None
         sd.update(obj.get("state_dict", obj) if isinstance(obj, dict) else obj)
     return sd
+
+
+def _pickle_problem(e: Exception) -> str:
+    """What a weights-only `torch.load` objected to, in a few words (torch's own message is a page long)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if found:
+        return f"it holds a non-tensor object (GLOBAL {found.group(1)}) that a weights-only load does not run"
+    return f"not a readable PyTorch checkpoint ({type(e).__name__}: {one_line(str(e))[:200]})"
 
 
 def instantiate(cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype | None = None,
@@ -104,18 +139,18 @@ def instantiate(cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype | No
     expected = model.state_dict()
     unexpected = sorted(set(sd) - set(expected))
     if unexpected:
-        raise ValueError(f"{where}: weights {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} do not fit "
+        raise InputError(f"{where}: weights {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} do not fit "
                          f"a {cfg.family} model with head {cfg.head!r}")
     missing = sorted(set(expected) - set(sd))
     head_prefixes = ("lm_head.", "score.", "mlm.", "nsp.", "pooler.")
     body_missing = [k for k in missing if not k.startswith(head_prefixes)]
     if body_missing:
-        raise ValueError(f"{where}: missing weights {body_missing[:5]}{'...' if len(body_missing) > 5 else ''}")
+        raise InputError(f"{where}: missing weights {body_missing[:5]}{'...' if len(body_missing) > 5 else ''}")
     if missing:
         log.warning("%s: initialising new head weights %s", where, missing)
     for k, v in sd.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{where}: weight {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+            raise InputError(f"{where}: weight {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
     dtype = dtype or next(iter(sd.values())).dtype
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=False, assign=True)
     _materialize(model, device, dtype)
@@ -154,7 +189,7 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, d
 
         cfg, sd, tok = load_gguf(path, dtype or torch.float32)
     elif path.is_file() and path.suffix in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: a bare weights file has no config; point at its folder (with config.json)")
+        raise InputError(f"{path}: a bare weights file has no config; point at its folder (with config.json)")
     else:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json) and no .gguf file")
@@ -162,7 +197,7 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, d
         raw = _read_weights(path, allow_pickle)
         sd, unmatched = hf.state_dict_from_hf(raw, cfg)
         if unmatched:
-            raise ValueError(f"{path}: weights {unmatched[:5]} are not part of a {cfg.family} model")
+            raise InputError(f"{path}: weights {unmatched[:5]} are not part of a {cfg.family} model")
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         if tok is None:
             log.warning("%s: no tokenizer.json; returning the model without a tokenizer", path)
@@ -185,10 +220,10 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, d
 
 def _load_adapter_folder(path: Path, **kw: Any) -> tuple[Transformer, Tokenizer | None]:
     """An adapter folder (PEFT layout): its base model (`base_model_name_or_path`) with the adapter applied."""
-    meta = json.loads((path / "adapter_config.json").read_text())
+    meta = hf.read_config(path / "adapter_config.json")
     base = meta.get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{path / 'adapter_config.json'}: no base_model_name_or_path, so the base model is unknown; "
+        raise InputError(f"{path / 'adapter_config.json'}: no base_model_name_or_path, so the base model is unknown; "
                          f"load the base with lmforge.load and apply the adapter to it")
     kind = meta.get("peft_type")
     head, num_labels = None, None
@@ -212,7 +247,7 @@ def _load_adapter_folder(path: Path, **kw: Any) -> tuple[Transformer, Tokenizer 
 
         load_adapters(model, path)
     else:
-        raise ValueError(f"{path / 'adapter_config.json'}: peft_type {kind!r} is not supported (expected LORA, "
+        raise InputError(f"{path / 'adapter_config.json'}: peft_type {kind!r} is not supported (expected LORA, "
                          f"PROMPT_TUNING or BOTTLENECK)")
     if meta.get("id2label"):
         model.cfg.id2label = {int(k): v for k, v in meta["id2label"].items()}
@@ -233,20 +268,19 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
     return Tokenizer.from_dir(path)
 
 
-def _atomic_dir(dst: Path):
-    """A temp dir next to `dst`; `commit(tmp)` moves its files into dst (created if needed)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-
-
 def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLike, *,
          dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3,
          generation_config: dict[str, Any] | None = None) -> Path:
     """Write a Hugging Face folder that `transformers` loads: config.json, model.safetensors (sharded with an
-    index above `max_shard_bytes`), tokenizer files and generation_config.json. Writes are atomic per file."""
+    index above `max_shard_bytes`), tokenizer files and generation_config.json.
+
+    The folder is replaced atomically (`atomic.replace_folder`): the new one is written complete beside it and
+    swapped in, so a kill at any instant leaves the old model or the new one whole; other files the old folder
+    held (a README, lmforge.json) are kept, its weights are not."""
     dst = Path(path)
     cfg = model.cfg
-    tmp = _atomic_dir(dst)
+    recover_folder(dst)  # what a killed save left behind
+    tmp = staging_folder(dst)
     try:
         sd = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in model.state_dict().items()}
         out = hf.state_dict_to_hf(sd, cfg)
@@ -259,14 +293,33 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        dst.mkdir(parents=True, exist_ok=True)
-        for stale in list(dst.glob("model*.safetensors")) + list(dst.glob("model.safetensors.index.json")):
-            stale.unlink()
-        for f in tmp.iterdir():
-            os.replace(f, dst / f.name)
-    finally:
+        _keep_other_files(dst, tmp)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+        raise
+    return replace_folder(tmp, dst)
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Hard-link (or copy) into `new` what `old` holds that `new` does not write, except old weights."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        stale = entry.name == "model.safetensors.index.json" or \
+            (entry.name.startswith("model") and entry.name.endswith(".safetensors"))
+        if stale or (new / entry.name).exists():
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy, symlinks=True)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _write_weights(sd: dict[str, Tensor], folder: Path, max_shard_bytes: int) -> None:

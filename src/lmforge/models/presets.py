@@ -42,12 +42,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of a named size, with fields overridden (e.g. vocab_size of a trained tokenizer)."""
+def check_preset(name: str) -> None:
+    """ValueError naming the nearest known preset when `name` is not one (configs call it before anything runs)."""
     if name not in PRESETS:
         import difflib
 
         near = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ValueError(f"unknown model preset {name!r}{hint} (known: {', '.join(PRESETS)})")
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a named size, with fields overridden (e.g. vocab_size of a trained tokenizer)."""
+    check_preset(name)
     return ModelConfig(**{**PRESETS[name], **overrides})

@@ -92,6 +92,7 @@ def main(cfg: Config) -> int:
 
     from ..data.examples import ExampleLoader, fixed_batches
     from ..data.preference import PairCollate, UnpairedCollate, load_preference_data, precompute_reference
+    from ..data.readers import require_validation
     from ..engine import distributed as D
     from ..engine import runs
     from ..engine.runs import eval_summary, fit, lineage, write_lineage
@@ -106,8 +107,7 @@ def main(cfg: Config) -> int:
     tok = load_tokenizer(cfg.model.init_from)
     kto = cfg.loss == "kto"
     train, val, summary = load_preference_data(cfg.data, tok, cfg.train.seed, unpaired=kto)
-    if not val:
-        raise ValueError("the validation split is empty: add data.validation files or raise data.validation_fraction")
+    require_validation(val, cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.init_from, cfg.method, tok=tok, precision=cfg.train.precision, lora=cfg.lora,
                         freeze=cfg.freeze)

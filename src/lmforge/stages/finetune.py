@@ -184,6 +184,7 @@ def main(cfg: Config) -> int:
     import torch
 
     from ..data.examples import ExampleLoader, ReplayMix, fixed_batches
+    from ..data.readers import require_validation
     from ..engine import distributed as D
     from ..engine import runs
     from ..engine.runs import fit, lineage, write_lineage
@@ -207,8 +208,7 @@ def main(cfg: Config) -> int:
         num_labels = 1 if cfg.task == "regress" else len(label2id)
         id2label = None if cfg.task == "regress" else {i: lab for lab, i in label2id.items()}
         objective = Classification(cfg.task, num_labels)
-    if not val:
-        raise ValueError("the validation split is empty: add data.validation files or raise data.validation_fraction")
+    require_validation(val, cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, num_labels, id2label, tok)
     trainable, total = count_parameters(model)
@@ -265,8 +265,8 @@ def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate,
     from ..engine.runs import eval_summary
 
     out = eval_summary(trainer, last)
-    start = next((h for h in trainer.history if h.get("step") == 0), None)
-    if start is not None and "val_pretrain_loss" in start and "val_pretrain_loss" in last:
+    start = out.get("before", {})  # step 0's validation metrics, read back from metrics.jsonl after a resume
+    if "val_pretrain_loss" in start and "val_pretrain_loss" in last:
         out["forgetting"] = {"pretrain_loss_before": start["val_pretrain_loss"],
                              "pretrain_loss_after": last["val_pretrain_loss"],
                              "rise": last["val_pretrain_loss"] - start["val_pretrain_loss"]}

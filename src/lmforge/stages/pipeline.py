@@ -189,10 +189,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from ..atomic import write_text
+
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ---- the run
@@ -249,8 +248,12 @@ def main(cfg: Config) -> int:
         except KeyboardInterrupt:
             code = 130
         except Exception as e:  # the stage's own error: report it with the stage's name, keep earlier stages
-            code, error = 1, f"{type(e).__name__}: {e}"
-            traceback.print_exc()
+            from ..cli import describe_error
+            from ..errors import debug_requested
+
+            code, error = describe_error(e)  # 2 for bad input, 1 for a runtime failure
+            if debug_requested():
+                traceback.print_exc()
         record["seconds"] = round(time.perf_counter() - t0, 1)
         if code != 0:
             record.update(status="interrupted" if code == 130 else "failed", exit_code=code, error=error)

@@ -75,6 +75,8 @@ def main(cfg: Config) -> int:
 
 def summary(index: dict, output: str, skipped: bool, seconds: float) -> str:
     """A few lines: per split the shards, documents, tokens, MB and bytes per token."""
+    from ..data.shards import MAX_PIECE_CHARS
+
     if skipped:
         head = f"{output} is up to date (same settings, tokenizer and input files); nothing to do"
     else:
@@ -86,6 +88,9 @@ def summary(index: dict, output: str, skipped: bool, seconds: float) -> str:
         lines.append(f"  {name:<11} {len(s['shards']):>6} {s['documents']:>10} {s['tokens']:>12} "
                      f"{s['bytes'] / 1e6:>9.2f} {bpt:>12}")
     stats = index.get("stats", {})
+    if stats.get("long_documents_tokenized_in_pieces"):
+        lines.append(f"note: {stats['long_documents_tokenized_in_pieces']} documents longer than "
+                     f"{MAX_PIECE_CHARS:,} characters were tokenized in pieces cut at line breaks (bounded memory)")
     if stats.get("undecodable_bytes_replaced"):
         lines.append(f"note: {stats['undecodable_bytes_replaced']} undecodable byte sequences replaced by U+FFFD")
     if not index["splits"]["validation"]["tokens"]:

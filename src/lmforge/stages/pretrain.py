@@ -26,6 +26,15 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields set over the preset (e.g. num_layers: 4)."""
 
+    def validate(self) -> None:
+        if self.preset is not None and not self.init_from:
+            from ..models.presets import check_preset
+
+            try:
+                check_preset(self.preset)
+            except ValueError as e:
+                raise ValueError(f"preset: {e}") from None
+
 
 @dataclass
 class DataSection:
@@ -93,6 +102,7 @@ def build_model(cfg: Config, tok, world_seed: int):
 def main(cfg: Config) -> int:
     from ..config import config_hash, to_dict
     from ..data.loader import PackedLoader, eval_batches
+    from ..data.readers import DataError
     from ..data.shards import read_index
     from ..engine import distributed as D
     from ..engine import runs
@@ -106,9 +116,9 @@ def main(cfg: Config) -> int:
     index = read_index(cfg.data.train[0])
     tok = load_tokenizer(cfg.data.tokenizer or index["tokenizer"]["path"])
     if tok.fingerprint() != index["tokenizer"]["fingerprint"]:
-        raise ValueError(f"tokenizer {cfg.data.tokenizer or index['tokenizer']['path']} is not the one that wrote "
-                         f"{cfg.data.train[0]} (fingerprint {tok.fingerprint()} != "
-                         f"{index['tokenizer']['fingerprint']})")
+        raise DataError(f"tokenizer {cfg.data.tokenizer or index['tokenizer']['path']} is not the one that wrote "
+                        f"{cfg.data.train[0]} (fingerprint {tok.fingerprint()} != "
+                        f"{index['tokenizer']['fingerprint']}); expected the tokenizer recorded in its index.json")
     model = build_model(cfg, tok, cfg.train.seed)
     sources = [SourceSpec(p, w) for p, w in zip(cfg.data.train, cfg.data.weights or [1.0] * len(cfg.data.train))]
     kw: dict[str, Any] = {}
@@ -116,8 +126,8 @@ def main(cfg: Config) -> int:
         specials = [i for i in (tok.pad_id, tok.eos_id, tok.bos_id, tok.token_id(tok.unk_token)) if i is not None]
         cls_id, sep_id = tok.token_id(tok.cls_token or "[CLS]"), tok.token_id(tok.sep_token or "[SEP]")
         if None in (cls_id, sep_id, tok.mask_id):
-            raise ValueError("masked_lm needs a tokenizer with [CLS], [SEP] and [MASK] tokens (a WordPiece one "
-                             "from `lmforge tokenizer kind=wordpiece`)")
+            raise DataError(f"{cfg.data.tokenizer or index['tokenizer']['path']}: masked_lm needs a tokenizer with "
+                            "[CLS], [SEP] and [MASK] tokens (a WordPiece one from `lmforge tokenizer kind=wordpiece`)")
         extra = 3 if cfg.masking.nsp else 2  # [CLS] A [SEP] B [SEP]
         kw = dict(collate=MLMCollate(cfg.masking, cls_id, sep_id, tok.mask_id, tok.vocab_size, specials,
                                      cfg.train.seed), window=cfg.data.seq_len - extra)
@@ -127,10 +137,11 @@ def main(cfg: Config) -> int:
     loader = PackedLoader(sources, cfg.data.seq_len, cfg.train.micro_batch, seed=cfg.train.seed, rank=world.rank,
                           world=world.world, **kw)
     bpt = _bytes_per_token(index, "validation") if cfg.objective == "causal_lm" else None
-    evals = [EvalSet("validation", lambda: eval_batches(sources[:1], cfg.data.seq_len, cfg.train.micro_batch,
-                                                        max_batches=cfg.train.eval_batches, rank=world.rank,
-                                                        world=world.world, seed=cfg.train.seed, **kw),
-                     bytes_per_token=bpt)]
+    def validation():
+        return eval_batches(sources[:1], cfg.data.seq_len, cfg.train.micro_batch, max_batches=cfg.train.eval_batches,
+                            rank=world.rank, world=world.world, seed=cfg.train.seed, **kw)
+
+    evals = [EvalSet("validation", validation, bytes_per_token=bpt)] if _has_validation(validation, cfg) else []
     if world.main:
         n = model.num_parameters()
         log.info("model %s: %.2fM parameters; %d train tokens", model.cfg.family, n / 1e6, loader.windows[0].total)
@@ -157,6 +168,22 @@ def main(cfg: Config) -> int:
         print(f"pretrain: {trainer.step} steps, {trainer.tokens:,} tokens; {summary}; model in {final}")
     D.shutdown()
     return 0
+
+
+def _has_validation(batches, cfg: Config) -> bool:
+    """Whether the validation split gives a batch. Without one, a run that asks for evaluations (eval_every,
+    eval_at_start) stops now, before training, with the reason; one that does not trains without a validation loss."""
+    from ..data.readers import DataError
+
+    try:
+        next(iter(batches()))
+    except DataError as e:
+        if cfg.train.eval_every or cfg.train.eval_at_start:
+            raise DataError(f"{e} (train.eval_every / train.eval_at_start evaluate on it; set both to 0 to train "
+                            f"without a validation loss)") from None
+        log.warning("%s; training without a validation loss", e)
+        return False
+    return True
 
 
 def _bytes_per_token(index: dict[str, Any], split: str) -> float | None:

@@ -54,6 +54,7 @@ def main(cfg: Config) -> int:
 
     from ..data.examples import ExampleLoader, fixed_batches
     from ..data.preference import PairCollate, load_preference_data
+    from ..data.readers import require_validation
     from ..engine import distributed as D
     from ..engine import runs
     from ..engine.runs import eval_summary, fit, lineage, write_lineage
@@ -67,8 +68,7 @@ def main(cfg: Config) -> int:
     world, run = runs.start(cfg)
     tok = load_tokenizer(cfg.model.init_from)
     train, val, summary = load_preference_data(cfg.data, tok, cfg.train.seed, close_truncated=True)
-    if not val:
-        raise ValueError("the validation split is empty: add data.validation files or raise data.validation_fraction")
+    require_validation(val, cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.init_from, cfg.method, head="classifier", num_labels=1, tok=tok,
                         precision=cfg.train.precision, lora=cfg.lora, freeze=cfg.freeze)

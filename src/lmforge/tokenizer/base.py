@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 from tokenizers import Tokenizer as _Backend
 
+from ..errors import InputError, one_line, read_json_object
+
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "sep_token", "cls_token")
 
 # Used when a model ships no chat template: ChatML, the format of SmolLM2 / Qwen2 and many others.
@@ -100,7 +102,7 @@ class Tokenizer:
         conf: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (path / name).exists():
-                conf.update(json.loads((path / name).read_text(encoding="utf-8")))
+                conf.update(read_json_object(path / name))
         template = conf.pop("chat_template", None)
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t["name"]: t["template"] for t in template}
@@ -111,7 +113,12 @@ class Tokenizer:
         max_len = conf.pop("model_max_length", None)
         if isinstance(max_len, (int, float)) and max_len > 1e9:
             max_len = None
-        return cls(backend=_Backend.from_file(str(tj)), chat_template=template,
+        try:
+            backend = _Backend.from_file(str(tj))
+        except Exception as e:  # noqa: BLE001 - the Rust library raises a bare Exception
+            raise InputError(f"{tj}: not a tokenizer the `tokenizers` library can read ({one_line(str(e))[:200]}); "
+                             f"expected a Hugging Face tokenizer.json") from None
+        return cls(backend=backend, chat_template=template,
                    model_max_length=int(max_len) if max_len else None, extra_config=conf, **special)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -132,3 +139,4 @@ class Tokenizer:
             conf["chat_template"] = self.chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n",
                                                      encoding="utf-8")
+

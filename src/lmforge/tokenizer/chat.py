@@ -111,6 +111,27 @@ def _assistant_spans(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], t
     return out
 
 
+def useful_chars(tokenizer: Tokenizer, max_tokens: int) -> int:
+    """Most characters of one message that can reach a row of `max_tokens` tokens: no token spans more characters
+    than the longest vocabulary entry, so twice (max_tokens + 1) times its length is a safe bound. Data loaders
+    clip longer messages before rendering, so a huge record costs the memory of what a row can use."""
+    longest = max(map(len, tokenizer.backend.get_vocab()), default=1)
+    return 2 * (max_tokens + 1) * max(longest, 1)
+
+
+def clip_messages(messages: Sequence[dict[str, Any]], limit: int,
+                  keep_end: bool = False) -> tuple[list[dict[str, Any]], bool]:
+    """(messages with each string content cut to its first `limit` characters, or its last with `keep_end`;
+    whether any was cut)."""
+    out, cut = [], False
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str) and len(content) > limit:
+            m, cut = {**m, "content": content[-limit:] if keep_end else content[:limit]}, True
+        out.append(m)
+    return out, cut
+
+
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                 include_end_of_turn: bool = True, template: str | None = None, **kwargs: Any) -> ChatEncoding:
     """Render and tokenize a conversation; mask the assistant-content tokens.
