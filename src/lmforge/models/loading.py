@@ -50,7 +50,7 @@ def _local_aliases() -> dict[str, Any]:
 def resolve(source: str | os.PathLike) -> Path:
     """A local path for `source`: an existing path, a local alias, or a hub id downloaded to the HF cache."""
     p = Path(source).expanduser()
-    if p.exists():
+    if p.exists() or recover_folder(p):  # a save killed between its renames left a whole `.NAME.new-*` beside it
         return p
     aliases = _local_aliases()
     if str(source) in aliases:
