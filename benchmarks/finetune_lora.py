@@ -4,8 +4,12 @@ Both sides: the real SmolLM2-135M-Instruct weights (from the GGUF of the llm-smo
 alpha 32 on q/k/v/o/gate/up/down, sequence 256, batch 8, bf16 autocast, AdamW on the adapter weights, the same
 random token batches; frozen base weights in bf16 (LoRA) or NF4 (QLoRA) on both sides. Ours runs the engine's
 `Trainer.fit()`; the peer runs forward, loss, backward, clip, AdamW step on `peft.get_peft_model(...)`. Each side
-runs in its own subprocess; memory is the peak RSS during the training steps (the process's high-water mark is
-reset after loading), or CUDA max allocated on a GPU. Prints a table and a JSON line.
+runs in its own subprocess; memory is the training memory, as in align_dpo.py: the peak RSS during the steps minus
+the resident set after loading (weights paged in, gc + malloc_trim, then the high-water mark reset), so neither
+side is charged for its imports; CUDA: max allocated above the allocated baseline. QLoRA is run twice on the peer:
+with the same frozen dtypes as ours (bf16 next to the NF4 weights) and with peft's usual
+`prepare_model_for_kbit_training`, which upcasts every frozen non-4-bit weight (embeddings, norms, head) to fp32.
+Prints a table; the record goes to benchmarks/results/finetune_lora.json.
 
     python benchmarks/finetune_lora.py [--steps 10] [--repeats 2] [--methods lora qlora]
 """
@@ -14,60 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from train_throughput import CyclingSource, random_batches, sync_device  # the same random batches and source
+from common import (HF_TARGETS, TARGETS, CyclingSource, Record, add_out_argument, peak_mib, random_batches,
+                    run_child, smollm2_folder, sync_device, training_baseline)
 
-TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _rss_reset() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def _peak_mib(dev: str) -> float:
-    import torch
-
-    if dev == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _hf_folder(tmp: str, random_init: bool) -> Path:
-    """SmolLM2 as a Hugging Face folder (written by lmforge from the GGUF), so both sides load the same weights;
-    with `random_init`, the same architecture with random weights (speed and memory do not depend on the values;
-    for machines without the GGUF)."""
-    import lmforge
-
-    if random_init:
-        import torch
-
-        from lmforge.models import Transformer
-        from lmforge.models.presets import preset
-
-        torch.manual_seed(0)
-        return lmforge.save(Transformer(preset("smollm2-135m")), None, Path(tmp) / "smollm2")
-    model, tok = lmforge.load("smollm2-135m-instruct")
-    return lmforge.save(model, tok, Path(tmp) / "smollm2")
 
 
 def run_ours(args, folder: Path) -> dict:
@@ -96,16 +54,18 @@ def run_ours(args, folder: Path) -> dict:
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(model.train(), CausalLM(), CyclingSource(data), cfg, d)
         trainer.save = lambda: None  # checkpoint writing is not what this benchmark measures
+        base = training_baseline(dev, model)  # after loading; the high-water mark restarts here
         trainer.fit()  # warm-up steps
         sync_device(dev)
-        _rss_reset()
         t = time.perf_counter()
         trainer.cfg.steps = args.warmup + args.steps
         last = trainer.fit()
         sync_device(dev)
         seconds = time.perf_counter() - t
-    return {"s_per_step": seconds / args.steps, "peak_mib": _peak_mib(dev), "trainable": trainable, "total": total,
-            "loss": last.get("loss")}
+    peak = peak_mib(dev)
+    return {"s_per_step": seconds / args.steps, "train_mib": peak - base, "peak_mib": peak, "baseline_mib": base,
+            "trainable": trainable, "total": total, "loss": last.get("loss"),
+            "frozen_dtypes": _frozen_dtypes(model)}
 
 
 def run_peer(args, folder: Path) -> dict:
@@ -122,7 +82,7 @@ def run_peer(args, folder: Path) -> dict:
             bnb_4bit_compute_dtype=torch.bfloat16)
         kw["device_map"] = {"": dev}
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", **kw).to(dev)
-    if args.method == "qlora":
+    if args.method == "qlora" and args.side == "peer-kbit":  # peft's QLoRA recipe: frozen non-4-bit weights -> fp32
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                                                        target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
@@ -144,16 +104,28 @@ def run_peer(args, folder: Path) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    base = training_baseline(dev, model)  # after loading; the high-water mark restarts here
     for x in data[:args.warmup]:
         step(x)
     sync_device(dev)
-    _rss_reset()
     t = time.perf_counter()
     for x in data[args.warmup:]:
         loss = step(x)
     sync_device(dev)
     seconds = time.perf_counter() - t
-    return {"s_per_step": seconds / args.steps, "peak_mib": _peak_mib(dev), "trainable": trainable, "loss": loss}
+    peak = peak_mib(dev)
+    return {"s_per_step": seconds / args.steps, "train_mib": peak - base, "peak_mib": peak, "baseline_mib": base,
+            "trainable": trainable, "loss": loss, "frozen_dtypes": _frozen_dtypes(model)}
+
+
+def _frozen_dtypes(model) -> dict[str, int]:
+    """Parameter count of the frozen base per storage dtype (NF4 weights show as uint8), to show the two sides
+    keep the same configuration."""
+    out: dict[str, int] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            out[str(p.dtype).removeprefix("torch.")] = out.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()
+    return out
 
 
 def main() -> None:
@@ -165,52 +137,58 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--methods", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each side; the best counts")
-    ap.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--no-kbit-variant", action="store_true",
+                    help="QLoRA: skip the extra peer run with peft's prepare_model_for_kbit_training")
+    ap.add_argument("--side", choices=["ours", "peer", "peer-kbit"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--random-init", action="store_true", help="SmolLM2-135M's architecture with random weights")
-    ap.add_argument("--out", help="also write the JSON here")
+    add_out_argument(ap)
     args = ap.parse_args()
     if args.side:  # child process
         print(json.dumps((run_ours if args.side == "ours" else run_peer)(args, Path(args.folder))))
         return
+    rec = Record("finetune_lora", args, peers=["transformers", "peft", "bitsandbytes"],
+                 sizes={"steps": args.steps, "warmup": args.warmup, "batch": args.batch, "seq": args.seq,
+                        "rank": args.rank, "repeats": args.repeats})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _hf_folder(tmp, args.random_init)
+        folder = smollm2_folder(tmp, args.random_init)
         for method in args.methods:
+            sides = ["ours", "peer"] + (["peer-kbit"] if method == "qlora" and not args.no_kbit_variant else [])
             res: dict[str, dict] = {}
             for _ in range(args.repeats):
-                for side in ("ours", "peer"):
-                    cmd = [sys.executable, __file__, "--side", side, "--method", method, "--folder", str(folder),
-                           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                           "--seq", str(args.seq), "--rank", str(args.rank)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        res.setdefault(side, {"error": proc.stderr.strip().splitlines()[-1][:200]})
-                        continue
-                    r = json.loads(proc.stdout.strip().splitlines()[-1])
-                    if "s_per_step" not in res.get(side, {}) or r["s_per_step"] < res[side]["s_per_step"]:
+                for side in sides:
+                    r = run_child([sys.executable, __file__, "--side", side, "--method", method, "--folder",
+                                   str(folder), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                   "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank)])
+                    if "error" in r:
+                        res.setdefault(side, r)
+                    elif "s_per_step" not in res.get(side, {}) or r["s_per_step"] < res[side]["s_per_step"]:
                         res[side] = r
-            o, p = res["ours"], res["peer"]
-            row = {"method": method, "ours": o, "peer": p}
-            if "s_per_step" in o and "s_per_step" in p:
-                row.update(time_ratio=o["s_per_step"] / p["s_per_step"], mem_ratio=o["peak_mib"] / p["peak_mib"])
-            rows.append(row)
-    print(f"{'method':7} {'ours s/step':>11} {'peer s/step':>11} {'time':>5} {'ours MiB':>9} {'peer MiB':>9} "
-          f"{'mem':>5}  (targets: time <= 0.80, mem <= 0.80)")
+            for side in sides[1:]:
+                o, p = res["ours"], res[side]
+                row = {"method": method, "peer_variant": "same frozen dtypes (bf16)" if side == "peer" else
+                       "peft prepare_model_for_kbit_training (frozen non-4-bit weights in fp32)", "ours": o, "peer": p}
+                if "s_per_step" in o and "s_per_step" in p:
+                    row.update(time_ratio=o["s_per_step"] / p["s_per_step"], mem_ratio=o["train_mib"] / p["train_mib"])
+                rows.append(row)
+    print(f"{'method':7} {'peer':9} {'ours s/step':>11} {'peer s/step':>11} {'time':>5} {'ours MiB':>9} "
+          f"{'peer MiB':>9} {'mem':>5}  (training memory = peak RSS - RSS after loading; targets <= 0.80)")
     for r in rows:
+        tag = "kbit-fp32" if "kbit" in r["peer_variant"] else "same"
         if "time_ratio" not in r:
-            print(f"{r['method']:7} ours: {r['ours'].get('error', 'ok')} | peer: {r['peer'].get('error', 'ok')}")
+            print(f"{r['method']:7} {tag:9} ours: {r['ours'].get('error', 'ok')} | "
+                  f"peer: {r['peer'].get('error', 'ok')}")
             continue
         o, p = r["ours"], r["peer"]
-        print(f"{r['method']:7} {o['s_per_step']:11.3f} {p['s_per_step']:11.3f} {r['time_ratio']:5.2f} "
-              f"{o['peak_mib']:9.0f} {p['peak_mib']:9.0f} {r['mem_ratio']:5.2f}")
-    result = {"benchmark": "finetune_lora", "model": "SmolLM2-135M-Instruct", "random_init": args.random_init,
-              "device": "cuda" if _cuda() else "cpu", "batch": args.batch, "seq": args.seq,
-              "rank": args.rank, "rows": rows}
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{r['method']:7} {tag:9} {o['s_per_step']:11.3f} {p['s_per_step']:11.3f} {r['time_ratio']:5.2f} "
+              f"{o['train_mib']:9.0f} {p['train_mib']:9.0f} {r['mem_ratio']:5.2f}")
+    import torch
+
+    rec.write({"model": "SmolLM2-135M-Instruct", "random_init": args.random_init,
+               "device": "cuda" if torch.cuda.is_available() else "cpu", "batch": args.batch, "seq": args.seq,
+               "rank": args.rank, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""Inference on SmolLM2-135M: lmforge's engine and server vs `transformers` generate, in one process.
+"""Inference on SmolLM2-135M: lmforge's engine and server vs `transformers` (static and continuous batching) and
+llama.cpp (the prebuilt `xllamacpp` wheel), on the same weights.
 
-1. single stream: decode tokens/s of one greedy request (128 new tokens), ours vs `model.generate`;
-2. 16 concurrent requests of mixed prompt and output lengths: ours through the OpenAI-compatible server (the
-   official client, streaming, continuous batching) vs `transformers` static batching of the same requests
-   (one left-padded `generate` call running to the longest output); aggregate useful tokens/s and p50/p95 time
-   to first token;
-3. speculative decoding by prompt lookup on a code-editing prompt vs plain decoding: tokens/s, identical output;
-4. llama.cpp (`llama_cpp`, optional) on the GGUF, single stream, for reference (its weights are 4-bit there).
+1. single stream: decode tokens/s of one greedy request (128 new tokens), ours vs `model.generate`, and llama.cpp on
+   the same weights as a bf16 GGUF (plus the package's 4-bit Q4_1 GGUF for reference);
+2. 16 concurrent requests of mixed prompt (16..512 tokens) and output lengths (32..256): aggregate useful tokens/s
+   and p50/p95 time to first token. Ours: the OpenAI-compatible server, 16 streaming clients of the official client
+   in another process. Peers: `transformers` static batching (one left-padded `generate` running to the longest
+   output), `transformers` continuous batching (`ContinuousBatchingManager`, paged attention, each request with its
+   own length, the API under `generate_batch`), and llama.cpp's server (`xllamacpp`, 16 slots, continuous
+   batching, bf16 GGUF) under the same client. Every round sends a fresh set of 16 prompts (a warm-up set, then two
+   measured sets, the same sets for every side; tokens/s = useful tokens / wall time over both measured sets), so no
+   side reuses a cached prompt. The repeated-prompt workload - the last set sent again, so our prefix cache holds
+   every prompt - is measured for ours separately and labelled as such;
+3. speculative decoding by prompt lookup on a code-editing prompt vs plain decoding: tokens/s, identical output.
 
-Both sides use the same weights (the GGUF dequantized and saved as a Hugging Face folder, so `transformers`
-runs dense weights, not its GGUF kernels) in the same dtype, with end-of-sequence ignored so both produce the
-same number of tokens. Prints a table and a JSON line.
+All sides run the same weights (the GGUF dequantized and saved as a Hugging Face folder, and that folder written
+back as a bf16 GGUF for llama.cpp) in bf16 (`--dtype`), with end-of-sequence ignored so all produce the same
+number of tokens, on the same number of threads. Prints a table; the record goes to benchmarks/results/inference.json.
 
     python benchmarks/inference.py [--dtype bfloat16] [--device cpu] [--random-init] [--out result.json]
 """
@@ -28,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import Record, add_out_argument
 
 
 def _load(args, folder: Path):
@@ -131,38 +139,69 @@ def _client(url: str, requests: list[tuple[list[int], int]]) -> list[tuple[float
     return asyncio.run(all_of_them())
 
 
-def concurrent(ours, tok, ref, prompts: list[list[int]], max_tokens: list[int], device: str) -> dict:
+def _q(xs: list[float], p: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else xs[0]
+
+
+def _load_generator(url: str, prompts: list[list[int]], max_tokens: list[int]) -> dict:
+    """One round of requests from a separate client process; useful tokens/s and TTFT quantiles."""
     import subprocess
+
+    job = json.dumps([[p, n] for p, n in zip(prompts, max_tokens)])
+    out = subprocess.run([sys.executable, __file__, "--client", url], input=job, capture_output=True, text=True,
+                         check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    tokens = sum(n for _, n in r["requests"])
+    return {"wall_s": r["wall"], "tokens": tokens, "tok_s": tokens / r["wall"], "ttft": [f for f, _ in r["requests"]],
+            "client_cpu_s": r["cpu_s"]}
+
+
+def _measured(rounds: list[dict]) -> dict:
+    """The measured rounds together (the first round is the warm-up): total useful tokens / total wall time, and
+    TTFT quantiles over every request of those rounds; the same prompt sets on every side."""
+    timed = rounds[1:]
+    tokens, wall = sum(r["tokens"] for r in timed), sum(r["wall_s"] for r in timed)
+    ttft = [f for r in timed for f in r["ttft"]]
+    out = {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "ttft_p50_s": _q(ttft, 50),
+           "ttft_p95_s": _q(ttft, 95), "rounds_tok_s": [round(r["tok_s"], 1) for r in rounds if r]}
+    if "prefix_cache_hit_tokens" in timed[0]:  # ours: how much of the prompts the prefix cache served
+        out.update({k: sum(r[k] for r in timed) for k in ("prefix_cache_hit_tokens", "prompt_tokens")})
+    return out
+
+
+def serve_ours(ours, tok, jobs: list[tuple[list[list[int]], list[int]]]) -> list[dict]:
+    """Our server in this process as `lmforge serve` runs it (HTTP in a thread, the engine loop on the main thread),
+    prefix caching on as served; each job is one round from the load-generator process."""
+    import threading
 
     from lmforge.inference.engine import Engine
     from lmforge.inference.server import AsyncEngine, create_app, start_server
 
-    # ours: the server in this process as `lmforge serve` runs it (HTTP in a thread, the engine loop on the main
-    # thread); the 16 streaming clients in another process, as a real load generator is
-    aeng = AsyncEngine(Engine(ours, tok), background=False)
+    engine = Engine(ours, tok)
+    aeng = AsyncEngine(engine, background=False)
     running = start_server(create_app(aeng, tok, "smollm2"), "127.0.0.1", 0)
-    job = json.dumps([[p, n] for p, n in zip(prompts, max_tokens)])
-    runs = []
+    results: list[dict] = []
 
-    def load_generator() -> None:
-        for _ in range(3):  # warm-up, then the better of two measured runs
-            out = subprocess.run([sys.executable, __file__, "--client", running.url], input=job,
-                                 capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        aeng.close()  # ends aeng.run() below
+    def drive() -> None:
+        try:
+            for prompts, max_tokens in jobs:
+                hits, seen = (engine.counters[k] for k in ("prefix_cache_hit_tokens", "prompt_tokens_total"))
+                r = _load_generator(running.url, prompts, max_tokens)
+                r["prefix_cache_hit_tokens"] = engine.counters["prefix_cache_hit_tokens"] - hits
+                r["prompt_tokens"] = engine.counters["prompt_tokens_total"] - seen
+                results.append(r)
+        finally:
+            aeng.close()  # ends aeng.run() below
 
-    import threading
-
-    threading.Thread(target=load_generator).start()
+    threading.Thread(target=drive).start()
     aeng.run()
     running.stop()
-    results = min(runs[1:], key=lambda r: r["wall"])
-    print(f"client process: {results['cpu_s']:.1f} s CPU over {results['wall']:.1f} s", file=sys.stderr)
-    ours_wall = results["wall"]  # first request sent to last token received, in the client
-    ours_tokens = sum(n for _, n in results["requests"])
-    ours_ttft = [f for f, _ in results["requests"]]
+    return results
 
-    # peer: one static batch, left-padded, runs until the longest request is done
+
+def static_batch(ref, prompts: list[list[int]], max_tokens: list[int], device: str) -> dict:
+    """transformers' static batching: one left-padded `generate` running to the longest output; every request's
+    first token arrives after the whole batch's prefill."""
     import transformers
 
     class _Clock(transformers.LogitsProcessor):
@@ -181,23 +220,84 @@ def concurrent(ours, tok, ref, prompts: list[list[int]], max_tokens: list[int], 
     for i, p in enumerate(prompts):
         ids[i, longest - len(p):] = torch.tensor(p)
         mask[i, longest - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    peer = []
-    for _ in range(3):  # warm-up, then the better of two measured runs
-        clock = _Clock()
+    clock = _Clock()
+    t = time.perf_counter()
+    ref.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(max_tokens), do_sample=False,
+                 pad_token_id=0, logits_processor=[clock])
+    _sync(device)
+    wall = time.perf_counter() - t
+    tokens = sum(max_tokens)  # useful tokens: each request's own length
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "ttft": [clock.first - t] * len(prompts)}
+
+
+def continuous_batch(ref, prompts: list[list[int]], max_tokens: list[int]) -> dict:
+    """transformers' continuous batching (the manager under `generate_batch`, paged KV cache), every request with
+    its own max_new_tokens, all submitted at once; TTFT from each request's creation to its first token."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max(max_tokens), eos_token_id=None, pad_token_id=0)
+    with ref.continuous_batching_context_manager(generation_config=cfg, block=True, timeout=30) as manager:
+        t = time.perf_counter()  # after the manager's set-up and warm-up, as our server is up before its clients
+        ids = [manager.add_request(p, max_new_tokens=n, record_timestamps=True, eos_token_id=-1)
+               for p, n in zip(prompts, max_tokens)]
+        done: dict = {}
+        while len(done) < len(ids):
+            r = manager.get_result(timeout=1)
+            if r is not None and r.is_finished():
+                done[r.request_id] = r
+            elif r is None and not manager.is_running():
+                raise RuntimeError("transformers continuous batching stopped")
+        wall = time.perf_counter() - t
+    outs = [done[i] for i in ids]
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(errors[0])
+    tokens = sum(len(o.generated_tokens) for o in outs)
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
+            "ttft": [o.timestamps[0] - o.created_time for o in outs if o.timestamps]}
+
+
+def _llama_server(gguf: Path, slots: int, n_ctx: int):
+    import xllamacpp
+
+    p = xllamacpp.CommonParams()
+    p.model.path = str(gguf)
+    p.n_parallel, p.n_ctx, p.port, p.warmup = slots, n_ctx, 0, True
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = torch.get_num_threads()
+    p.cont_batching = True
+    return xllamacpp.Server(p)
+
+
+def llama_cpp_single(gguf: Path, prompt: list[int], new: int, repeats: int) -> dict:
+    server = _llama_server(gguf, 1, 2048)
+    req = {"prompt": prompt, "n_predict": new, "temperature": 0, "ignore_eos": True, "cache_prompt": False}
+    server.handle_completions(dict(req, n_predict=8))  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
         t = time.perf_counter()
-        ref.generate(ids, attention_mask=mask, max_new_tokens=max(max_tokens), do_sample=False, pad_token_id=0,
-                     logits_processor=[clock])
-        _sync(device)
-        peer.append((time.perf_counter() - t, clock.first - t))
-    peer_wall, peer_first = min(peer[1:])
-    peer_tokens = sum(max_tokens)  # useful tokens: each request's own length
-    q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]  # noqa: E731
-    return {"requests": len(prompts), "ours_tok_s": ours_tokens / ours_wall, "peer_tok_s": peer_tokens / peer_wall,
-            "ratio": (ours_tokens / ours_wall) / (peer_tokens / peer_wall),
-            "ours_ttft_p50_s": q(ours_ttft, 50), "ours_ttft_p95_s": q(ours_ttft, 95),
-            "peer_ttft_p50_s": peer_first, "peer_ttft_p95_s": peer_first,
-            "ours_tokens": ours_tokens, "peer_useful_tokens": peer_tokens}
+        out = server.handle_completions(dict(req))
+        best = min(best, time.perf_counter() - t)
+    n = out["usage"]["completion_tokens"]
+    del server
+    return {"tok_s": n / best, "tokens": n}
+
+
+def llama_cpp_concurrent(gguf: Path, jobs: list[tuple[list[list[int]], list[int]]]) -> list[dict]:
+    longest = max(len(p) + n for prompts, max_tokens in jobs for p, n in zip(prompts, max_tokens))
+    server = _llama_server(gguf, len(jobs[0][0]), len(jobs[0][0]) * (longest + 16))
+    url = server.listening_address
+    out = [_load_generator(url, prompts, max_tokens) for prompts, max_tokens in jobs]
+    del server
+    return out
+
+
+def _gguf_paths(ours, tok, folder: Path) -> dict[str, Path]:
+    """The same weights as a bf16 GGUF (written by lmforge), and the package's Q4_1 GGUF."""
+    from lmforge.models.gguf import save_gguf
+    from lmforge.models.loading import resolve
+
+    bf16 = save_gguf(ours, tok, folder / "smollm2-bf16.gguf", dtype="bf16")
+    return {"bf16": Path(bf16), "Q4_1": Path(resolve("smollm2-135m-instruct"))}
 
 
 def speculative(ours, tok, vocab: int, new: int, repeats: int) -> dict:
@@ -228,25 +328,9 @@ def speculative(ours, tok, vocab: int, new: int, repeats: int) -> dict:
         out[kind] = {"tok_s": new / best, "tokens": tokens,
                      "acceptance": s["draft_tokens_accepted"] / max(1, s["draft_tokens_total"])}
     return {"plain_tok_s": out["none"]["tok_s"], "ngram_tok_s": out["ngram"]["tok_s"],
-            "ratio": out["ngram"]["tok_s"] / out["none"]["tok_s"], "identical": out["none"]["tokens"] == out["ngram"]["tokens"],
+            "ratio": out["ngram"]["tok_s"] / out["none"]["tok_s"],
+            "identical": out["none"]["tokens"] == out["ngram"]["tokens"],
             "acceptance": out["ngram"]["acceptance"]}
-
-
-def llama_cpp(prompt_text: str, new: int) -> dict:
-    try:
-        import llama_cpp
-    except ImportError:
-        return {"error": "llama_cpp not installed (pip install llama-cpp-python builds it from source)"}
-    from lmforge.models.loading import resolve
-
-    llm = llama_cpp.Llama(str(resolve("smollm2-135m-instruct")), n_ctx=2048, n_threads=torch.get_num_threads(),
-                          verbose=False)
-    llm(prompt_text, max_tokens=8)
-    t = time.perf_counter()
-    out = llm(prompt_text, max_tokens=new, temperature=0, ignore_eos=True) if "ignore_eos" in inspect.signature(
-        llm.__call__).parameters else llm(prompt_text, max_tokens=new, temperature=0)
-    n = out["usage"]["completion_tokens"]
-    return {"tok_s": n / (time.perf_counter() - t), "quantization": "Q4_1 (the package's GGUF)"}
 
 
 def main() -> None:
@@ -256,7 +340,10 @@ def main() -> None:
     ap.add_argument("--random-init", action="store_true", help="random SmolLM2-shaped weights (no GGUF needed)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--requests", type=int, default=16, help="concurrent requests per round")
+    ap.add_argument("--sides", default="ours,static,continuous,llama_cpp",
+                    help="concurrent sides to run (ours,static,continuous,llama_cpp)")
+    add_out_argument(ap)
     ap.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # internal: the load-generator process
     args = ap.parse_args()
     if args.client:
@@ -265,44 +352,81 @@ def main() -> None:
         results = _client(args.client, requests)
         print(json.dumps({"wall": time.perf_counter() - t, "cpu_s": time.process_time(), "requests": results}))
         return
+    rec = Record("inference", args, peers=["transformers", "xllamacpp", "openai"],
+                 sizes={"new_tokens": args.new_tokens, "repeats": args.repeats, "requests": args.requests,
+                        "rounds": 3, "prompt_tokens": "16..512 log-uniform", "output_tokens": [32, 64, 128, 256]})
+    sides = args.sides.split(",")
+    import random
+
     with tempfile.TemporaryDirectory() as d:
         ours, tok, ref = _load(args, Path(d) / "smollm2")
         vocab = ours.cfg.vocab_size
         prompt = _prompts(tok, vocab, 1, seed=1)[0][:64]
-        result = {"device": args.device, "dtype": args.dtype, "random_init": args.random_init,
-                  "threads": torch.get_num_threads()}
+        llama = tok is not None and args.device == "cpu" and "llama_cpp" in sides
+        ggufs = _gguf_paths(ours, tok, Path(d)) if llama else {}
+        result: dict = {"device": args.device, "dtype": args.dtype, "random_init": args.random_init,
+                        "threads": torch.get_num_threads()}
         result["single_stream"] = single_stream(ours, ref, prompt, args.new_tokens, args.device, args.repeats)
-        import random
+        for q, path in ggufs.items():
+            result["single_stream"][f"llama_cpp_{q.lower()}_tok_s"] = llama_cpp_single(
+                path, prompt, args.new_tokens, args.repeats)["tok_s"]
 
         rng = random.Random(2)
-        prompts = _prompts(tok, vocab, 16, seed=2)
-        max_tokens = [rng.choice([32, 64, 128, 256]) for _ in prompts]
-        result["concurrent"] = concurrent(ours, tok, ref, prompts, max_tokens, args.device)
+        jobs = []  # warm-up round, then two measured rounds: a fresh prompt set each, the same sets for every side
+        for r in range(3):
+            prompts = _prompts(tok, vocab, args.requests, seed=100 + r)
+            jobs.append((prompts, [rng.choice([32, 64, 128, 256]) for _ in prompts]))
+        conc: dict = {"requests": args.requests, "prompt_tokens": [sum(len(p) for p in j[0]) for j in jobs]}
+        if "ours" in sides:
+            rounds = serve_ours(ours, tok, jobs + [jobs[-1]])  # + the last set again: every prompt cached
+            conc["ours"] = _measured(rounds[:3])
+            conc["ours_repeated_prompts"] = _measured([{}, rounds[3]])
+        if "static" in sides:
+            conc["transformers_static"] = _measured([static_batch(ref, p, n, args.device) for p, n in jobs])
+        if "continuous" in sides:
+            try:
+                conc["transformers_continuous"] = _measured([continuous_batch(ref, p, n) for p, n in jobs])
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                conc["transformers_continuous"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        if llama:
+            conc["llama_cpp_bf16"] = _measured(llama_cpp_concurrent(ggufs["bf16"], jobs))
+        o = conc.get("ours", {})
+        for peer in ("transformers_static", "transformers_continuous", "llama_cpp_bf16"):
+            if "tok_s" in conc.get(peer, {}) and o:
+                conc[f"ratio_vs_{peer}"] = o["tok_s"] / conc[peer]["tok_s"]
+        result["concurrent"] = conc
         result["speculative"] = speculative(ours, tok, vocab, 2 * args.new_tokens, args.repeats)
-        if tok is not None and args.device == "cpu":
-            result["llama_cpp"] = llama_cpp(tok.decode(prompt), args.new_tokens)
     s, c, p = result["single_stream"], result["concurrent"], result["speculative"]
     print(f"SmolLM2-135M, {args.dtype} on {args.device} ({result['threads']} threads)"
           + (", random weights" if args.random_init else ""))
-    print(f"{'measure':44} {'ours':>10} {'peer':>10} {'ratio':>6} {'target':>7}")
-    print(f"{'single-stream decode tok/s (vs transformers)':44} {s['ours_tok_s']:10.1f} {s['peer_tok_s']:10.1f} "
-          f"{s['ratio']:6.2f} {'>= 3':>7}")
-    print(f"{'16 concurrent: aggregate tok/s (vs static)':44} {c['ours_tok_s']:10.1f} {c['peer_tok_s']:10.1f} "
-          f"{c['ratio']:6.2f} {'>= 4':>7}")
-    print(f"{'16 concurrent: TTFT p50 s':44} {c['ours_ttft_p50_s']:10.2f} {c['peer_ttft_p50_s']:10.2f}")
-    print(f"{'16 concurrent: TTFT p95 s':44} {c['ours_ttft_p95_s']:10.2f} {c['peer_ttft_p95_s']:10.2f}")
-    print(f"{'prompt lookup tok/s (vs plain engine)':44} {p['ngram_tok_s']:10.1f} {p['plain_tok_s']:10.1f} "
-          f"{p['ratio']:6.2f} {'>= 1.5':>7}   identical={p['identical']} acceptance={p['acceptance']:.2f}")
-    if "llama_cpp" in result:
-        lc = result["llama_cpp"]
-        if "error" in lc:
-            print(f"llama.cpp: {lc['error']}")
-        else:
-            print(f"{'llama.cpp single stream tok/s (Q4_1)':44} {s['ours_tok_s']:10.1f} {lc['tok_s']:10.1f} "
-                  f"{s['ours_tok_s'] / lc['tok_s']:6.2f}")
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'measure':52} {'ours':>9} {'peer':>9} {'ratio':>6}")
+    print(f"{'single-stream decode tok/s (vs transformers generate)':52} {s['ours_tok_s']:9.1f} "
+          f"{s['peer_tok_s']:9.1f} {s['ratio']:6.2f}")
+    for q in ("bf16", "q4_1"):
+        if f"llama_cpp_{q}_tok_s" in s:
+            v = s[f"llama_cpp_{q}_tok_s"]
+            print(f"{'single-stream decode tok/s (vs llama.cpp ' + q + ')':52} {s['ours_tok_s']:9.1f} {v:9.1f} "
+                  f"{s['ours_tok_s'] / v:6.2f}")
+    o = c.get("ours")
+    for peer in ("transformers_static", "transformers_continuous", "llama_cpp_bf16"):
+        r = c.get(peer)
+        if r is None:
+            continue
+        if "error" in r:
+            print(f"{args.requests} concurrent vs {peer}: {r['error']}")
+            continue
+        if o:
+            print(f"{f'{args.requests} concurrent tok/s, fresh prompts (vs {peer})':52} {o['tok_s']:9.1f} "
+                  f"{r['tok_s']:9.1f} {o['tok_s'] / r['tok_s']:6.2f}")
+            print(f"{'  TTFT p50 / p95 s':52} {o['ttft_p50_s']:4.2f}/{o['ttft_p95_s']:4.2f} "
+                  f"{r['ttft_p50_s']:4.2f}/{r['ttft_p95_s']:4.2f}")
+    if "ours_repeated_prompts" in c:
+        r = c["ours_repeated_prompts"]
+        print(f"{'ours, repeated prompts (prefix cache hit): tok/s':52} {r['tok_s']:9.1f}   TTFT p50 "
+              f"{r['ttft_p50_s']:.2f} s")
+    print(f"{'prompt lookup tok/s (vs plain engine)':52} {p['ngram_tok_s']:9.1f} {p['plain_tok_s']:9.1f} "
+          f"{p['ratio']:6.2f}   identical={p['identical']} acceptance={p['acceptance']:.2f}")
+    rec.write(result)
 
 
 if __name__ == "__main__":

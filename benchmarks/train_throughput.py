@@ -3,8 +3,9 @@
 Same Llama architecture (6 layers, width 384, 6 heads / 2 KV heads, MLP 1024, vocab 8192), sequence 256,
 batch 8, same precision, same random token batches. Ours runs `Trainer.fit()` (the real engine, with its
 logging and NaN guard) on an in-memory batch source; the peer runs forward, loss, backward, clip, AdamW step.
-Each side runs in its own subprocess (so peak RSS is its own); the matmul peak is measured in the same run
-for MFU. Prints a table and a JSON line.
+Each side runs in its own subprocess; memory is the training memory (peak RSS above the resident set after the
+model is built, see common.training_baseline), so neither side is charged for its imports; the matmul peak is
+measured in the same run for MFU. Prints a table and a JSON line.
 
     python benchmarks/train_throughput.py [--steps 20] [--repeats 3] [--precision bf16 fp32] [--size 124m]
 """
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
+
+from common import (CyclingSource, Record, add_out_argument, peak_mib, random_batches, run_child, sync_device,
+                    training_baseline)
 
 SIZES = {  # (layers, width, heads, kv heads, mlp, vocab)
     "small": (6, 384, 6, 2, 1024, 8192),
@@ -39,38 +41,6 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
         a @ b
     sync_device(dev)
     return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
-def sync_device(dev: str) -> None:
-    import torch
-
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def random_batches(vocab: int, batch: int, seq: int, n: int):
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(vocab, (batch, seq + 1), generator=g) for _ in range(n)]
-
-
-class CyclingSource:
-    """The Trainer's batch source over fixed random token batches, cycled (shared with finetune_lora.py)."""
-
-    def __init__(self, data):
-        self.data, self.i = data, 0
-
-    def next_batch(self):
-        x = self.data[self.i % len(self.data)]
-        self.i += 1
-        return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, s):
-        self.i = s["i"]
 
 
 def run_ours(args) -> dict:
@@ -99,6 +69,7 @@ def run_ours(args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(model, CausalLM(), src, cfg, d)
         trainer.save = lambda: None  # checkpoint writing is not what this benchmark measures
+        base = training_baseline(dev, model)
         trainer.fit()  # warm-up steps
         sync_device(dev)
         t = time.perf_counter()
@@ -106,7 +77,7 @@ def run_ours(args) -> dict:
         trainer.fit()
         sync_device(dev)
         times.append(time.perf_counter() - t)
-    return _result(args, times[0], model, dev)
+    return _result(args, times[0], model, dev, base)
 
 
 def run_peer(args) -> dict:
@@ -139,6 +110,7 @@ def run_peer(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    base = training_baseline(dev, model)
     for x in data[: args.warmup]:
         step(x)
     sync_device(dev)
@@ -146,21 +118,20 @@ def run_peer(args) -> dict:
     for x in data[args.warmup:]:
         step(x)
     sync_device(dev)
-    return _result(args, time.perf_counter() - t, model, dev)
+    return _result(args, time.perf_counter() - t, model, dev, base)
 
 
-def _result(args, seconds: float, model, dev: str) -> dict:
-    import torch
-
+def _result(args, seconds: float, model, dev: str, base: float) -> dict:
     tokens = args.steps * args.batch * args.seq
     n = sum(p.numel() for p in model.parameters())
     emb = SIZES[args.size][1] * SIZES[args.size][5]
     layers, width = SIZES[args.size][0], SIZES[args.size][1]
     flops_per_token = 6 * (n - emb) + 12 * layers * width * args.seq  # input embedding is a lookup
-    mem = (torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"tokens_per_s": tokens / seconds, "flops_per_token": flops_per_token, "peak_mem_mib": mem,
-            "mem_kind": "cuda max allocated" if dev == "cuda" else "peak RSS"}
+    peak = peak_mib(dev)
+    return {"tokens_per_s": tokens / seconds, "flops_per_token": flops_per_token, "peak_mem_mib": peak - base,
+            "absolute_peak_mib": peak, "baseline_mib": base,
+            "mem_kind": "cuda max allocated above the baseline" if dev == "cuda" else
+            "peak RSS above the RSS after building the model (training memory)"}
 
 
 def main() -> None:
@@ -174,11 +145,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side; the best counts")
     ap.add_argument("--compile", action="store_true", help="ours with train.compile=true (torch.compile per block)")
     ap.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    add_out_argument(ap)
     args = ap.parse_args()
     if args.side:  # child process: one precision
         args.precision = args.precision[0]
         print(json.dumps((run_ours if args.side == "ours" else run_peer)(args)))
         return
+    rec = Record("train_throughput", args, peers=["transformers"],
+                 sizes={"size": args.size, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
+                        "seq": args.seq, "repeats": args.repeats})
     rows = []
     for prec in args.precision:
         peak = matmul_peak(prec)
@@ -188,8 +163,9 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--side", side, "--precision", prec, "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
                        "--size", args.size] + (["--compile"] if args.compile else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-                r = json.loads(out)
+                r = run_child(cmd)
+                if "error" in r:
+                    raise SystemExit(f"{side} {prec}: {r['error']}")
                 if side not in res or r["tokens_per_s"] > res[side]["tokens_per_s"]:
                     res[side] = r
         o, p = res["ours"], res["peer"]
@@ -205,8 +181,7 @@ def main() -> None:
         print(f"{r['precision']:9} {r['ours_tokens_per_s']:10.0f} {r['peer_tokens_per_s']:10.0f} {r['speedup']:6.2f} "
               f"{r['ours_mfu']:8.1%} {r['peer_mfu']:7.1%} {r['ours_mem_mib']:9.0f} {r['peer_mem_mib']:8.0f} "
               f"{r['mem_ratio']:5.2f}")
-    print(json.dumps({"benchmark": "train_throughput", "compile": args.compile, "size": args.size, "batch": args.batch, "seq": args.seq,
-                      "rows": rows}))
+    rec.write({"compile": args.compile, "size": args.size, "batch": args.batch, "seq": args.seq, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ def _perplexity(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], lis
     n_bytes = sum(len(t.encode("utf-8")) for _, t in docs)
     return {"documents": len(docs), "tokens": tokens, "bytes": n_bytes, "perplexity": math.exp(-total / tokens),
             "bits_per_byte": bits_per_byte(total, n_bytes), "xz_bits_per_byte": xz_bits_per_byte([t for _, t in docs]),
+            "xz": "xz -9e as one raw LZMA2 stream over the documents concatenated (no container overhead)",
             "max_length": max_length, "stride": cfg.stride or max_length,
             "examples": [d[0] for d in docs[:3]]}, [t for _, t in docs]
 

