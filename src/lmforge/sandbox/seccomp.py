@@ -4,7 +4,8 @@ Denied (EPERM): new processes (fork, vfork, execve, clone without CLONE_THREAD o
 ENOSYS so the C library falls back to clone and threads still work), signals to any process but this one (kill,
 tgkill and rt_sigqueueinfo only for our own pid; tkill and pidfd_* never), tracing and other processes' memory
 (ptrace, process_vm_*, kcmp), namespaces and mounts, sockets, raising resource limits or changing ids, TIOCSTI,
-choosing who gets SIGIO (fcntl F_SETOWN / F_SETSIG / F_SETOWN_EX, FIOSETOWN, SIOCSPGRP), and kernel interfaces a program has no use for (bpf, perf_event_open, io_uring, keyrings, modules, clocks, ...).
+choosing who gets SIGIO (fcntl F_SETOWN / F_SETSIG / F_SETOWN_EX, FIOSETOWN, SIOCSPGRP), and kernel interfaces a
+program has no use for (bpf, perf_event_open, io_uring, keyrings, modules, clocks, ...).
 A call from another architecture's ABI (x32 on x86_64, or a foreign audit arch) kills the process.
 
 This file is self-contained (standard library only): the sandbox child imports it from its own folder before the

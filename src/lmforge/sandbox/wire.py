@@ -27,7 +27,8 @@ _PLAIN = (  # a subclass instance -> the plain value, through the base type's ow
     (int, int.__index__), (float, float.__float__), (str, str.__str__), (bytes, lambda v: bytes.fromhex(bytes.hex(v))),
     (list, lambda v: list(list.__iter__(v))), (tuple, lambda v: tuple(tuple.__iter__(v))),
     (dict, lambda v: dict(dict.items(v))), (frozenset, lambda v: frozenset(frozenset.__iter__(v))),
-    (set, lambda v: set(set.__iter__(v))), (complex, lambda v: complex(complex.real.__get__(v), complex.imag.__get__(v))),
+    (set, lambda v: set(set.__iter__(v))),
+    (complex, lambda v: complex(complex.real.__get__(v), complex.imag.__get__(v))),
 )
 
 
