@@ -15,9 +15,7 @@ import functools
 import hashlib
 import inspect
 import json
-import os
 import re
-import tempfile
 import textwrap
 import types
 import typing
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+from .atomic import write_text
 
 __all__ = [
     "ConfigError", "load_config", "to_dict", "dump_yaml", "save_config", "config_hash",
@@ -544,19 +544,8 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write ``dump_yaml(cfg)`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dump_yaml(cfg))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``dump_yaml(cfg)`` atomically (temp file in the same folder, fsynced, then renamed)."""
+    write_text(path, dump_yaml(cfg))
 
 
 def config_hash(cfg: Any) -> str:

@@ -3,6 +3,7 @@ resource exhaustion, and forged verdicts. Every attack must end refused, failed,
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -377,7 +378,7 @@ def test_namespaces_alone_hide_the_host(tier, tmp_path, secret):
     done = subprocess.run(argv + [isolation.python_executable(), "-I", "-S", "-c", code], capture_output=True,
                           text=True, timeout=30, cwd=root)
     server.close()
-    out = eval(done.stdout)  # our own dict literal
+    out = ast.literal_eval(done.stdout)  # the dict the child printed
     assert out["net"] == "refused" and out["host pid"] == "not found" and out["pid"] < 10, (out, done.stderr)
     if tier == "bwrap":
         assert out["secret"] is None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-from . import isolation
+from . import isolation, seccomp
 
 __all__ = ["SandboxLimits", "SandboxResult", "CodeTest", "run_python", "run_tests", "run_many"]
 
@@ -149,7 +149,7 @@ class _Child:
                    tests=f"{inside_top}/tests.py" if "tests.py" in files else None,
                    context=f"{inside_top}/context.py" if "context.py" in files else None,
                    memory_mb=limits.memory_mb, cpu_s=limits.cpu_s, max_file_bytes=limits.max_file_bytes,
-                   seccomp=_seccomp_supported(), drop_to=isolation.NOBODY if drop else None, fds=fds,
+                   seccomp=seccomp.supported(), drop_to=isolation.NOBODY if drop else None, fds=fds,
                    max_message_bytes=MAX_MESSAGE_BYTES, refused_exit=REFUSED_EXIT, memory_exit=MEMORY_EXIT,
                    error_exit=ERROR_EXIT, **MARKS, **_EVENTS, **extra)
         (top / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
@@ -196,12 +196,6 @@ class _Child:
 
 _SIGNALS = {int(s) for s in signal.valid_signals()}  # real-time ones included
 _NAMED = {s.value for s in signal.Signals}
-
-
-def _seccomp_supported() -> bool:
-    from . import seccomp
-
-    return seccomp.supported()
 
 
 def _drain(stream, cap: int, out: list[bytes]) -> None:

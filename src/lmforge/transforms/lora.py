@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic import write_file, write_text
 from ..models import hf
 from .quantize import NF4Linear, _replace, quantize_nf4, to_linear
 
@@ -364,15 +365,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     dst = Path(path)
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _write_atomic(dst / "adapter_model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
-    _write_atomic(dst / "adapter_config.json", lambda f: f.write_text(json.dumps(conf, indent=2) + "\n"))
+    write_file(dst / "adapter_model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+    write_text(dst / "adapter_config.json", json.dumps(conf, indent=2) + "\n")
     return dst
-
-
-def _write_atomic(dst: Path, write) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    write(tmp)
-    os.replace(tmp, dst)
 
 
 # adapter_config.json options that change the computation and that we do not implement: must be unset or false
