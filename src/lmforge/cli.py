@@ -248,7 +248,7 @@ def overview() -> str:
 
 def _version() -> str:
     try:
-        from lmforge import __version__
+        from .version import __version__
         return __version__
     except ImportError:
         from importlib.metadata import PackageNotFoundError, version

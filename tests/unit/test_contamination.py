@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data.readers import DataError, in_fraction
+from lmforge.data.readers import DataError
+from lmforge.splits import in_fraction
 from lmforge.data.shards import open_split, prepare_shards, read_index
 from lmforge.eval import contamination as C
 from lmforge.eval.contamination import contamination, is_shards, normalized_words

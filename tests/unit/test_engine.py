@@ -308,7 +308,7 @@ def test_lora_adapters_chosen_per_request_in_one_batch(tmp_path):
 def test_generation_leaves_a_trained_lora_models_adapters_active():
     """A model being trained with LoRA and evaluated with the engine in between: after generating, its forward
     still adds the adapter (the engine routed the layers per row only for its own passes)."""
-    from lmforge.transforms.lora import LoraConfig, _wrappers, apply_lora
+    from lmforge.transforms.lora import LoraConfig, lora_layers, apply_lora
 
     model = apply_lora(_model(), LoraConfig(rank=4, targets=["q", "v", "up"]))
     with torch.no_grad():
@@ -317,10 +317,10 @@ def test_generation_leaves_a_trained_lora_models_adapters_active():
                 p.normal_(0, 0.5)
     x = torch.tensor([PROMPTS[0]])
     before = model(x).logits
-    active = [w.active for _, w in _wrappers(model)]
+    active = [w.active for _, w in lora_layers(model)]
     assert set(active) == {"default"}
     Engine(model).generate(PROMPTS[:2], GREEDY)
-    assert [w.active for _, w in _wrappers(model)] == active
+    assert [w.active for _, w in lora_layers(model)] == active
     torch.testing.assert_close(model(x).logits, before)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.readers import DataError, ReadStats, expand_inputs, in_fraction, iter_documents
+from lmforge.data.readers import DataError, ReadStats, expand_inputs, iter_documents
+from lmforge.splits import in_fraction
 
 
 def stdlib_files(n: int = 30) -> list[Path]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data.readers import DataError, in_fraction, iter_documents
+from lmforge.data.readers import DataError, iter_documents
+from lmforge.splits import in_fraction
 from lmforge.data.shards import FORMAT, open_split, prepare_shards, read_index, token_dtype
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_tokenizer

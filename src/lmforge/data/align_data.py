@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .readers import in_fraction
+from ..splits import in_fraction
 
 if TYPE_CHECKING:
     from ..sandbox import SandboxLimits
@@ -540,10 +540,10 @@ def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> str:
 
 
 def _fingerprint_inputs() -> dict[str, Any]:
-    from ..eval.humaneval import _default_path
+    from ..eval.humaneval import default_path
 
     try:
-        he = hashlib.sha256(_default_path().read_bytes()).hexdigest()
+        he = hashlib.sha256(default_path().read_bytes()).hexdigest()
     except FileNotFoundError:
         he = None
     return {"builder_version": BUILDER_VERSION, "python": sys.version.split()[0], "humaneval_sha256": he}

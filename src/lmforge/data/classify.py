@@ -18,7 +18,8 @@ from tokenizers import Encoding
 from torch import Tensor
 
 from ..tokenizer.base import Tokenizer
-from .readers import DataError, ReadStats, iter_records, split_by_hash
+from ..splits import split_by_hash
+from .readers import DataError, ReadStats, iter_records
 
 __all__ = ["ClassifyData", "ClassifyExample", "ClassifyStats", "TokenizedExample", "read_classification",
            "split_validation", "tokenize_examples", "ClassifyCollate"]

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import torch
 
 from ..tokenizer.chat import ChatFormatError, check_messages, clip_messages, encode_chat, render, useful_chars
-from .readers import DataError, ReadStats, iter_records, replaced_note, split_by_hash
+from ..splits import split_by_hash
+from .readers import DataError, ReadStats, iter_records, replaced_note
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import glob
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -20,8 +19,7 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "in_fraction",
-           "split_by_hash", "require_validation", "replaced_note", "decode_utf8", "TEXT_SUFFIXES"]
+__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "require_validation", "replaced_note", "decode_utf8", "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 """Plain-text files picked up from directories when no `include` patterns are given (one document per file)."""
@@ -61,24 +59,6 @@ def replaced_note(stats: ReadStats) -> str:
     if not stats.replaced:
         return ""
     return f"{stats.replaced} undecodable byte sequences replaced by U+FFFD (first: {stats.replaced_files[0]})"
-
-
-def in_fraction(key: str, fraction: float, seed: int = 0) -> bool:
-    """Stable pseudo-random membership of a document key (its id, else its text) in a fraction of the corpus."""
-    if fraction <= 0:
-        return False
-    h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, salt=seed.to_bytes(8, "little"))
-    return int.from_bytes(h.digest(), "little") < fraction * 2**64
-
-
-def split_by_hash(items: Sequence[Any], key, fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
-    """(kept, held out): each item is held out by `in_fraction(key(item))`, so the split is stable and does not
-    depend on order (identical keys never straddle it)."""
-    kept: list[Any] = []
-    held: list[Any] = []
-    for it in items:
-        (held if in_fraction(key(it), fraction, seed) else kept).append(it)
-    return kept, held
 
 
 def require_validation(examples: Sequence[Any], data: Any) -> None:

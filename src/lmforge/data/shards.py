@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .readers import DataError, ReadStats, expand_inputs, in_fraction, iter_documents
+from ..splits import in_fraction
+from .readers import DataError, ReadStats, expand_inputs, iter_documents
 
 __all__ = ["FORMAT", "SPLITS", "PrepareResult", "prepare_shards", "read_index", "open_split", "token_dtype"]
 
@@ -335,7 +336,7 @@ def prepare_shards(inputs: Sequence[str | os.PathLike], tokenizer: Any, output: 
     `tokenizer` is an lmforge Tokenizer or anything `lmforge.load_tokenizer` resolves. A finished output with
     the same settings, tokenizer and input files is reused; an interrupted one (no index) is cleaned and redone.
     """
-    from ..engine.progress import progress
+    from ..progress import progress
 
     start = time.perf_counter()
     tokenizer, tok_path = _load_tokenizer(tokenizer)

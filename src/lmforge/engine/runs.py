@@ -59,7 +59,7 @@ def eval_summary(trainer, last: dict[str, Any]) -> dict[str, Any]:
 
 def lineage(stage: str, cfg, parent: str, trainable: int, total: int, **extra: Any) -> dict[str, Any]:
     """The lineage record of a run: stage, parent model, parameter counts, config hash, package version, config."""
-    from .. import __version__
+    from ..version import __version__
     from ..config import config_hash, to_dict
 
     return {"stage": stage, **extra, "config_hash": config_hash(cfg), "parent": parent,

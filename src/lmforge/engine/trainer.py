@@ -26,7 +26,8 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .metrics import MetricsSink
 from .optim import OptimConfig, build_optimizer
-from .progress import progress
+from .. import precision
+from ..progress import progress
 from .schedule import ScheduleConfig, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,7 @@ class Trainer:
     # ---- setup
     def autocast(self):
         """The precision context of training (autocast to bf16 / fp16, or nothing for fp32)."""
-        dev = self.world.device.type
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(dev, dtype=dtype)
+        return precision.autocast(self.cfg.precision, self.world.device)
 
     def _setup(self) -> None:
         cfg = self.cfg

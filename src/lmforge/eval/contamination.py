@@ -159,7 +159,7 @@ def _scan_documents(paths: Any, ngrams: _NgramSet, n: int, matches: _Matches, st
                     include: Sequence[str] | None, exclude: Sequence[str], text_key: str, chunk_bytes: int,
                     show_progress: bool) -> None:
     """Stream the documents of `paths` in batches of about `chunk_bytes` and record their task n-gram matches."""
-    from ..engine.progress import progress
+    from ..progress import progress
 
     sep = _word_hashes([_SEP])
     batch: list[tuple[list[bytes], str]] = []
@@ -258,7 +258,7 @@ def _scan_shards(path: Path, index: dict[str, Any], table: np.ndarray, ngrams: _
                  stats: dict[str, Any], *, chunk_tokens: int, show_progress: bool) -> None:
     """Stream every split of the shards in chunks of `chunk_tokens` (n-1 tokens overlap between chunks and shards:
     a split is one token stream) and record their task n-gram matches."""
-    from ..engine.progress import progress
+    from ..progress import progress
 
     total = sum(int(s.get("tokens", 0)) for s in index["splits"].values())
     with progress(total, "contamination", unit="tokens", enabled=show_progress) as bar:

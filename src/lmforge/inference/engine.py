@@ -188,9 +188,9 @@ class Engine:
         self.capacity = num_blocks * bs
 
     def _sync_adapters(self) -> None:
-        from ..transforms.lora import _wrappers, adapter_names
+        from ..transforms.lora import lora_layers, adapter_names
 
-        wrappers = _wrappers(self.model)
+        wrappers = lora_layers(self.model)
         self._lora = [w for _, w in wrappers]
         self.adapters = adapter_names(self.model)
         active = {w.active for _, w in wrappers if isinstance(w.active, str)}

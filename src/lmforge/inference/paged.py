@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.transformer import ModelConfig, _matmul_attention
+from ..models.transformer import ModelConfig, matmul_attention
 
 
 class BlockManager:
@@ -174,7 +174,7 @@ class PagedKVCache:
                 keys = kp.index_select(1, m.blocks).view(kh, -1, d)[None, :, :m.s].to(qm.dtype)  # (1, K, S, D)
                 vals = vp.index_select(1, m.blocks).view(kh, -1, d)[None, :, :m.s].to(qm.dtype)
             if self.fast_cpu:
-                y = _matmul_attention(qm, keys, vals, m.mask, is_causal=True)
+                y = matmul_attention(qm, keys, vals, m.mask, is_causal=True)
             else:
                 y = F.scaled_dot_product_attention(qm, keys, vals, attn_mask=m.mask, is_causal=m.mask is None,
                                                    enable_gqa=self.gqa)

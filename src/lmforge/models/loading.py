@@ -165,7 +165,7 @@ def _materialize(model: Transformer, device, dtype: torch.dtype) -> None:
             module.to_empty(device=device, recurse=False)
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-            model._init(module)
+            model.init_weights(module)
             module.to(dtype)
 
 

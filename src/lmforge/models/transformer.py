@@ -266,7 +266,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, labels: Tensor, chunk: int | None
         return _LinearCrossEntropy.apply(h, w, labels, chunk, dtype)
 
 
-def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
     """softmax(QKᵀ/√D + M)V with two matmuls, in the inputs' dtype (bf16 on CPU; softmax accumulates in fp32
     internally, and the bf16 matmul output holds no more precision than that). On CPU this is faster than the
     flash kernel for sequences up to ~1k, forward + backward."""
@@ -309,7 +309,7 @@ class Attention(nn.Module):
         if cache is not None:
             y = cache.attend(self.layer, q, k, v, mask)
         elif q.device.type == "cpu" and q.dtype == torch.bfloat16 and t <= 1024:
-            y = _matmul_attention(q, k, v, mask, is_causal)
+            y = matmul_attention(q, k, v, mask, is_causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                                enable_gqa=cfg.num_kv_heads != cfg.num_heads)
@@ -415,9 +415,10 @@ class Transformer(nn.Module):
             self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=cfg.pooler)
         if cfg.position == "rope":
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
-        self.apply(self._init)
+        self.apply(self.init_weights)
 
-    def _init(self, m: nn.Module) -> None:
+    def init_weights(self, m: nn.Module) -> None:
+        """The initialisation of one module (normal(0, initializer_range) weights, zero biases), as transformers."""
         std = self.cfg.initializer_range
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, std)

@@ -131,7 +131,7 @@ def build_model(cfg: Config, num_labels: int | None, id2label: dict[int, str] | 
 
 def sft_data(cfg: Config, tok):
     """(train examples or packed rows, validation examples, collate for train, collate for validation)."""
-    from ..data.readers import split_by_hash
+    from ..splits import split_by_hash
     from ..data.sft import SFTCollate, SFTStats, describe, pack_examples, read_conversations, tokenize_conversations
 
     d = cfg.data

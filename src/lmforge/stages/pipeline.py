@@ -198,7 +198,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def main(cfg: Config) -> int:
-    from .. import __version__
+    from ..version import __version__
     from ..config import config_hash, save_config, to_dict
 
     stages = resolve(cfg)  # config errors (exit 2) before anything runs or is written

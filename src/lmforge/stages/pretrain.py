@@ -193,6 +193,6 @@ def _bytes_per_token(index: dict[str, Any], split: str) -> float | None:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__

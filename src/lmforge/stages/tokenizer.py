@@ -72,8 +72,9 @@ def train(cfg: Config) -> dict:
     """Train and save the tokenizer described by `cfg`; returns the report (also written as JSON)."""
     import itertools
 
-    from ..data.readers import DataError, ReadStats, in_fraction, iter_documents
-    from ..engine.progress import progress
+    from ..data.readers import DataError, ReadStats, iter_documents
+    from ..splits import in_fraction
+    from ..progress import progress
     from ..tokenizer.train import bytes_per_token, gpt2_tokenizer, train_tokenizer
 
     stats = ReadStats()

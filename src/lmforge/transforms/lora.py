@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..atomic import write_file, write_text
 from ..models import hf
-from .quantize import NF4Linear, _replace, quantize_nf4, to_linear
+from .quantize import NF4Linear, replace_module, quantize_nf4, to_linear
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "set_adapter", "merge_lora", "unmerge_lora", "unwrap_lora",
            "adapter_names", "save_adapter", "load_adapter", "route_adapters"]
@@ -174,13 +174,14 @@ class LoRALinear(nn.Module):
         return f"base={self.base_layer!r}, ranks={ranks}, active={self.active!r}, merged={self.merged!r}"
 
 
-def _wrappers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(name, layer) of every LoRA wrapper in the model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def _linear_names(model: nn.Module) -> list[str]:
     """Names of the linear layers LoRA can wrap (not the adapters inside existing wrappers)."""
-    inside = tuple(n + "." for n, _ in _wrappers(model))
+    inside = tuple(n + "." for n, _ in lora_layers(model))
     return [n for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and not (inside and n.startswith(inside))]
 
@@ -198,7 +199,7 @@ def _match(names: list[str], targets: list[str]) -> list[str]:
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters on the model's LoRA layers, in the order they were added."""
-    return list(dict.fromkeys(a for _, m in _wrappers(model) for a in m.lora_A))
+    return list(dict.fromkeys(a for _, m in lora_layers(model) for a in m.lora_A))
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Module:
@@ -210,17 +211,17 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.M
     chosen = _match(_linear_names(model), cfg.targets)
     if cfg.quantize == "nf4":
         quantize_nf4(model, double_quant=cfg.double_quant, block_size=cfg.quant_block_size)
-        for _, w in _wrappers(model):  # bases wrapped by an earlier adapter
+        for _, w in lora_layers(model):  # bases wrapped by an earlier adapter
             if type(w.base_layer) is nn.Linear and w.merged is None:
                 w.set_base(NF4Linear.from_linear(w.base_layer, cfg.double_quant, cfg.quant_block_size))
     for n in chosen:
         layer = model.get_submodule(n)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
-            _replace(model, n, layer)
+            replace_module(model, n, layer)
         layer.add_adapter(name, cfg.rank, cfg.alpha, cfg.dropout)
     model.requires_grad_(False)
-    for _, w in _wrappers(model):
+    for _, w in lora_layers(model):
         if name in w.lora_A:
             w.lora_A[name].requires_grad_(True)
             w.lora_B[name].requires_grad_(True)
@@ -238,7 +239,7 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     """Make adapter `name` the one each LoRA layer adds (layers without it compute the base); None = base only."""
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"no adapter {name!r}; adapters: {adapter_names(model)}")
-    for n, w in _wrappers(model):
+    for n, w in lora_layers(model):
         if w.merged is not None and w.merged != name:
             raise ValueError(f"{n}: adapter {w.merged!r} is merged; call unmerge_lora(model) before switching")
         w.active = name if name in w.lora_A else None
@@ -248,7 +249,7 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
 def route_adapters(model: nn.Module, rows: dict[str, Tensor]) -> None:
     """Per-row adapters for the next forward over a flattened batch (B * T rows): {adapter: row indices};
     rows not listed compute the base. Merged adapters cannot be routed (unmerge first)."""
-    for n, w in _wrappers(model):
+    for n, w in lora_layers(model):
         if w.merged is not None:
             raise ValueError(f"{n}: adapter {w.merged!r} is merged; call unmerge_lora(model) before routing")
         w.active = rows or None
@@ -256,25 +257,25 @@ def route_adapters(model: nn.Module, rows: dict[str, Tensor]) -> None:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Add each layer's active adapter into its base weight (forward no longer adds it separately)."""
-    for _, w in _wrappers(model):
+    for _, w in lora_layers(model):
         w.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo `merge_lora` (an NF4 base merged into a float weight stays float)."""
-    for _, w in _wrappers(model):
+    for _, w in lora_layers(model):
         w.unmerge()
     return model
 
 
 def unwrap_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its base layer, dropping the adapters: merge first to keep the active one."""
-    for n, w in _wrappers(model):
+    for n, w in lora_layers(model):
         if w.active is not None and w.merged != w.active:
             raise ValueError(f"{n}: active adapter {w.active!r} is not merged; call merge_lora(model) first, "
                              "or set_adapter(model, None) to drop it")
-        _replace(model, n, w.base_layer.train(w.training))
+        replace_module(model, n, w.base_layer.train(w.training))
     return model
 
 
@@ -324,7 +325,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                  base_model_name_or_path: str | None = None) -> Path:
     """Write adapter `name` (and trainable non-LoRA modules, as PEFT modules_to_save) in the PEFT layout."""
     cfg = _model_cfg(model)
-    layers = [(n, w) for n, w in _wrappers(model) if name in w.lora_A]
+    layers = [(n, w) for n, w in lora_layers(model) if name in w.lora_A]
     if not layers:
         raise ValueError(f"no adapter {name!r} to save; adapters: {adapter_names(model)}")
     fam = hf._family_names(cfg.family)
@@ -445,7 +446,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         apply_lora(model, LoraConfig(rank=int(conf["r"]), alpha=float(conf["lora_alpha"]),
                                      dropout=float(conf.get("lora_dropout") or 0.0), targets=sorted(lora),
                                      modules_to_save=[]), name)
-    layers = {n: w for n, w in _wrappers(model) if name in w.lora_A}
+    layers = {n: w for n, w in lora_layers(model) if name in w.lora_A}
     if set(layers) != set(lora):
         raise ValueError(f"{file}: adapter covers {sorted(lora)[:4]}..., but adapter {name!r} of the model has "
                          f"layers {sorted(layers)[:4]}...")

@@ -130,7 +130,8 @@ def _block_linear(name: str) -> bool:
     return name.startswith("blocks.")
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is (the way every transform swaps a layer)."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -146,14 +147,14 @@ def quantize_nf4(model: nn.Module, names_filter: Callable[[str], bool] | None = 
               if type(m) is nn.Linear and keep(n) and not (wrapped and n.startswith(wrapped))]
     for name in chosen:
         linear = model.get_submodule(name)
-        _replace(model, name, NF4Linear.from_linear(linear, double_quant, block_size, compute_dtype))
+        replace_module(model, name, NF4Linear.from_linear(linear, double_quant, block_size, compute_dtype))
     return model
 
 
 def dequantize_nf4(model: nn.Module) -> nn.Module:
     """Replace every NF4Linear by a plain nn.Linear holding its dequantized weight (e.g. before `lmforge.save`)."""
     for name in [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
-        _replace(model, name, to_linear(model.get_submodule(name)))
+        replace_module(model, name, to_linear(model.get_submodule(name)))
     return model
 
 
