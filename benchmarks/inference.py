@@ -174,8 +174,10 @@ def serve_ours(ours, tok, jobs: list[tuple[list[list[int]], list[int]]]) -> list
     prefix caching on as served; each job is one round from the load-generator process."""
     import threading
 
+    from lmforge.inference.bridge import AsyncEngine
     from lmforge.inference.engine import Engine
-    from lmforge.inference.server import AsyncEngine, create_app, start_server
+    from lmforge.inference.http import start_server
+    from lmforge.inference.routes import create_app
 
     engine = Engine(ours, tok)
     aeng = AsyncEngine(engine, background=False)

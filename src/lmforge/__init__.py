@@ -10,7 +10,11 @@ __all__ = ["load", "save", "load_tokenizer", "Transformer", "ModelConfig", "Toke
 
 def __getattr__(name: str) -> Any:
     # lazy: `lmforge --help` and config handling must not pay for importing torch
-    if name in ("load", "save", "load_tokenizer"):
+    if name == "load":  # models, and adapter folders resolved to their base model with the adapter applied
+        from .transforms.peft import load
+
+        return load
+    if name in ("save", "load_tokenizer"):
         from .models import loading
 
         return getattr(loading, name)

@@ -13,10 +13,8 @@ import pytest
 import lmforge
 from lmforge.eval.generation import evaluate_generation, read_generation
 from lmforge.eval.multiple_choice import build_requests, fewshot_prefix, read_multiple_choice
-from lmforge.eval.tasks import (
-    stdlib_docstring_items, stdlib_doctest_gsm8k_items, stdlib_doctest_items, write_lm_eval_generation_task,
-    write_lm_eval_task,
-)
+from lmforge.data.stdlib import stdlib_docstring_items, stdlib_doctest_gsm8k_items, stdlib_doctest_items
+from lmforge.eval.tasks import write_lm_eval_generation_task, write_lm_eval_task
 from lmforge.inference.engine import Engine
 from lmforge.models import ModelConfig
 from lmforge.models.transformer import Transformer

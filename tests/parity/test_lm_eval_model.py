@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.eval.tasks import stdlib_docstring_items, write_lm_eval_task
+from lmforge.data.stdlib import stdlib_docstring_items
+from lmforge.eval.tasks import write_lm_eval_task
 from lmforge.models import ModelConfig
 from lmforge.models.transformer import Transformer
 

@@ -13,7 +13,8 @@ import pytest
 import lmforge
 from lmforge.eval.harness import rolling_loglikelihood
 from lmforge.eval.multiple_choice import evaluate_multiple_choice, read_multiple_choice
-from lmforge.eval.tasks import stdlib_docstring_items, write_lm_eval_task
+from lmforge.data.stdlib import stdlib_docstring_items
+from lmforge.eval.tasks import write_lm_eval_task
 from lmforge.models import ModelConfig
 from lmforge.models.transformer import Transformer
 

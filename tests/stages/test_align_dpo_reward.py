@@ -179,8 +179,10 @@ def test_reward_model_trains_saves_and_serves(tiny, pairs, tok, tmp_path, spy, m
         return
     # serve's /v1/classify on a 1-output model answers the scalar reward of the rendered conversation
     from lmforge.data.preference import read_pairs, scoring_text, tokenize_pairs
+    from lmforge.inference.bridge import AsyncEngine
     from lmforge.inference.engine import Engine, EngineConfig
-    from lmforge.inference.server import AsyncEngine, create_app, start_server
+    from lmforge.inference.http import start_server
+    from lmforge.inference.routes import create_app
 
     pair = read_pairs(pairs)[0]
     ex = tokenize_pairs([pair], tok, 96, close_truncated=True)[0]

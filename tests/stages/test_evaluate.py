@@ -146,7 +146,7 @@ def test_classification_task_reports_against_direct_predictions(tmp_path, gpt2_t
 
 
 def test_contamination_share_per_task(tiny_dir, tmp_path):
-    from lmforge.eval.tasks import stdlib_docstring_items
+    from lmforge.data.stdlib import stdlib_docstring_items
 
     items = stdlib_docstring_items(4)
     corpus = tmp_path / "corpus"

@@ -113,14 +113,15 @@ def test_grpo_variants_run_and_save(tiny, tmp_path, over):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_only_trainable_parameters_change_and_the_reference_never_does(tiny, tmp_path, method):
-    from lmforge.data.preference import read_prompts
-    from lmforge.data.rollouts import GRPOBatches, SamplingConfig, encode_prompts, sequence_logprobs
+    from lmforge.data.prompts import read_prompts
     from lmforge.engine.optim import OptimConfig
     from lmforge.engine.trainer import TrainConfig, Trainer
     from lmforge.models.loading import load_tokenizer
     from lmforge.objectives.preference import adapters_disabled
-    from lmforge.objectives.rewards import RewardSpec, Rewards
     from lmforge.objectives.rl import GRPOObjective
+    from lmforge.rl.batches import GRPOBatches
+    from lmforge.rl.rewards import RewardSpec, Rewards
+    from lmforge.rl.rollouts import SamplingConfig, encode_prompts, sequence_logprobs
     from lmforge.transforms.lora import LoraConfig
     from lmforge.transforms.methods import build_model
 
@@ -164,10 +165,10 @@ def test_only_trainable_parameters_change_and_the_reference_never_does(tiny, tmp
 def test_rollouts_sample_from_the_current_weights(tiny, method):
     """The engine's log-probs of the sampled tokens equal a plain forward of the model as it is now, before and
     after an in-place update (what an optimizer step does): no stale packed weights or prefix cache, LoRA honoured."""
-    from lmforge.data.preference import read_prompts
-    from lmforge.data.rollouts import SamplingConfig, collate_rollouts, encode_prompts, sample_rollouts, \
-        sequence_logprobs
+    from lmforge.data.prompts import read_prompts
     from lmforge.models.loading import load_tokenizer
+    from lmforge.rl.rollouts import SamplingConfig, collate_rollouts, encode_prompts, sample_rollouts, \
+        sequence_logprobs
     from lmforge.transforms.lora import LoraConfig
     from lmforge.transforms.methods import build_model
 
@@ -195,10 +196,11 @@ def test_rollouts_sample_from_the_current_weights(tiny, method):
 
 
 def test_batch_source_state_dict_round_trips_through_json(tiny):
-    from lmforge.data.preference import read_prompts
-    from lmforge.data.rollouts import GRPOBatches, SamplingConfig, encode_prompts
+    from lmforge.data.prompts import read_prompts
     from lmforge.models.loading import load_tokenizer
-    from lmforge.objectives.rewards import RewardSpec, Rewards
+    from lmforge.rl.batches import GRPOBatches
+    from lmforge.rl.rewards import RewardSpec, Rewards
+    from lmforge.rl.rollouts import SamplingConfig, encode_prompts
     from lmforge.transforms.lora import LoRALinear, LoraConfig
     from lmforge.transforms.methods import build_model
 
@@ -231,11 +233,12 @@ def test_batch_source_state_dict_round_trips_through_json(tiny):
 
 
 def test_objective_computes_the_reference_itself_when_the_batch_has_none(tiny):
-    from lmforge.data.preference import read_prompts
-    from lmforge.data.rollouts import GRPOBatches, SamplingConfig, encode_prompts
+    from lmforge.data.prompts import read_prompts
     from lmforge.models.loading import load_tokenizer
-    from lmforge.objectives.rewards import RewardSpec, Rewards
     from lmforge.objectives.rl import GRPOObjective
+    from lmforge.rl.batches import GRPOBatches
+    from lmforge.rl.rewards import RewardSpec, Rewards
+    from lmforge.rl.rollouts import SamplingConfig, encode_prompts
     from lmforge.transforms.lora import LoraConfig
     from lmforge.transforms.methods import build_model
 

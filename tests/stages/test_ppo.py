@@ -99,14 +99,15 @@ def test_ppo_runs_saves_and_resumes_exactly(tiny, tmp_path):
 
 
 def test_only_lora_and_value_head_train_and_the_reference_never_changes(tiny, tmp_path):
-    from lmforge.data.preference import read_prompts
-    from lmforge.data.rollouts import PPOBatches, SamplingConfig, encode_prompts, sequence_logprobs
+    from lmforge.data.prompts import read_prompts
     from lmforge.engine.optim import OptimConfig
     from lmforge.engine.trainer import TrainConfig, Trainer
     from lmforge.models.loading import load_tokenizer
     from lmforge.objectives.preference import adapters_disabled
-    from lmforge.objectives.rewards import RewardSpec, Rewards
     from lmforge.objectives.rl import PPOObjective, value_head
+    from lmforge.rl.batches import PPOBatches
+    from lmforge.rl.rewards import RewardSpec, Rewards
+    from lmforge.rl.rollouts import SamplingConfig, encode_prompts, sequence_logprobs
     from lmforge.transforms.lora import LoraConfig
     from lmforge.transforms.methods import build_model
 
@@ -140,12 +141,13 @@ def test_rewards_are_score_minus_kl_and_advantages_follow_gae(tiny, whiten):
     """The batch source's maths on a real round: with γ = λ = 1 the return at the first completion token is the
     whole per-token reward sum, score − β·Σ(log π − log π_ref); returns − values are the advantages; whitened
     advantages have mean 0 and std 1 over the round."""
-    from lmforge.data.preference import read_prompts
-    from lmforge.data.rollouts import PPOBatches, SamplingConfig, encode_prompts, sequence_logprobs
+    from lmforge.data.prompts import read_prompts
     from lmforge.models.loading import load_tokenizer
     from lmforge.objectives.preference import adapters_disabled
-    from lmforge.objectives.rewards import RewardSpec, Rewards
     from lmforge.objectives.rl import value_head
+    from lmforge.rl.batches import PPOBatches
+    from lmforge.rl.rewards import RewardSpec, Rewards
+    from lmforge.rl.rollouts import SamplingConfig, encode_prompts, sequence_logprobs
     from lmforge.transforms.lora import LoraConfig
     from lmforge.transforms.methods import build_model
 
@@ -184,7 +186,7 @@ def test_rewards_are_score_minus_kl_and_advantages_follow_gae(tiny, whiten):
 def test_adaptive_kl_controller_moves_beta_towards_the_target(tiny, kl, direction, monkeypatch):
     """Ziegler et al. 2019 §2.2: β grows when the KL is above the target and shrinks below it, by at most 20% of
     N/horizon per round."""
-    from lmforge.data import rollouts
+    from lmforge.rl import batches as rollouts
 
     data = rollouts.PPOBatches.__new__(rollouts.PPOBatches)
     data.beta, data.kl_target, data.kl_horizon = 0.1, 0.05, 100

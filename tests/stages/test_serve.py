@@ -24,8 +24,10 @@ import torch
 
 import lmforge
 from lmforge import cli
+from lmforge.inference.bridge import AsyncEngine
 from lmforge.inference.engine import Engine, EngineConfig, SamplingParams
-from lmforge.inference.server import AsyncEngine, RunningServer, create_app, start_server
+from lmforge.inference.http import RunningServer, start_server
+from lmforge.inference.routes import create_app
 from lmforge.models import ModelConfig, Transformer
 from lmforge.tokenizer import encode_chat
 
@@ -79,7 +81,8 @@ def _close(s: Served) -> None:
 @pytest.fixture(scope="module")
 def lm(gpt2_tokenizer, tmp_path_factory):
     """The tiny LM served as "tiny" with an API key, a 32 KiB body limit and a LoRA adapter "tiny-lora"."""
-    from lmforge.transforms.lora import LoraConfig, apply_lora, save_adapter
+    from lmforge.transforms.lora import LoraConfig, apply_lora
+    from lmforge.transforms.peft import save_adapter
 
     model = _tiny_lm(gpt2_tokenizer)
     peft = apply_lora(copy.deepcopy(model), LoraConfig(rank=4, alpha=8, targets=["q", "v", "down"]))

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from lmforge.data import align_data as ad
-from lmforge.eval.humaneval import code_test, extract_code, load_problems
+from lmforge.data.code_problems import code_test, extract_code, load_problems
 from lmforge.sandbox import SandboxLimits, run_many
 
 LIMITS = SandboxLimits(timeout_s=5.0, cpu_s=5)

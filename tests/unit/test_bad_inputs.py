@@ -360,8 +360,9 @@ def test_undecodable_bytes_are_counted_and_reported_by_every_reader(tiny, tmp_pa
 def client(tiny):
     from fastapi.testclient import TestClient
 
+    from lmforge.inference.bridge import AsyncEngine
     from lmforge.inference.engine import Engine, EngineConfig
-    from lmforge.inference.server import AsyncEngine, create_app
+    from lmforge.inference.routes import create_app
     from lmforge.models.loading import load
 
     model, tok = load(tiny.model)

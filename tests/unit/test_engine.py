@@ -270,7 +270,8 @@ def test_speculative_sampling_keeps_the_target_distribution(kind):
 
 
 def test_lora_adapters_chosen_per_request_in_one_batch(tmp_path):
-    from lmforge.transforms.lora import LoraConfig, apply_lora, save_adapter, set_adapter
+    from lmforge.transforms.lora import LoraConfig, apply_lora, set_adapter
+    from lmforge.transforms.peft import save_adapter
 
     base = _model()
     for name in ("a", "b"):
@@ -287,7 +288,7 @@ def test_lora_adapters_chosen_per_request_in_one_batch(tmp_path):
         m = _model()
         m.load_state_dict(base.state_dict())
         if name:
-            from lmforge.transforms.lora import load_adapter
+            from lmforge.transforms.peft import load_adapter
 
             load_adapter(m, tmp_path / name, name)
             set_adapter(m, name)

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from lmforge.eval.humaneval import code_test, evaluate_humaneval, extract_code, load_problems, truncate
+from lmforge.data.code_problems import code_test, extract_code, load_problems
+from lmforge.eval.humaneval import evaluate_humaneval, truncate
 from lmforge.eval.metrics import mean_stderr, pass_at_k
 from lmforge.sandbox import run_many
 

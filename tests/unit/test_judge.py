@@ -229,8 +229,10 @@ def _verdict_bot(tok) -> Transformer:
 
 @pytest.fixture(scope="module")
 def verdict_server(gpt2_tokenizer):
+    from lmforge.inference.bridge import AsyncEngine
     from lmforge.inference.engine import Engine, EngineConfig
-    from lmforge.inference.server import AsyncEngine, create_app, start_server
+    from lmforge.inference.http import start_server
+    from lmforge.inference.routes import create_app
 
     ae = AsyncEngine(Engine(_verdict_bot(gpt2_tokenizer), gpt2_tokenizer, EngineConfig(kv_cache_gb=0.05)),
                      max_queue=64)

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from lmforge.data.preference import (IGNORE, PairCollate, PreferenceStats, UnpairedCollate, describe,
-                                     encode_reply, holdout, precompute_reference, read_pairs, read_prompts,
-                                     read_unpaired, scoring_text, tokenize_pairs, tokenize_unpaired)
+                                     encode_reply, holdout, read_pairs, read_unpaired, scoring_text, tokenize_pairs,
+                                     tokenize_unpaired)
+from lmforge.data.prompts import read_prompts
 from lmforge.data.readers import DataError
+from lmforge.objectives.preference import precompute_reference
 from lmforge.tokenizer.chat import encode_chat, render
 
 

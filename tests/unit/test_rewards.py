@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lmforge.objectives.rewards import RewardSpec, Rewards, exact_match, regex_format, resolve_reward, unit_tests
+from lmforge.rl.rewards import RewardSpec, Rewards, exact_match, regex_format, resolve_reward, unit_tests
 
 
 # ---- exact_match
@@ -119,7 +119,7 @@ def test_a_completion_no_reward_can_score_is_nan(tmp_path):
 
 
 def test_batched_user_reward_and_importable_module():
-    assert resolve_reward("lmforge.objectives.rewards:exact_match") is exact_match
+    assert resolve_reward("lmforge.rl.rewards:exact_match") is exact_match
     rw = Rewards([RewardSpec("unit_tests", options={"timeout_s": 5.0})])
     assert rw.fields() == ["tests"]
 
@@ -127,7 +127,7 @@ def test_batched_user_reward_and_importable_module():
 @pytest.mark.parametrize("spec, needle", [
     (RewardSpec("exact_mach"), "did you mean 'exact_match'"),
     (RewardSpec("no_such_module_xyz:f"), "cannot import module 'no_such_module_xyz'"),
-    (RewardSpec("lmforge.objectives.rewards:exact_mtch"), "did you mean 'exact_match'"),
+    (RewardSpec("lmforge.rl.rewards:exact_mtch"), "did you mean 'exact_match'"),
     (RewardSpec("exact_match", options={"feild": "answer"}), "unknown option 'feild'; did you mean 'field'"),
     (RewardSpec("regex_format"), "missing required option(s) ['pattern']"),
     (RewardSpec("regex_format", options={"pattern": "(unclosed"}), "missing ), unterminated subpattern"),

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from lmforge.eval.humaneval import code_test, load_problems
+from lmforge.data.code_problems import code_test, load_problems
 from lmforge.sandbox import CodeTest, SandboxLimits, available, run_python, run_tests
 
 TIERS = [t for t in ("bwrap", "unshare", "hook") if available(t)]

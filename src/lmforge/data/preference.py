@@ -1,4 +1,4 @@
-"""Preference data: paired records for reward models and DPO-style losses, unpaired records for KTO, prompts for RL.
+"""Preference data: paired records for reward models and DPO-style losses, unpaired records for KTO.
 
 Formats (JSONL / Parquet records, see DESIGN.md):
   paired    {"prompt", "chosen", "rejected", "margin"?}: the prompt is a string (one user turn) or a message list
@@ -8,13 +8,14 @@ Formats (JSONL / Parquet records, see DESIGN.md):
             are skipped and counted, not an error.
   unpaired  {"prompt", "completion", "label": bool} (KTO; True = desirable). Paired records also work for KTO:
             chosen becomes a desirable completion, rejected an undesirable one.
-  prompts   {"prompt", …any fields the reward functions read} for RL (`read_prompts`).
 
 Each prompt + reply is rendered by the model's chat template (`tokenizer/chat.py`, as SFT does): the prompt is what
 the template gives with add_generation_prompt, the reply's tokens (and its end-of-turn token) are scored. Rows
 longer than `max_length` lose prompt tokens from the left first (a pair's prompt is cut the same for both rows,
 down to half of max_length), then reply tokens from the right; both are counted. Collates give the batch layout of
-`objectives/preference.py`: chosen rows then rejected rows, labels shifted with -100 outside the replies.
+`objectives/preference.py`: chosen rows then rejected rows, labels shifted with -100 outside the replies. RL prompt
+records (a prompt and the fields the rewards read) are in `data/prompts.py`; reference log-probs are precomputed by
+`objectives.preference.precompute_reference`.
 """
 
 from __future__ import annotations
@@ -35,13 +36,11 @@ from .readers import DataError, ReadStats, iter_records, replaced_note
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-RESERVED = ("messages", "where")
-"""Keys `read_prompts` adds to each prompt record (a record may not carry them itself)."""
 
 __all__ = ["PreferenceData", "PreferenceStats", "PairRecord", "UnpairedRecord", "PairExample", "UnpairedExample",
-           "read_pairs", "read_unpaired", "read_prompts", "to_unpaired", "holdout", "tokenize_pairs",
-           "tokenize_unpaired", "PairCollate", "UnpairedCollate", "encode_reply", "scoring_text", "describe",
-           "load_preference_data", "precompute_reference", "PromptData", "load_prompt_data"]
+           "read_pairs", "read_unpaired", "prompt_messages", "to_unpaired", "holdout", "tokenize_pairs",
+           "tokenize_unpaired", "reply_rows", "PairCollate", "UnpairedCollate", "encode_reply", "scoring_text",
+           "describe", "load_preference_data"]
 
 
 @dataclass
@@ -66,35 +65,6 @@ class PreferenceData:
             raise ValueError(f"validation_fraction must be in [0, 1), found {self.validation_fraction}")
         if self.max_length < 4:
             raise ValueError(f"max_length must be >= 4, found {self.max_length}")
-
-
-@dataclass
-class PromptData:
-    """RL prompts: JSONL / Parquet records {"prompt", …fields the rewards read}; the prompt is a string (one user
-    turn) or a message list."""
-
-    train: list[str] = field(default_factory=list)
-    """Training prompt files, directories or globs."""
-    validation: list[str] = field(default_factory=list)
-    """Held-out prompt files; empty = hold out validation_fraction of train (a stable hash of each prompt)."""
-    validation_fraction: float = 0.1
-    """Share of train held out when no validation files are given."""
-    eval_limit: int | None = 64
-    """Held-out prompts answered at each evaluation (None = all)."""
-    chat: bool = True
-    """Render prompts with the model's chat template (false: a string prompt as it is)."""
-    system_prompt: str | None = None
-    """System message put in front of prompts that have none."""
-    max_prompt_length: int = 512
-    """Longest prompt in tokens; longer ones lose their beginning."""
-
-    def validate(self) -> None:
-        if not self.train:
-            raise ValueError("train: give at least one file of prompt records")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in [0, 1), found {self.validation_fraction}")
-        if self.max_prompt_length < 1 or (self.eval_limit is not None and self.eval_limit < 1):
-            raise ValueError("max_prompt_length and eval_limit must be >= 1")
 
 
 @dataclass
@@ -200,7 +170,9 @@ def _string_or_messages(record: dict[str, Any], key: str, where: str, role: str)
                     "of {\"role\", \"content\"} messages")
 
 
-def _prompt(record: dict[str, Any], where: str, system_prompt: str | None) -> Messages:
+def prompt_messages(record: dict[str, Any], where: str, system_prompt: str | None = None) -> Messages:
+    """A record's "prompt" (a string: one user turn; or a message list ending before the reply) as messages, with
+    `system_prompt` put in front when it has no system message; DataError naming `where` otherwise."""
     msgs = _string_or_messages(record, "prompt", where, "user")
     if msgs[-1]["role"] == "assistant":
         raise DataError(f"{where}: 'prompt' ends with an assistant message; expected the conversation up to the "
@@ -261,7 +233,7 @@ def _pair(record: Any, where: str, system_prompt: str | None, stats: PreferenceS
         kind = "paired (implicit prompt)"
         chosen, rejected = _check_reply(chosen[n:], where, "chosen"), _check_reply(rejected[n:], where, "rejected")
     else:
-        prompt = _prompt(record, where, system_prompt)
+        prompt = prompt_messages(record, where, system_prompt)
         chosen, rejected = _reply(record, "chosen", where), _reply(record, "rejected", where)
         kind = "paired"
     stats.formats[kind] = stats.formats.get(kind, 0) + 1
@@ -272,7 +244,7 @@ def _unpaired(record: Any, where: str, system_prompt: str | None) -> UnpairedRec
     if not isinstance(record, dict):
         raise DataError(f"{where}: found a JSON {type(record).__name__}, expected an object "
                         '{"prompt", "completion", "label"}')
-    prompt = _prompt(record, where, system_prompt)
+    prompt = prompt_messages(record, where, system_prompt)
     completion = _reply(record, "completion", where)
     if "label" not in record:
         raise DataError(f"{where}: missing 'label'; expected true (desirable) or false (undesirable)")
@@ -330,45 +302,6 @@ def to_unpaired(pairs: Sequence[PairRecord]) -> list[UnpairedRecord]:
     """Each pair as two KTO examples: the chosen reply desirable, the rejected one undesirable."""
     return [UnpairedRecord(p.where, p.prompt, reply, label)
             for p in pairs for reply, label in ((p.chosen, True), (p.rejected, False))]
-
-
-def read_prompts(paths: str | Sequence[str], system_prompt: str | None = None) -> list[dict[str, Any]]:
-    """RL prompt records: each record with all its fields (what reward functions read, e.g. "answer", "tests"),
-    plus "messages" (the prompt as a conversation, for the chat template) and "where" (file:line)."""
-    out = []
-    for where, record in iter_records(paths):
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: found a JSON {type(record).__name__}, expected an object "
-                            '{"prompt", ...fields the reward functions read}')
-        taken = [k for k in RESERVED if k in record]
-        if taken:
-            raise DataError(f"{where}: field {taken[0]!r} is reserved in prompt records (it is filled with the "
-                            f"prompt's {'conversation' if taken[0] == 'messages' else 'file:line'}); rename it")
-        out.append({**record, "messages": _prompt(record, where, system_prompt), "where": where})
-    if not out:
-        raise DataError(f"no prompt records in {paths}")
-    return out
-
-
-def load_prompt_data(d: PromptData, rewards, seed: int = 0
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(train records, validation records, data fingerprint) of an RL stage's prompts, checked against the fields
-    its rewards read (`objectives.rewards.Rewards.check_records`)."""
-    import hashlib
-
-    train = read_prompts(d.train, d.system_prompt)
-    if d.validation:
-        val = read_prompts(d.validation, d.system_prompt)
-    else:
-        train, val = split_by_hash(train, lambda r: json.dumps(r["prompt"], sort_keys=True), d.validation_fraction,
-                                   seed)
-    if not train or not val:
-        raise DataError(f"{len(train)} training and {len(val)} validation prompts: both need at least one (add "
-                        "data.validation files or change data.validation_fraction)")
-    val = val[:d.eval_limit]
-    rewards.check_records([(r["where"], r) for r in train + val])
-    digest = hashlib.sha256(json.dumps([r["prompt"] for r in train + val], sort_keys=True).encode()).hexdigest()
-    return train, val, digest[:16]
 
 
 def holdout(records: Sequence[Any], fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
@@ -504,7 +437,7 @@ def scoring_text(tok, prompt: Messages, reply: str) -> str:
 
 # ---- batches ---------------------------------------------------------------------------------------------------
 
-def _rows(seqs: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def reply_rows(seqs: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded rows of prompt + reply: input_ids, attention_mask and labels (B, T), `labels[:, t]` the next
     token where it is a scored reply token, else -100."""
     t = max(len(p) + len(r) for p, r, _ in seqs)
@@ -538,7 +471,7 @@ class PairCollate:
     pad_id: int
 
     def __call__(self, items: list[PairExample]) -> dict[str, torch.Tensor]:
-        batch = _rows([(x.prompt, x.chosen, x.chosen_mask) for x in items]
+        batch = reply_rows([(x.prompt, x.chosen, x.chosen_mask) for x in items]
                       + [(x.prompt, x.rejected, x.rejected_mask) for x in items], self.pad_id)
         if any(x.margin is not None for x in items):
             batch["margin"] = torch.tensor([x.margin or 0.0 for x in items], dtype=torch.float32)
@@ -557,9 +490,9 @@ class UnpairedCollate:
     pad_id: int
 
     def __call__(self, items: list[UnpairedExample]) -> dict[str, torch.Tensor]:
-        batch = _rows([(x.prompt, x.completion, x.mask) for x in items], self.pad_id)
+        batch = reply_rows([(x.prompt, x.completion, x.mask) for x in items], self.pad_id)
         batch["label"] = torch.tensor([x.label for x in items], dtype=torch.bool)
-        kl = _rows([(x.kl_prompt, x.kl_completion, x.kl_mask) for x in items], self.pad_id)
+        kl = reply_rows([(x.kl_prompt, x.kl_completion, x.kl_mask) for x in items], self.pad_id)
         batch.update({f"kl_{k}": v for k, v in kl.items()})
         ref = _optional(items, "ref", "reference log-probs")
         if ref is not None:
@@ -605,39 +538,3 @@ def load_preference_data(d: PreferenceData, tok, seed: int = 0, *, unpaired: boo
     if not train:
         raise DataError(f"no training examples left in {d.train} ({describe(stats, 'data')})")
     return train, val, describe(stats, "preference data") + f"; {len(train)} train / {len(val)} validation examples"
-
-
-@torch.no_grad()
-def precompute_reference(model: torch.nn.Module, examples: Sequence[Any], micro_batch: int, pad_id: int,
-                         autocast: Any = None, base_only: bool = False) -> None:
-    """Fill the reference log-probs of pair or KTO examples (`ref_chosen` / `ref_rejected`, or `ref` / `ref_kl`)
-    with `model` (its LoRA adapters disabled with `base_only`), so training needs no reference model."""
-    import contextlib
-
-    from ..objectives.preference import adapters_disabled, completion_logprobs
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with adapters_disabled(model) if base_only else contextlib.nullcontext():
-            for i in range(0, len(examples), micro_batch):
-                chunk = examples[i:i + micro_batch]
-                kto = isinstance(chunk[0], UnpairedExample)
-                rows = ([_rows([(x.prompt, x.completion, x.mask) for x in chunk], pad_id),
-                         _rows([(x.kl_prompt, x.kl_completion, x.kl_mask) for x in chunk], pad_id)] if kto else
-                        [_rows([(x.prompt, x.chosen, x.chosen_mask) for x in chunk]
-                               + [(x.prompt, x.rejected, x.rejected_mask) for x in chunk], pad_id)])
-                logps = []
-                for b in rows:
-                    with autocast or contextlib.nullcontext():
-                        lp, _ = completion_logprobs(model, b["input_ids"].to(device), b["labels"].to(device),
-                                                    b["attention_mask"].to(device))
-                    logps.append(lp.float().cpu().tolist())
-                for j, x in enumerate(chunk):
-                    if kto:
-                        x.ref, x.ref_kl = logps[0][j], logps[1][j]
-                    else:
-                        x.ref_chosen, x.ref_rejected = logps[0][j], logps[0][len(chunk) + j]
-    finally:
-        model.train(was_training)

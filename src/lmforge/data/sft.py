@@ -259,3 +259,30 @@ def describe(stats: SFTStats, name: str) -> str:
     if stats.read.replaced:
         msg += f"; {replaced_note(stats.read)}"
     return msg
+
+
+def load_sft_data(d: Any, tok, seed: int = 0) -> tuple[list[Any], list[Any], "SFTCollate", "SFTCollate", str]:
+    """(training examples or packed rows, validation examples, training collate, validation collate, a line for the
+    log) of a fine-tuning data section (train, validation, validation_fraction, format, system_prompt, max_length,
+    train_end_of_turn, pack): validation from its own files or held out by a hash of each conversation."""
+    import random
+
+    from ..splits import split_by_hash
+
+    st = SFTStats()
+    convs = read_conversations(d.train, d.format, d.system_prompt, st)
+    if d.validation:
+        val_convs = read_conversations(d.validation, d.format, d.system_prompt, SFTStats())
+    else:
+        convs, val_convs = split_by_hash(convs, lambda c: json.dumps(c[1]), d.validation_fraction, seed)
+    train = tokenize_conversations(convs, tok, d.max_length, d.train_end_of_turn, st)
+    val = tokenize_conversations(val_convs, tok, d.max_length, d.train_end_of_turn, SFTStats())
+    summary = describe(st, "sft data") + f"; {len(train)} train / {len(val)} validation examples"
+    pad = tok.padding_id
+    if not d.pack:
+        return train, val, SFTCollate(pad), SFTCollate(pad), summary
+    order = list(train)
+    random.Random(seed).shuffle(order)
+    rows = pack_examples(order, d.max_length)
+    log.info("packed %d examples into %d rows of <= %d tokens", len(train), len(rows), d.max_length)
+    return rows, val, SFTCollate(pad, packed=True), SFTCollate(pad), summary

@@ -1,13 +1,14 @@
-"""What a training stage writes around `Trainer.fit()`: the evaluation summary (eval.json) and the lineage record
-(lmforge.json), the same way for every stage that tunes a model."""
+"""The life of a training run, the same for every stage that trains a model (pretrain, finetune, dpo, reward, ppo,
+grpo): `start` (process group, config.yaml), then the stage builds its model, data and objective, then `finish`
+(fit; exit 130 on a signal; eval.json, final/, the lineage record lmforge.json, a summary; shutdown)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["start", "fit", "eval_summary", "lineage", "write_lineage"]
+__all__ = ["start", "fit", "finish", "eval_summary", "lineage", "write_lineage"]
 
 
 def start(cfg):
@@ -27,20 +28,47 @@ def start(cfg):
     return world, run
 
 
-def fit(trainer) -> dict[str, Any] | None:
-    """`trainer.fit()`; None when a signal stopped it (its checkpoint is saved and the message printed). Under FSDP
-    the full weights are gathered into the main process's model afterwards, ready to save."""
+def fit(trainer, load_full: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """(last logged metrics, full weights or None): `trainer.fit()`, then under multi-process FSDP the full weights
+    gathered from every rank (a collective) and, with `load_full`, loaded into the main process's model, ready to
+    save. None when a signal stopped the run (its checkpoint is saved and the message printed)."""
     try:
         last = trainer.fit()
     except KeyboardInterrupt as e:
         if trainer.world.main:
             print(str(e))
         return None
+    full = None
     if trainer.cfg.parallel == "fsdp" and trainer.world.world > 1:
-        sd = trainer.export_state_dict()
-        if trainer.world.main:
-            trainer.model.load_state_dict(sd, strict=False)
-    return last
+        full = trainer.export_state_dict()
+        if trainer.world.main and load_full:
+            trainer.model.load_state_dict(full, strict=False)
+    return last, full
+
+
+def finish(trainer, stage: str, cfg, save: Callable[[dict[str, Any] | None], Path], summary: Callable[[dict], str],
+           trainable: int, total: int, result: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+           title: str | None = None, load_full: bool = True, **lineage_extra: Any) -> int:
+    """The end of every training stage: fit, then on the main process eval.json (`result(last)`, by default
+    `eval_summary`), `save(full weights or None) -> final/`, the lineage in the run directory and final/, and one
+    line `TITLE: N steps; summary; saved FINAL` (title: the stage name, or e.g. "finetune (sft, lora)"); then the process group shuts down. Returns the exit code: 0, or 130 when a
+    signal stopped the run. `load_full=False`: under FSDP the gathered weights only go to `save` (which builds a
+    fresh model from them), not into the sharded model."""
+    from . import distributed as D
+
+    fitted = fit(trainer, load_full)
+    if fitted is None:
+        return 130
+    last, full = fitted
+    if trainer.world.main:
+        res = result(last) if result is not None else eval_summary(trainer, last)
+        final = save(full)
+        record = lineage(stage, cfg, getattr(cfg.model, "init_from", None), trainable, total, **lineage_extra)
+        write_lineage(record, trainer.run_dir, final)
+        trainer.write_json("eval.json", res)
+        print(f"{title or stage}: {trainer.step} steps; {summary(res)}; saved {final}")
+    D.shutdown()
+    return 0
 
 
 def eval_summary(trainer, last: dict[str, Any]) -> dict[str, Any]:
@@ -59,8 +87,8 @@ def eval_summary(trainer, last: dict[str, Any]) -> dict[str, Any]:
 
 def lineage(stage: str, cfg, parent: str, trainable: int, total: int, **extra: Any) -> dict[str, Any]:
     """The lineage record of a run: stage, parent model, parameter counts, config hash, package version, config."""
-    from ..version import __version__
     from ..config import config_hash, to_dict
+    from ..version import __version__
 
     return {"stage": stage, **extra, "config_hash": config_hash(cfg), "parent": parent,
             "trainable_parameters": trainable, "total_parameters": total, "lmforge": __version__,
@@ -68,7 +96,9 @@ def lineage(stage: str, cfg, parent: str, trainable: int, total: int, **extra: A
 
 
 def write_lineage(record: dict[str, Any], *folders: Path) -> None:
-    """Write `record` as lmforge.json into each folder (the run directory and its final/)."""
+    """Write `record` as lmforge.json into each folder (the run directory and its final/), atomically."""
+    from ..atomic import write_text
+
     text = json.dumps(record, indent=2) + "\n"
     for folder in folders:
-        (Path(folder) / "lmforge.json").write_text(text)
+        write_text(Path(folder) / "lmforge.json", text)

@@ -121,7 +121,7 @@ def evaluate_classifier(model, tokenizer, path, max_length: int = 128, batch_siz
     examples, _, _ = read_classification(path, ClassifyData(max_length=max_length), task, label2id=label2id)
     examples = examples[:limit]
     tokenized, truncated = tokenize_examples(examples, tokenizer, max_length)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    pad = tokenizer.padding_id
     objective = Classification(task, cfg.num_labels)
     preds, targets = objective.predict(model, fixed_batches(tokenized, batch_size, ClassifyCollate(pad, task)))
     report = classification_report(preds, targets, names) if task == "classify" else regression_report(preds, targets)

@@ -92,7 +92,7 @@ class LMForgeLM(LM):
         if model is None:
             if path is None:
                 raise ValueError("model_args needs path=MODEL (a Hugging Face folder, a .gguf file or an alias)")
-            from ..models.loading import load
+            from ..transforms.peft import load
 
             model, tokenizer = load(path, dtype=_parse_dtype(dtype), device=str(device))
         elif _parse_dtype(dtype) is not None:
@@ -102,7 +102,7 @@ class LMForgeLM(LM):
         if model.cfg.head != "lm":
             raise ValueError(f"{path}: the model has a {model.cfg.head!r} head; lm-eval needs a causal LM")
         if adapter:
-            from ..transforms.lora import load_adapter
+            from ..transforms.peft import load_adapter
 
             load_adapter(model, adapter)
         self.model = model.to(device).eval()
@@ -237,27 +237,17 @@ class LMForgeLM(LM):
             # HFLM.tok_batch_encode: special tokens unless the context starts with BOS; left-truncated
             ids = self.tokenizer.encode(context, add_special_tokens=not (bos and context.startswith(bos)))
             prompts.append((ids[-(self.max_length - params.max_new_tokens):] or [self.prefix_token_id], params, until))
-        jobs: list[tuple[str, list[str]]] = []
-        try:
-            for ids, params, until in prompts:
-                jobs.append((engine.add_request(ids, params), until))
-        except Exception:
-            for rid, _ in jobs:  # leave the engine empty for the next call
-                engine.abort(rid)
-            engine.step()
-            raise
-        tokens: dict[str, list[int]] = {rid: [] for rid, _ in jobs}
-        pending = set(tokens)
-        with tqdm(total=len(jobs), disable=disable_tqdm or self.rank != 0, desc="Running generate_until") as bar:
-            while pending:
-                for out in engine.step():
-                    if out.request_id in pending:
-                        tokens[out.request_id] += out.token_ids
-                        if out.finished:
-                            pending.discard(out.request_id)
-                            bar.update(1)
+        steps = engine.stream([ids for ids, _, _ in prompts], [params for _, params, _ in prompts])
+        tokens: dict[str, list[int]] = {rid: [] for rid in steps.ids}
+        quiet = disable_tqdm or self.rank != 0
+        with steps, tqdm(total=len(steps.ids), disable=quiet, desc="Running generate_until") as bar:
+            for outs in steps:  # leaving early (an error) aborts the rest: the engine is empty for the next call
+                for out in outs:
+                    tokens[out.request_id] += out.token_ids
+                    if out.finished:
+                        bar.update(1)
         results = []
-        for req, (rid, until) in zip(requests, jobs):
+        for req, rid, (_, _, until) in zip(requests, steps.ids, prompts):
             text = postprocess_generated_text(self.tokenizer.decode(tokens[rid]), stop=until, think_end_token=None)
             self.cache_hook.add_partial("generate_until", req.args, text)
             results.append(text)

@@ -7,13 +7,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..inference.options import Decoding
+
 __all__ = ["TaskOptions", "RUNNERS", "run_task", "task_evaluator", "training_evaluators", "headline_metrics",
            "headline", "markdown", "uncertainty"]
 
 
 @dataclass
-class TaskOptions:
-    """How tasks run (the task fields of `lmforge evaluate`)."""
+class TaskOptions(Decoding):
+    """How tasks run (the task fields of `lmforge evaluate`): the shared decoding keys, then the tasks' own."""
+
+    max_new_tokens: int = 384
+    """Generation, HumanEval and judge tasks: longest answer in tokens."""
+    temperature: float = 0.0
+    """HumanEval: sampling temperature (0 = greedy, one sample)."""
+    top_p: float = 0.95
+    """HumanEval with temperature > 0: nucleus sampling threshold (0.95, as the Codex paper)."""
+    top_k: int = 0
+    """HumanEval with temperature > 0: sample among the k most likely tokens (0 = no limit)."""
 
     limit: int | None = None
     """Evaluate at most this many examples (documents, questions, problems, prompts) per task."""
@@ -30,10 +41,6 @@ class TaskOptions:
     """HumanEval: completions per problem (n of pass@k)."""
     k: list[int] = field(default_factory=lambda: [1])
     """HumanEval: the k of pass@k (each <= samples)."""
-    temperature: float = 0.0
-    """HumanEval: sampling temperature (0 = greedy, one sample)."""
-    max_new_tokens: int = 384
-    """Generation, HumanEval and judge tasks: longest answer in tokens."""
     chat: bool = False
     """Generation and HumanEval: ask through the chat template (instruct models) instead of a plain prompt."""
     until: list[str] | None = None
@@ -95,7 +102,7 @@ def training_evaluators(train_cfg, tokenizer) -> list[Callable[[Any], dict[str, 
 
 def _multiple_choice(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], list[str]]:
     from .multiple_choice import evaluate_multiple_choice, parse_item, read_multiple_choice
-    from .tasks import stdlib_docstring_items
+    from ..data.stdlib import stdlib_docstring_items
 
     if task.path is None:
         items = [parse_item(r, f"stdlib-mc item {i}", "mmlu") for i, r in enumerate(stdlib_docstring_items(cfg.limit))]
@@ -111,7 +118,8 @@ def _perplexity(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], lis
     import math
 
     from .harness import bits_per_byte, rolling_loglikelihood
-    from .tasks import stdlib_heldout_texts, xz_bits_per_byte
+    from ..data.stdlib import stdlib_heldout_texts
+    from .tasks import xz_bits_per_byte
 
     if task.path is None:
         docs = stdlib_heldout_texts(cfg.limit or 20)
@@ -140,7 +148,7 @@ def _generation(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], lis
     from dataclasses import replace
 
     from .generation import PROMPT_TARGET, evaluate_generation, parse_generation, read_generation
-    from .tasks import stdlib_doctest_items
+    from ..data.stdlib import stdlib_doctest_items
     from ..inference.engine import Engine
 
     if task.path is None:
@@ -157,12 +165,14 @@ def _generation(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], lis
 
 
 def _humaneval(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], list[str]]:
-    from .humaneval import evaluate_humaneval, load_problems
+    from ..data.code_problems import load_problems
+    from .humaneval import evaluate_humaneval
     from ..inference.engine import Engine
 
     problems = load_problems()[:cfg.limit]
     rep = evaluate_humaneval(Engine(model, tok), tok, problems, n=cfg.samples, k=cfg.k, temperature=cfg.temperature,
-                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, chat=cfg.chat)
+                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, chat=cfg.chat, top_p=cfg.top_p,
+                             top_k=cfg.top_k)
     rep.pop("per_problem", None)
     return rep, [p["prompt"] + p["canonical_solution"] for p in problems]
 
@@ -187,7 +197,7 @@ def _answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
 
 def _judge(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], list[str]]:
     from ..data.readers import DataError, iter_records
-    from ..models.loading import load
+    from ..transforms.peft import load
     from .judge import EndpointJudge, LocalJudge, judge_pairwise
 
     if not cfg.judge or not cfg.baseline:

@@ -11,99 +11,10 @@ prompt/target records, exact match), `cls:PATH` (`{"text", "label"}` records for
 
 from __future__ import annotations
 
-import importlib
 import lzma
-import random
-import re
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-STDLIB_MC_MODULES = ("json", "os.path", "textwrap", "string", "shutil", "base64", "inspect", "difflib",
-                     "statistics", "calendar", "glob", "fnmatch")
-
-
-def stdlib_docstring_items(n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """MMLU-format questions from real docstrings: "Which Python function does this docstring describe?" with the
-    function's name and 3 other names of the same modules as choices (the name is masked in its docstring).
-
-    Functions are read from the modules' source files (top-level `def`s with a docstring), not from the live
-    modules, whose contents can depend on what else was imported (torch replaces a function of `inspect`)."""
-    import ast
-
-    funcs = []
-    for mod_name in STDLIB_MC_MODULES:
-        source = Path(importlib.import_module(mod_name).__file__)  # os.path: posixpath or ntpath
-        tree = ast.parse(source.read_text(encoding="utf-8"))
-        docs = {node.name: ast.get_docstring(node) for node in tree.body
-                if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and ast.get_docstring(node)}
-        for k in sorted(docs):
-            doc = docs[k].split("\n\n")[0].replace("\n", " ").replace(k, "___")
-            funcs.append((mod_name, k, doc[:300]))
-    rnd = random.Random(seed)
-    rnd.shuffle(funcs)
-    items = []
-    for mod_name, name, doc in funcs[:n]:
-        others = sorted({f[1] for f in funcs if f[1] != name})
-        choices = rnd.sample(others, 3) + [name]
-        rnd.shuffle(choices)
-        items.append({"question": f"Which Python function does this docstring describe?\n{doc}",
-                      "choices": choices, "answer": choices.index(name), "source": f"stdlib:{mod_name}.{name}"})
-    return items
-
-
-DOCTEST_MODULES = ("fractions", "collections", "heapq", "textwrap", "json", "typing", "enum", "difflib", "_pydecimal",
-                   "statistics")  # a module before those importing it: a docstring counts once, under its home
-
-
-def stdlib_doctest_items(n: int | None = None, seed: int = 0, context_examples: int = 8) -> list[dict[str, Any]]:
-    """prompt/target records from the doctests of standard-library docstrings: the prompt is a header naming the
-    docstring, its earlier examples (at most `context_examples`, the session state the example may need) and
-    ">>> source\\n"; the target is the one-line output the interpreter printed. Shuffled with `seed`."""
-    import doctest
-
-    finder = doctest.DocTestFinder(recurse=True)
-    records, seen = [], set()
-    for mod_name in DOCTEST_MODULES:
-        # module=False: _pydecimal names itself `decimal`, which may already be the C module in sys.modules, so
-        # the finder's own module check would drop its objects; docstrings reached twice are skipped instead
-        for test in sorted(finder.find(importlib.import_module(mod_name), mod_name, module=False),
-                           key=lambda t: t.name):
-            private = any(p.startswith("_") and not p.startswith("__") for p in test.name.split(".")[1:])
-            if (test.filename, test.docstring) in seen or private:
-                continue  # reached twice, or a private helper (which other packages may replace: typing_extensions)
-            seen.add((test.filename, test.docstring))
-            shown: list[str] = []
-            for ex in test.examples:
-                one_line = ex.source.count("\n") == 1 and ex.want.count("\n") == 1
-                if one_line and "Traceback" not in ex.want and len(ex.want) <= 60 and not ex.options:
-                    prompt = f"# {test.name}\n" + "".join(shown[-context_examples:]) + f">>> {ex.source}"
-                    records.append({"prompt": prompt, "target": ex.want.rstrip("\n"),
-                                    "source": f"stdlib:{test.name}:{ex.lineno}"})
-                shown.append(">>> " + ex.source.replace("\n", "\n... ", ex.source.count("\n") - 1) + ex.want)
-    random.Random(seed).shuffle(records)
-    return records[:n]
-
-
-def stdlib_doctest_gsm8k_items(n: int | None = None) -> list[dict[str, Any]]:
-    """The numeric-output doctest examples as GSM8K records: question "What does the last line print?" + the
-    transcript, answer a worked sentence ending in "#### N", so GSM8K's prompt, regex and normalisation apply."""
-    numeric = [r for r in stdlib_doctest_items() if re.fullmatch(r"-?[0-9][0-9.,]*", r["target"])][:n]
-    return [{"question": "What does the last line print?\n" + r["prompt"].rstrip("\n"),
-             "answer": f"The interpreter prints {r['target']}.\n#### {r['target']}", "source": r["source"]}
-            for r in numeric]
-
-
-def stdlib_heldout_texts(n: int = 20, fraction: float = 0.05) -> list[tuple[str, str]]:
-    """(name, source) of standard-library modules in a fixed held-out slice: the files whose name `in_fraction`
-    puts in `fraction` (stable across machines with the same Python), at most n, in name order."""
-    from ..splits import in_fraction
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    picked = [p for p in sorted(root.glob("*.py")) if in_fraction(p.name, fraction)][:n]
-    return [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in picked]
-
 
 def xz_bits_per_byte(texts: list[str], per_document: bool = False) -> float:
     """Bits per byte of `xz -9e` compression of the same texts, the classic baseline a language model's bits per

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -22,19 +22,14 @@ from torch import Tensor
 
 from ..models.transformer import Transformer
 from .paged import BlockManager, PagedKVCache, chain_hashes
+from .request import AdapterNotFound, RequestOutput, SeqState, Stream, join_outputs
 from .sampling import (RequestError, SamplingParams, StopStrings, TokenLogprob, apply_penalties, choose,
-                       processed_logprobs,
-                       token_logprobs)
+                       processed_logprobs, token_logprobs)
+from .speculative import accept, lookup
 
+# the engine's whole vocabulary, wherever each name is defined
 __all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput", "TokenLogprob", "RequestError",
-           "AdapterNotFound"]
-
-
-class AdapterNotFound(KeyError):
-    """A request named an adapter the engine has not loaded (the server answers 404)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "adapter not found"
+           "AdapterNotFound", "Stream"]
 
 
 @dataclass
@@ -75,53 +70,6 @@ class EngineConfig:
             raise ValueError("num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max")
 
 
-@dataclass
-class RequestOutput:
-    """Progress of one request: the tokens and text it gained in a step (everything, from `generate`)."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None
-    finished: bool
-    finish_reason: Literal["stop", "length", "abort"] | None
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(eq=False)
-class _Seq:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    adapter: str | None
-    generator: torch.Generator | None
-    stops: frozenset[int]
-    tokens: list[int] = field(default_factory=list)  # virtual prompt-tuning placeholders (< 0) + prompt + output
-    start: int = 0  # where the output begins in tokens
-    table: list[int] = field(default_factory=list)  # KV blocks, in order
-    cached: int = 0  # tokens whose keys/values are in the cache
-    draft_cached: int = 0  # the same for the draft model
-    hashes: list[int] = field(default_factory=list)  # chain hashes of the blocks registered for sharing
-    pending: str = ""  # decoded text not yet returned (at most a held-back tail plus the newest piece)
-    watch: StopStrings | None = None  # the request's stop strings, matched as text arrives
-    offsets: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) token offsets into output
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-    # what this step produced, returned by step()
-    new_tokens: list[int] = field(default_factory=list)
-    new_logprobs: list[TokenLogprob] = field(default_factory=list)
-
-    @property
-    def output(self) -> list[int]:
-        return self.tokens[self.start:]
-
-    @property
-    def n_output(self) -> int:
-        """len(self.output) without copying it."""
-        return len(self.tokens) - self.start
-
-
 class Engine:
     """Continuous-batching generation over one model (and optionally a draft model with the same tokenizer).
     Not thread-safe: call it from one thread (the server runs it in its own)."""
@@ -148,8 +96,8 @@ class Engine:
         eos = model.cfg.eos_token_id
         self.eos = frozenset(i for i in [*(eos if isinstance(eos, list) else [eos]),
                                          getattr(tokenizer, "eos_id", None)] if i is not None)
-        self.seqs_waiting: list[_Seq] = []
-        self.running: list[_Seq] = []
+        self.seqs_waiting: list[SeqState] = []
+        self.running: list[SeqState] = []
         self._aborted: list[RequestOutput] = []
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, prefix_cache_hit_tokens=0,
@@ -201,7 +149,8 @@ class Engine:
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load a PEFT LoRA adapter folder under `name`; requests choose it with `adapter=name`."""
-        from ..transforms.lora import load_adapter, route_adapters
+        from ..transforms.lora import route_adapters
+        from ..transforms.peft import load_adapter
 
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already loaded")
@@ -243,9 +192,9 @@ class Engine:
             seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
             gen = torch.Generator(device=self.device).manual_seed(seed)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
-        seq = _Seq(rid, prompt, params, adapter, gen, stops, tokens=self.virtual + prompt, start=total - params.max_new_tokens,
-                   logprobs=[] if params.logprobs is not None else None,
-                   watch=StopStrings(params.stop) if params.stop else None)
+        seq = SeqState(rid, prompt, params, adapter, gen, stops, tokens=self.virtual + prompt,
+                       start=total - params.max_new_tokens, logprobs=[] if params.logprobs is not None else None,
+                       watch=StopStrings(params.stop) if params.stop else None)
         self.seqs_waiting.append(seq)
         self.counters["prompt_tokens_total"] += len(prompt)
         return rid
@@ -261,6 +210,11 @@ class Engine:
                     self._aborted.append(self._output(s, flush=True))
                     return
 
+    def _forget(self, request_id: str) -> None:
+        """Abort a request nobody listens to any more: no 'abort' output is reported for it."""
+        self.abort(request_id)
+        self._aborted = [o for o in self._aborted if o.request_id != request_id]
+
     def has_unfinished(self) -> bool:
         return bool(self.seqs_waiting or self.running or self._aborted)
 
@@ -270,20 +224,30 @@ class Engine:
                     kv_blocks_used=self.blocks.used if lm else 0, kv_blocks_total=self.blocks.num_blocks if lm else 0,
                     **self.counters)
 
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+               adapter: str | None = None) -> Stream:
+        """Add one request per prompt, all or none (raises RequestError / AdapterNotFound), and step them: the
+        returned `Stream` yields their outputs, one list per step, until all have finished."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp, adapter=adapter))
+        except BaseException:
+            for rid in ids:
+                self._forget(rid)
+            raise
+        return Stream(ids, self.step, self._forget)
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  adapter: str | None = None) -> list[RequestOutput]:
         """Run prompts to completion together; one aggregated output per prompt, in order."""
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        ids = [self.add_request(p, sp, adapter=adapter) for p, sp in zip(prompts, plist)]
-        done: dict[str, RequestOutput] = {}
-        parts: dict[str, list[RequestOutput]] = {i: [] for i in ids}
-        while any(i not in done for i in ids):
-            for out in self.step():
-                if out.request_id in parts:
-                    parts[out.request_id].append(out)
-                    if out.finished:
-                        done[out.request_id] = _join(parts[out.request_id])
-        return [done[i] for i in ids]
+        parts: dict[str, list[RequestOutput]] = {}
+        with self.stream(prompts, params, adapter) as steps:
+            for outs in steps:
+                for out in outs:
+                    parts.setdefault(out.request_id, []).append(out)
+        return [join_outputs(parts[rid]) for rid in steps.ids]
 
     # ---- one iteration
     @torch.inference_mode()
@@ -310,7 +274,7 @@ class Engine:
                 keep.append(start + n - 1)
         logits = self._forward(self.model, self.cache, rows, ids, pos, keep)  # (R, V)
         r = 0
-        finishing: list[tuple[_Seq, int]] = []
+        finishing: list[tuple[SeqState, int]] = []
         for s, n in rows:
             if s in proposals:
                 self._verify(s, proposals[s], logits[r:r + n])
@@ -334,7 +298,7 @@ class Engine:
                 self.counters["requests_finished_total"] += 1
         return outs
 
-    def _forward(self, model: Transformer, cache: PagedKVCache, rows: list[tuple[_Seq, int]], ids: list[int],
+    def _forward(self, model: Transformer, cache: PagedKVCache, rows: list[tuple[SeqState, int]], ids: list[int],
                  pos: list[int], keep: list[int]) -> Tensor:
         """One pass of `model` over the flattened step; logits (R, V) of the positions in `keep`. LoRA layers are
         routed per row for the pass and their own routing is put back afterwards (a model being trained and
@@ -379,25 +343,25 @@ class Engine:
             model.prompt = prompt
 
     # ---- scheduling
-    def _blocks_for(self, s: _Seq, end: int) -> int:
+    def _blocks_for(self, s: SeqState, end: int) -> int:
         """Blocks to add so that positions < end have slots."""
         return max(0, -(-end // self.blocks.block_size) - len(s.table))
 
-    def _grow(self, s: _Seq, end: int) -> None:
+    def _grow(self, s: SeqState, end: int) -> None:
         for _ in range(self._blocks_for(s, end)):
             s.table.append(self.blocks.allocate())
 
-    def _release(self, s: _Seq) -> None:
+    def _release(self, s: SeqState) -> None:
         self.blocks.release(s.table)
         s.table, s.hashes, s.cached, s.draft_cached = [], [], 0, 0
 
-    def _schedule(self) -> list[tuple[_Seq, int]]:
+    def _schedule(self) -> list[tuple[SeqState, int]]:
         """Pick (sequence, new tokens) for this step: running sequences first (oldest first), preempting the
         newest when blocks run out, then waiting requests while blocks, budget and max_running allow."""
         budget = self.cfg.max_batch_tokens
         speculating = self.cfg.speculative != "none"
-        plan: list[tuple[_Seq, int]] = []
-        self._spec_room: set[_Seq] = set()  # sequences with slots for drafted tokens this step
+        plan: list[tuple[SeqState, int]] = []
+        self._spec_room: set[SeqState] = set()  # sequences with slots for drafted tokens this step
         for s in list(self.running):
             if s not in self.running:
                 continue  # preempted below
@@ -439,14 +403,14 @@ class Engine:
             budget -= n
         return plan
 
-    def _preempt(self, s: _Seq) -> None:
+    def _preempt(self, s: SeqState) -> None:
         """Give a running sequence's blocks back; it re-queues first and recomputes (its full blocks usually
         come back from the prefix cache)."""
         self.running.remove(s)
         self._release(s)
         self.seqs_waiting.insert(0, s)
 
-    def _match_prefix(self, s: _Seq) -> None:
+    def _match_prefix(self, s: SeqState) -> None:
         if not self.cfg.prefix_caching:
             return
         usable = (len(s.tokens) - 1) // self.blocks.block_size  # the last token is always computed
@@ -459,7 +423,7 @@ class Engine:
         s.cached = s.draft_cached = len(s.table) * self.blocks.block_size
         self.counters["prefix_cache_hit_tokens"] += s.cached
 
-    def _register(self, s: _Seq) -> None:
+    def _register(self, s: SeqState) -> None:
         """Make this sequence's newly completed full blocks findable by later requests."""
         if not self.cfg.prefix_caching or s.finish_reason is not None:
             return
@@ -472,7 +436,7 @@ class Engine:
             s.hashes.append(h)
 
     # ---- sampling and stopping
-    def _sample(self, seqs: list[_Seq], logits: Tensor) -> None:
+    def _sample(self, seqs: list[SeqState], logits: Tensor) -> None:
         params = [s.params for s in seqs]
         if any(p.penalised for p in params):
             logits = torch.stack([apply_penalties(row, s.params, s.prompt, s.output) if s.params.penalised else row
@@ -482,7 +446,7 @@ class Engine:
         for s, t, row in zip(seqs, chosen, range(len(seqs))):
             self._append(s, [t], logits[row:row + 1])
 
-    def _append(self, s: _Seq, new: list[int], raw_logits: Tensor) -> None:
+    def _append(self, s: SeqState, new: list[int], raw_logits: Tensor) -> None:
         """Add sampled tokens (with the raw logits rows that produced them) until a stop condition."""
         for i, t in enumerate(new):
             if s.finish_reason is not None:
@@ -499,11 +463,11 @@ class Engine:
             else:
                 self._check_length(s)
 
-    def _check_length(self, s: _Seq) -> None:
+    def _check_length(self, s: SeqState) -> None:
         if s.finish_reason is None and (s.n_output >= s.params.max_new_tokens or len(s.tokens) >= self.max_context):
             s.finish_reason = "length"
 
-    def _decode_text(self, s: _Seq) -> bool:
+    def _decode_text(self, s: SeqState) -> bool:
         """Add the newest token's text to s.pending; True when a stop string appeared (the text is cut before it).
         Only the tokens since the last complete character are decoded, so a step costs the same however long
         the output already is."""
@@ -524,7 +488,7 @@ class Engine:
                 return True
         return False
 
-    def _output(self, s: _Seq, flush: bool) -> RequestOutput:
+    def _output(self, s: SeqState, flush: bool) -> RequestOutput:
         hold = s.watch.hold if s.watch is not None and not flush else 0  # a tail that may grow into a stop string
         end = max(0, len(s.pending) - hold)
         text, s.pending = s.pending[:end], s.pending[end:]
@@ -536,19 +500,19 @@ class Engine:
         return out
 
     # ---- speculative decoding (Leviathan et al., 2023; Chen et al., 2023; prompt lookup: Saxena, 2023)
-    def _draft_budget(self, s: _Seq) -> int:
+    def _draft_budget(self, s: SeqState) -> int:
         """Tokens `s` may draft this step: leaves room for the token verification adds; 0 with penalties (they
         depend on each preceding token)."""
         room = min(s.params.max_new_tokens - s.n_output, self.max_context - len(s.tokens))
         return 0 if s.params.penalised else max(0, min(self.cfg.num_speculative_tokens, room - 1))
 
-    def _propose(self, seqs: list[_Seq]) -> dict[_Seq, tuple[list[int], Tensor | None]]:
+    def _propose(self, seqs: list[SeqState]) -> dict[SeqState, tuple[list[int], Tensor | None]]:
         """Draft tokens per decoding sequence, with the draft's probabilities (None for prompt lookup)."""
         ks = {s: self._draft_budget(s) for s in seqs}
-        out: dict[_Seq, tuple[list[int], Tensor | None]] = {}
+        out: dict[SeqState, tuple[list[int], Tensor | None]] = {}
         for s, k in ks.items():
             if self.draft is None:
-                found = _lookup(s.tokens, k, self.cfg.ngram_min, self.cfg.ngram_max)
+                found = lookup(s.tokens, k, self.cfg.ngram_min, self.cfg.ngram_max)
                 if found:
                     out[s] = (found, None)
             elif k > 0:
@@ -574,38 +538,15 @@ class Engine:
             out = {s: (toks, torch.stack(q)) for s, (toks, q) in out.items()}
         return out
 
-    def _verify(self, s: _Seq, proposal: tuple[list[int], Tensor | None], logits: Tensor) -> None:
-        """Accept a prefix of the drafted tokens against the target's logits (1 + k rows) and add one more token:
-        greedy keeps drafts equal to the argmax; sampling accepts d with probability min(1, p(d)/q(d)) and on
-        rejection draws from max(0, p - q) normalised, which leaves the target distribution unchanged."""
+    def _verify(self, s: SeqState, proposal: tuple[list[int], Tensor | None], logits: Tensor) -> None:
+        """Accept a prefix of the drafted tokens against the target's logits (1 + k rows), add one more token."""
         drafts, q = proposal
-        c = s.cached
         p = processed_logprobs(logits, [s.params] * len(logits)).exp()  # (k + 1, V)
-        accepted: list[int] = []
-        for i, d in enumerate(drafts):
-            if s.params.greedy:
-                ok = int(p[i].argmax()) == d
-            else:
-                qd = 1.0 if q is None else float(q[i, d])
-                ok = float(torch.rand((), generator=s.generator, device=p.device)) * qd < float(p[i, d])
-            if not ok:
-                break
-            accepted.append(d)
+        accepted, nxt = accept(p, drafts, q, s.params.greedy, s.generator)
         i = len(accepted)
         self.counters["draft_tokens_total"] += len(drafts)
         self.counters["draft_tokens_accepted"] += i
-        if s.params.greedy:
-            nxt = int(p[i].argmax())
-        elif i < len(drafts):
-            residual = p[i].clone()
-            if q is None:
-                residual[drafts[i]] = 0
-            else:
-                residual = (residual - q[i]).clamp(min=0)
-            nxt = int(torch.multinomial(residual / residual.sum(), 1, generator=s.generator))
-        else:
-            nxt = int(torch.multinomial(p[i], 1, generator=s.generator))
-        s.cached = c + 1 + i
+        s.cached += 1 + i
         s.draft_cached = min(s.draft_cached, s.cached)
         self._append(s, accepted + [nxt], logits[:i + 1])
 
@@ -651,21 +592,3 @@ class Engine:
             mask[i, :len(x)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-
-def _lookup(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
-    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
-    if k <= 0:
-        return []
-    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
-        tail = tokens[-n:]
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start:start + n] == tail:
-                return tokens[start + n:start + n + k]
-    return []
-
-
-def _join(parts: list[RequestOutput]) -> RequestOutput:
-    last = parts[-1]
-    lps = [lp for p in parts for lp in (p.logprobs or [])] if last.logprobs is not None else None
-    return RequestOutput(last.request_id, [t for p in parts for t in p.token_ids], "".join(p.text for p in parts),
-                         lps, True, last.finish_reason, last.prompt_tokens, last.completion_tokens)

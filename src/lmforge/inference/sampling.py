@@ -113,7 +113,8 @@ def processed_logprobs(logits: Tensor, params: Sequence[SamplingParams]) -> Tens
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of the tokens ranked above
         drop |= before >= torch.tensor(top_p, device=logits.device)[:, None]
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        kept = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
     return logits.log_softmax(-1)
 
 

@@ -94,6 +94,36 @@ def _family_names(family: str) -> str:
     return "llama" if family in DECODERS else family
 
 
+# ---- module names, for formats that address modules rather than whole checkpoints (PEFT adapters) ----
+
+def body_prefix(family: str) -> str:
+    """The prefix of the body's modules in a Hugging Face model with a head (`model.`, `transformer.`, `bert.`);
+    a bare body (head none) has none. PEFT adapters of a bare body and of a model with a head differ by it."""
+    return _BODY_PREFIX[_family_names(family)]
+
+
+def hf_module_name(cfg: ModelConfig, ours: str) -> str | None:
+    """The Hugging Face module name of our module `ours` in a model of `cfg` (blocks.0.attn.q ->
+    model.layers.0.self_attn.q_proj), with the body prefix when the model has a head; None when it has none.
+    PEFT names adapted layers and modules_to_save this way."""
+    fam = _family_names(cfg.family)
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", ours)
+    key = f"blocks.{{i}}.{m[2]}" if m else ours
+    if key in _NAMES[fam]:
+        name = (_BODY_PREFIX[fam] if cfg.head != "none" else "") + _NAMES[fam][key]
+    elif key in _HEADS[fam]:
+        name = _HEADS[fam][key]
+    else:
+        return None
+    return name.replace("{i}", m[1]) if m else name
+
+
+def stored_transposed(family: str, name: str) -> bool:
+    """Whether our parameter `name` is stored transposed, (in, out), in the family's Hugging Face checkpoints
+    (GPT-2's Conv1D layers), so a tensor saved under the HF name must be transposed."""
+    return _family_names(family) == "gpt2" and _GPT2_CONV1D.search(name) is not None
+
+
 def _head_from_arch(arch: str | None) -> str:
     if not arch:
         return "lm"

@@ -174,12 +174,11 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, d
          allow_pickle: bool = False) -> tuple[Transformer, Tokenizer | None]:
     """Load (model, tokenizer) from a Hugging Face folder, a GGUF file, a local alias or a hub id.
 
-    `head`/`num_labels` replace the checkpoint's head (e.g. a classifier on a pretrained body)."""
+    `head`/`num_labels` replace the checkpoint's head (e.g. a classifier on a pretrained body). Adapter folders
+    (PEFT layout) are not models: `transforms.peft.load` (which is `lmforge.load`) resolves them to their base."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     path = resolve(source)
-    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        return _load_adapter_folder(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -215,44 +214,6 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, d
         if cfg.head == "none" and "pooler.weight" not in sd:
             cfg.pooler = False
     model = instantiate(cfg, sd, dtype, device, where=str(path))
-    return model.eval(), tok
-
-
-def _load_adapter_folder(path: Path, **kw: Any) -> tuple[Transformer, Tokenizer | None]:
-    """An adapter folder (PEFT layout): its base model (`base_model_name_or_path`) with the adapter applied."""
-    meta = hf.read_config(path / "adapter_config.json")
-    base = meta.get("base_model_name_or_path")
-    if not base:
-        raise InputError(f"{path / 'adapter_config.json'}: no base_model_name_or_path, so the base model is unknown; "
-                         f"load the base with lmforge.load and apply the adapter to it")
-    kind = meta.get("peft_type")
-    head, num_labels = None, None
-    if meta.get("task_type") == "SEQ_CLS":  # the classifier's size: from the saved head (PEFT's modules_to_save)
-        from safetensors import safe_open
-
-        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-            shapes = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith(("score.weight", "classifier.weight"))]
-        head, num_labels = "classifier", (shapes[0][0] if shapes else None)
-    model, tok = load(base, head=head, num_labels=num_labels, **kw)
-    if kind == "LORA":
-        from ..transforms.lora import load_adapter
-
-        load_adapter(model, path)
-    elif kind == "PROMPT_TUNING":
-        from ..transforms.prompt_tuning import load_prompt
-
-        load_prompt(model, path)
-    elif kind == "BOTTLENECK":
-        from ..transforms.adapters import load_adapters
-
-        load_adapters(model, path)
-    else:
-        raise InputError(f"{path / 'adapter_config.json'}: peft_type {kind!r} is not supported (expected LORA, "
-                         f"PROMPT_TUNING or BOTTLENECK)")
-    if meta.get("id2label"):
-        model.cfg.id2label = {int(k): v for k, v in meta["id2label"].items()}
-    if (path / "tokenizer.json").exists():
-        tok = Tokenizer.from_dir(path)
     return model.eval(), tok
 
 

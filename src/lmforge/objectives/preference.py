@@ -18,7 +18,7 @@ Unpaired batch (kto): input_ids (N, T), labels (N, T), attention_mask (N, T), la
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ _CHUNK_ELEMENTS = 1 << 24  # logits elements converted to fp32 at a time (64 MiB
 _ORPO_MAX_LOGP = -1e-6  # an average log-prob of exactly 0 would make log(1 - p) = -inf and the gradient NaN
 
 __all__ = ["sequence_logprobs", "completion_logprobs", "dpo_loss", "ipo_loss", "kto_loss", "simpo_loss",
-           "orpo_loss", "bradley_terry_loss", "adapters_disabled", "PreferenceObjective", "RewardObjective"]
+           "orpo_loss", "bradley_terry_loss", "adapters_disabled", "PreferenceObjective", "RewardObjective",
+           "precompute_reference"]
 
 
 # ---- sequence log-probabilities --------------------------------------------------------------------------------
@@ -378,3 +379,39 @@ class RewardObjective:
         loss = losses.mean()
         return loss, {"loss": loss.detach(), "accuracy": _mean((rc > rr).float()), "margin": _mean(rc - rr),
                       "rewards/chosen": _mean(rc), "rewards/rejected": _mean(rr), "tokens": rc.shape[0]}
+
+
+# ---- precomputed reference -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def precompute_reference(model: nn.Module, examples: Sequence[Any], micro_batch: int, pad_id: int,
+                         autocast: contextlib.AbstractContextManager | None = None, base_only: bool = False) -> None:
+    """Fill the reference log-probs of pair or KTO examples (`ref_chosen` / `ref_rejected`, or `ref` / `ref_kl`)
+    with `model` (its LoRA adapters disabled with `base_only`), so training needs no reference model."""
+    from ..data.preference import UnpairedExample, reply_rows
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with adapters_disabled(model) if base_only else contextlib.nullcontext():
+            for i in range(0, len(examples), micro_batch):
+                chunk = examples[i:i + micro_batch]
+                kto = isinstance(chunk[0], UnpairedExample)
+                rows = ([reply_rows([(x.prompt, x.completion, x.mask) for x in chunk], pad_id),
+                         reply_rows([(x.kl_prompt, x.kl_completion, x.kl_mask) for x in chunk], pad_id)] if kto else
+                        [reply_rows([(x.prompt, x.chosen, x.chosen_mask) for x in chunk]
+                                    + [(x.prompt, x.rejected, x.rejected_mask) for x in chunk], pad_id)])
+                logps = []
+                for b in rows:
+                    with autocast or contextlib.nullcontext():
+                        lp, _ = completion_logprobs(model, b["input_ids"].to(device), b["labels"].to(device),
+                                                    b["attention_mask"].to(device))
+                    logps.append(lp.float().cpu().tolist())  # (rows,) summed over each reply
+                for j, x in enumerate(chunk):
+                    if kto:
+                        x.ref, x.ref_kl = logps[0][j], logps[1][j]
+                    else:
+                        x.ref_chosen, x.ref_rejected = logps[0][j], logps[0][len(chunk) + j]
+    finally:
+        model.train(was_training)

@@ -340,7 +340,7 @@ class GRPOObjective:
     """GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3 with the eq. 4 KL estimator): the clipped surrogate on
     group-normalised advantages plus β·k3(π_θ‖π_ref), per token over the completion (`grpo_loss`).
 
-    Batch (from `data.rollouts.GRPOBatches`): input_ids, attention_mask, labels (B, T) (prompt + completion rows,
+    Batch (from `rl.batches.GRPOBatches`): input_ids, attention_mask, labels (B, T) (prompt + completion rows,
     labels on the completion), advantages (B,), optional old_logps (B, T) (the sampling policy's, needed when a
     rollout is used for more than one update; absent = on-policy, ratio 1), ref_logps (B, T) when β > 0 (absent:
     computed here, from `ref_model` or the model with its LoRA adapters disabled), rewards (B,) and `rollout/…`
@@ -424,7 +424,7 @@ class PPOObjective:
     the clipped surrogate on GAE advantages plus vf_coef times the clipped value loss, minus entropy_coef times the
     entropy, over the completion tokens (`ppo_policy_loss`, `value_loss`).
 
-    Batch (from `data.rollouts.PPOBatches`): input_ids, attention_mask, labels (B, T); old_logps, old_values,
+    Batch (from `rl.batches.PPOBatches`): input_ids, attention_mask, labels (B, T); old_logps, old_values,
     advantages, returns (B, T) aligned with the labels; scores (B,) and `rollout/…` scalars. The KL penalty is in
     the rewards (so in the advantages), not in this loss. Metrics: loss, policy_loss, value_loss, clip_frac,
     approx_kl, value_clip_frac, entropy, score; `tokens` = completion tokens."""

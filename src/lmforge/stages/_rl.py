@@ -30,8 +30,8 @@ class RLRun:
 
     def evaluators(self, cfg) -> list[Callable]:
         """The held-out reward of greedy answers, then the config's train.eval_tasks."""
-        from ..data.rollouts import reward_evaluator
         from ..eval.runners import training_evaluators
+        from ..rl.rollouts import reward_evaluator
 
         return ([reward_evaluator(self.tok, self.val_ids, self.val_records, self.rewards, cfg.sampling)]
                 + training_evaluators(cfg.train, self.tok))
@@ -44,22 +44,17 @@ def start(cfg, reference: bool, extend: Callable[[Any], None] | None = None) -> 
     policy with its adapters disabled). `extend(model)` adds trainable parts (PPO's value head) before counting."""
     import copy
 
-    import torch
-
-    from ..data.preference import load_prompt_data
-    from ..data.rollouts import encode_prompts, prompt_room
-    from ..engine import runs
-    from ..models.loading import load_tokenizer
-    from ..objectives.rewards import Rewards
+    from ..data.prompts import load_prompt_data
+    from ..rl.rewards import Rewards
+    from ..rl.rollouts import encode_prompts, prompt_room
     from ..transforms import count_parameters
-    from ..transforms.methods import build_model
+    from . import _tune
 
-    world, run = runs.start(cfg)
+    t = _tune.start(cfg)
+    world, run, tok = t.world, t.run, t.tok
     rewards = Rewards(cfg.rewards)
-    tok = load_tokenizer(cfg.model.init_from)
     train_recs, val_recs, fingerprint = load_prompt_data(cfg.data, rewards, cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.init_from, cfg.method, tok=tok, precision=cfg.train.precision, lora=cfg.lora)
+    model, _, _ = _tune.tuned_model(cfg, tok)
     ref_model = None
     if reference and cfg.method == "full":
         ref_model = copy.deepcopy(model).requires_grad_(False).to(world.device)
@@ -73,28 +68,27 @@ def start(cfg, reference: bool, extend: Callable[[Any], None] | None = None) -> 
 
 
 def finish(stage: str, cfg, r: RLRun, trainer, data, before_save: Callable[[], str] | None = None) -> int:
-    """Fit, then on the main process write eval.json (held-out reward before -> after, the last round's rollout
-    statistics), adapter/ and final/ and the lineage, and print a summary; 130 when a signal stopped the run.
-    `before_save()` writes stage-specific outputs and returns a note for the summary."""
-    from ..engine import distributed as D
+    """`runs.finish` with the RL outputs: eval.json holds the held-out reward (before -> after) and the last round's
+    rollout statistics; `before_save()` writes stage-specific outputs (PPO's value head) and returns a note for the
+    summary."""
     from ..engine import runs
     from ..transforms.methods import save_trained
 
-    last = runs.fit(trainer)
-    if last is None:
-        return 130
-    if r.world.main:
-        result = runs.eval_summary(trainer, last)
-        result["last_round"] = data.last_stats
-        note = before_save() if before_save is not None else ""
-        final = save_trained(r.model, r.tok, r.run, cfg.method, cfg.model.init_from, save_merged=cfg.save_merged)
-        runs.write_lineage(runs.lineage(stage, cfg, cfg.model.init_from, r.trainable, r.total, method=cfg.method,
-                                        data={"prompts": cfg.data.train, "fingerprint": r.fingerprint},
-                                        rewards=[s.name for s in cfg.rewards]), r.run, final)
-        trainer.write_json("eval.json", result)
-        before = result.get("before", {}).get("val_reward")
+    note = []
+
+    def result(last: dict[str, Any]) -> dict[str, Any]:
+        return {**runs.eval_summary(trainer, last), "last_round": data.last_stats}
+
+    def save(_) -> Path:
+        note.append(before_save() if before_save is not None else "")
+        return save_trained(r.model, r.tok, r.run, cfg.method, cfg.model.init_from, save_merged=cfg.save_merged)
+
+    def summary(res: dict[str, Any]) -> str:
+        before = res.get("before", {}).get("val_reward")
         change = f"{before:.4f} -> " if before is not None else ""
-        print(f"{stage} ({cfg.method}): {trainer.step} steps; held-out reward {change}"
-              f"{result.get('val_reward', float('nan')):.4f}{note}; saved {final}")
-    D.shutdown()
-    return 0
+        return f"held-out reward {change}{res.get('val_reward', float('nan')):.4f}{note[0]}"
+
+    return runs.finish(trainer, stage, cfg, save, summary, r.trainable, r.total, result=result,
+                       title=f"{stage} ({cfg.method})", method=cfg.method,
+                       data={"prompts": cfg.data.train, "fingerprint": r.fingerprint},
+                       rewards=[s.name for s in cfg.rewards])

@@ -8,8 +8,12 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .generate import Options
+
+if TYPE_CHECKING:
+    from ..inference.request import Stream
 
 HELP = "commands: /reset (start a new conversation), /exit (or Ctrl-D); Ctrl-C stops a reply"
 
@@ -31,8 +35,8 @@ def main(cfg: Config) -> int:
     import torch
 
     from ..inference.engine import Engine, EngineConfig, RequestError
-    from ..models.loading import load
     from ..tokenizer.chat import encode_chat
+    from ..transforms.peft import load
 
     model, tok = load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, allow_pickle=cfg.allow_pickle)
     if tok is None or model.cfg.head != "lm":
@@ -70,35 +74,33 @@ def main(cfg: Config) -> int:
         history.append({"role": "user", "content": line})
         ids = encode_chat(tok, history, add_generation_prompt=True).ids
         try:
-            rid = engine.add_request(ids, cfg.sampling(seed_offset=turn))
+            steps = engine.stream([ids], cfg.params(seed_offset=turn))
         except RequestError as e:
             history.pop()
             print(f"error: {e}; /reset starts a new conversation", file=sys.stderr)
             continue
         turn += 1
-        reply, stopped = _stream(engine, rid)
+        reply, stopped = _print_reply(steps)
         history.append({"role": "assistant", "content": reply})
         if stopped:
             print("[stopped]", file=sys.stderr)
 
 
-def _stream(engine, rid: str) -> tuple[str, bool]:
+def _print_reply(steps: Stream) -> tuple[str, bool]:
     """Print the reply as it comes; Ctrl-C (checked between engine steps, so the engine stays consistent)
     aborts it. Returns (reply text, whether it was stopped)."""
     interrupted = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set()) if in_main else None
-    reply, aborted = "", False
+    reply = ""
     try:
-        while engine.has_unfinished():
-            if interrupted.is_set() and not aborted:
-                engine.abort(rid)
-                aborted = True
-            for out in engine.step():
-                if not aborted:
+        with steps:  # leaving it aborts an unfinished reply
+            while not steps.done and not interrupted.is_set():
+                for out in next(steps):
                     sys.stdout.write(out.text)
                     sys.stdout.flush()
                     reply += out.text
+            aborted = not steps.done
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)

@@ -30,7 +30,8 @@ class Config:
 def main(cfg: Config) -> int:
     import torch
 
-    from ..models.loading import load, save
+    from ..models.loading import save
+    from ..transforms.peft import load
 
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     model, tok = load(cfg.src, dtype=dtype, allow_pickle=cfg.allow_pickle)

@@ -88,36 +88,25 @@ class Config:
 def main(cfg: Config) -> int:
     import copy
 
-    import torch
-
-    from ..data.examples import ExampleLoader, fixed_batches
-    from ..data.preference import PairCollate, UnpairedCollate, load_preference_data, precompute_reference
+    from ..data.preference import PairCollate, UnpairedCollate, load_preference_data
     from ..data.readers import require_validation
-    from ..engine import distributed as D
     from ..engine import runs
-    from ..engine.runs import eval_summary, fit, lineage, write_lineage
-    from ..engine.trainer import EvalSet, Trainer
-    from ..eval.runners import training_evaluators
-    from ..models.loading import load_tokenizer
-    from ..objectives.preference import PreferenceObjective
-    from ..transforms import count_parameters
-    from ..transforms.methods import build_model, save_trained
+    from ..objectives.preference import PreferenceObjective, precompute_reference
+    from ..transforms.methods import save_trained
+    from . import _tune
 
-    world, run = runs.start(cfg)
-    tok = load_tokenizer(cfg.model.init_from)
+    t = _tune.start(cfg)
+    world, run, tok = t.world, t.run, t.tok
     kto = cfg.loss == "kto"
     train, val, summary = load_preference_data(cfg.data, tok, cfg.train.seed, unpaired=kto)
     require_validation(val, cfg.data)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.init_from, cfg.method, tok=tok, precision=cfg.train.precision, lora=cfg.lora,
-                        freeze=cfg.freeze)
-    trainable, total = count_parameters(model)
+    model, trainable, total = _tune.tuned_model(cfg, tok)
     ref_kind = cfg.resolved_reference()
     if world.main:
         print(summary)
         print(f"{cfg.loss} ({cfg.method}, reference {ref_kind}{', precomputed' if cfg.precompute_reference else ''}"
               f"): {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = tok.padding_id
     collate = UnpairedCollate(pad) if kto else PairCollate(pad)
     mb = cfg.train.micro_batch
     ref_model = None
@@ -125,29 +114,20 @@ def main(cfg: Config) -> int:
         ref_model = copy.deepcopy(model).to(world.device)  # frozen by the objective
     objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.desirable_weight,
                                     cfg.undesirable_weight, ref_model=ref_model)
-    data = ExampleLoader(train, mb, collate, seed=cfg.train.seed, rank=world.rank, world=world.world)
-    evals = [EvalSet("validation", lambda: fixed_batches(val, mb, collate, rank=world.rank, world=world.world,
-                                                         max_batches=cfg.train.eval_batches))]
-    trainer = Trainer(model, objective, data, cfg.train, run, evals, world,
-                      evaluators=training_evaluators(cfg.train, tok))
+    trainer = _tune.example_trainer(cfg, t, model, objective, train, val, collate)
     if not kto:
         trainer.evaluators.append(_policy_preference(val, collate, mb, cfg.train.eval_batches, trainer))
     if cfg.precompute_reference:  # the model before training is the reference; adapters off under LoRA
         model.to(world.device)
         for examples in (train, val):
             precompute_reference(model, examples, mb, pad, trainer.autocast(), base_only=ref_kind == "adapters_off")
-    last = fit(trainer)
-    if last is None:
-        return 130
-    if world.main:
-        result = eval_summary(trainer, last)
-        final = save_trained(model, tok, run, cfg.method, cfg.model.init_from, save_merged=cfg.save_merged)
-        write_lineage(lineage("dpo", cfg, cfg.model.init_from, trainable, total, loss=cfg.loss, method=cfg.method,
-                              reference=ref_kind, precompute_reference=cfg.precompute_reference), run, final)
-        trainer.write_json("eval.json", result)
-        print(f"{cfg.loss} ({cfg.method}): {trainer.step} steps; {_summary(result)}; saved {final}")
-    D.shutdown()
-    return 0
+
+    def save(_):
+        return save_trained(model, tok, run, cfg.method, cfg.model.init_from, save_merged=cfg.save_merged)
+
+    return runs.finish(trainer, "dpo", cfg, save, _summary, trainable, total, title=f"{cfg.loss} ({cfg.method})",
+                       loss=cfg.loss, method=cfg.method, reference=ref_kind,
+                       precompute_reference=cfg.precompute_reference)
 
 
 def _policy_preference(val, collate, micro_batch: int, max_batches: int | None, trainer):

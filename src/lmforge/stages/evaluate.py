@@ -54,14 +54,14 @@ def main(cfg: Config) -> int:
     import torch
 
     from ..eval.runners import headline, markdown, run_task
-    from ..models.loading import load
+    from ..transforms.peft import load
 
     model, tok = load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, allow_pickle=cfg.allow_pickle)
     if tok is None:
         print(f"error: {cfg.model} has no tokenizer.json; evaluation needs one", file=sys.stderr)
         return 2
     if cfg.adapter:
-        from ..transforms.lora import load_adapter
+        from ..transforms.peft import load_adapter
 
         load_adapter(model, cfg.adapter, allow_pickle=cfg.allow_pickle)
     model.eval()

@@ -10,7 +10,6 @@ for full / freeze / LoRA (merged); an adapter folder in the PEFT layout for prom
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,150 +113,76 @@ class Config:
             raise ValueError("data.pack works with task sft and a method other than prompt")
 
 
-# ---- the model
-
-
-def build_model(cfg: Config, num_labels: int | None, id2label: dict[int, str] | None, tok):
-    """The pretrained model with the method's transform applied (frozen base in the autocast dtype)."""
-    from ..transforms.methods import build_model as build
-
-    return build(cfg.model.init_from, cfg.method, head="classifier" if cfg.task != "sft" else "lm",
-                 num_labels=num_labels, id2label=id2label, tok=tok, precision=cfg.train.precision, lora=cfg.lora,
-                 prompt=cfg.prompt, adapter=cfg.adapter, freeze=cfg.freeze)
-
-
-# ---- the data
-
-
-def sft_data(cfg: Config, tok):
-    """(train examples or packed rows, validation examples, collate for train, collate for validation)."""
-    from ..splits import split_by_hash
-    from ..data.sft import SFTCollate, SFTStats, describe, pack_examples, read_conversations, tokenize_conversations
-
-    d = cfg.data
-    st = SFTStats()
-    convs = read_conversations(d.train, d.format, d.system_prompt, st)
-    if d.validation:
-        val_convs = read_conversations(d.validation, d.format, d.system_prompt, SFTStats())
-    else:
-        convs, val_convs = split_by_hash(convs, lambda c: json.dumps(c[1]), d.validation_fraction, cfg.train.seed)
-    train = tokenize_conversations(convs, tok, d.max_length, d.train_end_of_turn, st)
-    val = tokenize_conversations(val_convs, tok, d.max_length, d.train_end_of_turn, SFTStats())
-    print(describe(st, "sft data") + f"; {len(train)} train / {len(val)} validation examples")
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    if d.pack:
-        import random
-
-        order = list(train)
-        random.Random(cfg.train.seed).shuffle(order)
-        rows = pack_examples(order, d.max_length)
-        log.info("packed %d examples into %d rows of <= %d tokens", len(train), len(rows), d.max_length)
-        return rows, val, SFTCollate(pad, packed=True), SFTCollate(pad)
-    return train, val, SFTCollate(pad), SFTCollate(pad)
-
-
-def classify_data(cfg: Config, tok):
-    from ..data.classify import ClassifyCollate, read_classification, split_validation, tokenize_examples
-
-    d = cfg.data
-    examples, label2id, stats = read_classification(d.train, d.classify, cfg.task, None)
-    if d.validation:
-        val, _, _ = read_classification(d.validation, d.classify, cfg.task, label2id)
-        train = examples
-    else:
-        train, val = split_validation(examples, d.validation_fraction, cfg.train.seed)
-    print(f"classification data: {stats}; {len(train)} train / {len(val)} validation examples")
-    train_t, cut = tokenize_examples(train, tok, d.classify.max_length)
-    val_t, cut_v = tokenize_examples(val, tok, d.classify.max_length)
-    if cut or cut_v:
-        log.warning("%d examples were longer than data.classify.max_length %d tokens and were cut", cut + cut_v,
-                    d.classify.max_length)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    collate = ClassifyCollate(pad, cfg.task)
-    return train_t, val_t, collate, collate, label2id
-
-
 # ---- the run
 
 
 def main(cfg: Config) -> int:
-    import torch
-
-    from ..data.examples import ExampleLoader, ReplayMix, fixed_batches
+    from ..data.classify import load_classification_data
     from ..data.readers import require_validation
-    from ..engine import distributed as D
+    from ..data.sft import load_sft_data
     from ..engine import runs
-    from ..engine.runs import fit, lineage, write_lineage
-    from ..engine.trainer import EvalSet, Trainer
-    from ..eval.runners import training_evaluators
-    from ..models.loading import load_tokenizer
-    from ..objectives.causal_lm import CausalLM, WithReplay
-    from ..transforms import count_parameters
+    from ..objectives.causal_lm import CausalLM
+    from . import _tune
 
-    world, run = runs.start(cfg)
-    tok = load_tokenizer(cfg.model.init_from)
-    label2id = None
+    t = _tune.start(cfg)
+    world, run, tok = t.world, t.run, t.tok
     if cfg.task == "sft":
-        train, val, collate, val_collate = sft_data(cfg, tok)
+        train, val, collate, val_collate, summary = load_sft_data(cfg.data, tok, cfg.train.seed)
         objective: Any = CausalLM()
-        num_labels = id2label = None
+        head: dict[str, Any] = {}
+        id2label = None
     else:
         from ..objectives.classify import Classification
 
-        train, val, collate, val_collate, label2id = classify_data(cfg, tok)
+        train, val, collate, label2id, summary = load_classification_data(cfg.data, cfg.task, tok, cfg.train.seed)
+        val_collate = collate
         num_labels = 1 if cfg.task == "regress" else len(label2id)
         id2label = None if cfg.task == "regress" else {i: lab for lab, i in label2id.items()}
         objective = Classification(cfg.task, num_labels)
+        head = {"head": "classifier", "num_labels": num_labels, "id2label": id2label}
+    print(summary)
     require_validation(val, cfg.data)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, num_labels, id2label, tok)
-    trainable, total = count_parameters(model)
+    model, trainable, total = _tune.tuned_model(cfg, tok, **head)
     if world.main:
         print(f"finetune ({cfg.task}, {cfg.method}): {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.3f}%); {len(train):,} training {'rows' if cfg.data.pack else 'examples'}, "
               f"{len(val):,} validation")
-    mb = cfg.train.micro_batch
-    data: Any = ExampleLoader(train, mb, collate, seed=cfg.train.seed, rank=world.rank, world=world.world)
-    evals = [EvalSet("validation", lambda: fixed_batches(val, mb, val_collate, rank=world.rank, world=world.world,
-                                                         max_batches=cfg.train.eval_batches))]
-    rep = cfg.data.replay
-    if rep.shards:
-        from ..data.loader import PackedLoader, SourceSpec, eval_batches
-
-        sources = [SourceSpec(p) for p in rep.shards]
-        _check_tokenizer(sources, tok)
-        if rep.fraction > 0:
-            n = max(1, round(rep.fraction * mb))
-            replay = PackedLoader(sources, rep.seq_len, n, seed=cfg.train.seed, rank=world.rank, world=world.world)
-            data = ReplayMix(data, replay)
-            objective = WithReplay(objective, rep.weight)
-        evals.append(EvalSet("pretrain", lambda: eval_batches(sources[:1], rep.seq_len, mb,
-                                                              max_batches=cfg.train.eval_batches, rank=world.rank,
-                                                              world=world.world, seed=cfg.train.seed)))
-    trainer = Trainer(model, objective, data, cfg.train, run, evals, world,
-                      evaluators=training_evaluators(cfg.train, tok))
-    last = fit(trainer)
-    if last is None:
-        return 130
-    if world.main:
-        result = _final_eval(cfg, trainer, last, model, val, val_collate, id2label)
-        final = _save(cfg, model, tok, run)
-        write_lineage(lineage("finetune", cfg, cfg.model.init_from, trainable, total, task=cfg.task,
-                              method=cfg.method), run, final)
-        trainer.write_json("eval.json", result)
-        print(f"finetune ({cfg.task}, {cfg.method}): {trainer.step} steps; " + _summary(result) + f"; saved {final}")
-    D.shutdown()
-    return 0
+    data, objective, evals = _replay(cfg, t, train, collate, objective)
+    trainer = _tune.example_trainer(cfg, t, model, objective, train, val, collate, val_collate, data, evals)
+    return runs.finish(trainer, "finetune", cfg, lambda _: _save(cfg, model, tok, run), _summary, trainable, total,
+                       result=lambda last: _final_eval(cfg, trainer, last, model, val, val_collate, id2label),
+                       title=f"finetune ({cfg.task}, {cfg.method})", task=cfg.task, method=cfg.method)
 
 
-def _check_tokenizer(sources, tok) -> None:
+def _replay(cfg: Config, t, train, collate, objective):
+    """(batch source or None, objective, extra validation sets) with data.replay: pretraining sequences mixed into
+    each micro batch (fraction > 0, their loss added) and the pretraining validation loss measured (any shards)."""
+    from ..data.examples import ExampleLoader, ReplayMix
+    from ..data.loader import PackedLoader, SourceSpec, eval_batches
     from ..data.shards import read_index
+    from ..engine.trainer import EvalSet
+    from ..objectives.causal_lm import WithReplay
 
+    rep, mb, seed, world = cfg.data.replay, cfg.train.micro_batch, cfg.train.seed, t.world
+    if not rep.shards:
+        return None, objective, []
+    sources = [SourceSpec(p) for p in rep.shards]
     for s in sources:
         fp = read_index(s.path)["tokenizer"]["fingerprint"]
-        if fp != tok.fingerprint():
+        if fp != t.tok.fingerprint():
             raise ValueError(f"data.replay.shards {s.path} were tokenized with another tokenizer (fingerprint {fp}, "
-                             f"the model's is {tok.fingerprint()}); run `lmforge prepare` with this model's tokenizer")
+                             f"the model's is {t.tok.fingerprint()}); run `lmforge prepare` with this model's "
+                             f"tokenizer")
+    data = None
+    if rep.fraction > 0:
+        examples = ExampleLoader(train, mb, collate, seed=seed, rank=world.rank, world=world.world)
+        replay = PackedLoader(sources, rep.seq_len, max(1, round(rep.fraction * mb)), seed=seed, rank=world.rank,
+                              world=world.world)
+        data = ReplayMix(examples, replay)
+        objective = WithReplay(objective, rep.weight)
+    evals = [EvalSet("pretrain", lambda: eval_batches(sources[:1], rep.seq_len, mb, max_batches=cfg.train.eval_batches,
+                                                      rank=world.rank, world=world.world, seed=seed))]
+    return data, objective, evals
 
 
 def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate, id2label) -> dict[str, Any]:

@@ -17,10 +17,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..data.preference import PromptData
-from ..data.rollouts import SamplingConfig
+from ..data.prompts import PromptData
 from ..engine.trainer import TrainConfig
-from ..objectives.rewards import RewardSpec
+from ..rl.rewards import RewardSpec
+from ..rl.rollouts import SamplingConfig
 from ..transforms.lora import LoraConfig
 from ..transforms.methods import ModelSection
 
@@ -80,9 +80,12 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    from ..data.rollouts import GRPOBatches, precision_context
+    from functools import partial
+
     from ..engine.trainer import Trainer
     from ..objectives.rl import GRPOObjective
+    from ..precision import autocast
+    from ..rl.batches import GRPOBatches
     from . import _rl
 
     r = _rl.start(cfg, reference=cfg.beta > 0)
@@ -96,7 +99,7 @@ def main(cfg: Config) -> int:
                        prompts_per_round=cfg.prompts_per_round, num_iterations=cfg.num_iterations,
                        micro_batch=t.micro_batch, grad_accum=t.grad_accum, sampling=cfg.sampling, beta=cfg.beta,
                        scale_rewards=cfg.scale_rewards, seed=t.seed, rank=world.rank, world=world.world,
-                       autocast=precision_context(t.precision, world.device), ref_model=r.ref_model)
+                       autocast=partial(autocast, t.precision, world.device), ref_model=r.ref_model)
     objective = GRPOObjective(cfg.beta, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_type, cfg.sampling.temperature,
                               cfg.sampling.max_new_tokens, ref_model=r.ref_model)
     trainer = Trainer(r.model, objective, data, t, r.run, [], world, evaluators=r.evaluators(cfg))

@@ -16,10 +16,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..data.preference import PromptData
-from ..data.rollouts import SamplingConfig
+from ..data.prompts import PromptData
 from ..engine.trainer import TrainConfig
-from ..objectives.rewards import RewardSpec
+from ..rl.rewards import RewardSpec
+from ..rl.rollouts import SamplingConfig
 from ..transforms.lora import LoraConfig
 from ..transforms.methods import ModelSection
 
@@ -85,9 +85,12 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    from ..data.rollouts import PPOBatches, precision_context
+    from functools import partial
+
     from ..engine.trainer import Trainer
     from ..objectives.rl import PPOObjective, value_head
+    from ..precision import autocast
+    from ..rl.batches import PPOBatches
     from . import _rl
 
     r = _rl.start(cfg, reference=True, extend=value_head)  # the value head trains: made before the optimizer
@@ -100,7 +103,7 @@ def main(cfg: Config) -> int:
                       ppo_epochs=cfg.ppo_epochs, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
                       sampling=cfg.sampling, beta=cfg.beta, kl_target=cfg.kl_target, kl_horizon=cfg.kl_horizon,
                       gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, seed=t.seed, rank=world.rank,
-                      world=world.world, autocast=precision_context(t.precision, world.device), ref_model=r.ref_model)
+                      world=world.world, autocast=partial(autocast, t.precision, world.device), ref_model=r.ref_model)
     objective = PPOObjective(cfg.clip_eps, cfg.vf_coef, cfg.vf_clip, cfg.entropy_coef, cfg.sampling.temperature)
     trainer = Trainer(r.model, objective, data, t, r.run, [], world, evaluators=r.evaluators(cfg))
 

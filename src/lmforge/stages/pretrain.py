@@ -3,9 +3,9 @@ token shards, from scratch or continued from a model; the same command runs unde
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from ..data.loader import SourceSpec
@@ -78,7 +78,7 @@ def build_model(cfg: Config, tok, world_seed: int):
     """A fresh model from the preset (sized to the tokenizer) or the init_from checkpoint."""
     import torch
 
-    from ..models.loading import load
+    from ..transforms.peft import load
     from ..models.presets import preset
 
     mlm = cfg.objective == "masked_lm"
@@ -100,17 +100,16 @@ def build_model(cfg: Config, tok, world_seed: int):
 
 
 def main(cfg: Config) -> int:
-    from ..config import config_hash, to_dict
     from ..data.loader import PackedLoader, eval_batches
     from ..data.readers import DataError
     from ..data.shards import read_index
-    from ..engine import distributed as D
     from ..engine import runs
     from ..engine.trainer import EvalSet, Trainer
     from ..eval.runners import training_evaluators
     from ..models.loading import instantiate, load_tokenizer, save
     from ..objectives.causal_lm import CausalLM
     from ..objectives.masked_lm import MaskedLM, MLMCollate
+    from ..transforms import count_parameters
 
     world, run = runs.start(cfg)
     index = read_index(cfg.data.train[0])
@@ -147,27 +146,21 @@ def main(cfg: Config) -> int:
         log.info("model %s: %.2fM parameters; %d train tokens", model.cfg.family, n / 1e6, loader.windows[0].total)
     trainer = Trainer(model, objective, loader, cfg.train, run, evals, world,
                       evaluators=training_evaluators(cfg.train, tok))
-    try:
-        last = trainer.fit()
-    except KeyboardInterrupt as e:
-        if world.main:
-            print(str(e))
-        return 130
-    sd = trainer.export_state_dict()
-    if world.main:
-        final = save(instantiate(model.cfg, sd), tok, run / "final")
-        evals_only = {k: v for k, v in last.items() if k.startswith("val_")}
-        trainer.write_json("eval.json", {"step": trainer.step, **evals_only})
-        lineage = {"stage": "pretrain", "config_hash": config_hash(cfg), "parent": cfg.model.init_from,
-                   "data": [{"path": w.data_dir, "fingerprint": w.index.get("inputs_fingerprint"),
-                             "tokenizer": w.index["tokenizer"]["fingerprint"]} for w in loader.windows],
-                   "lmforge": _version(), "config": to_dict(cfg)}
-        (run / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        (final / "lmforge.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in evals_only.items() if isinstance(v, float))
-        print(f"pretrain: {trainer.step} steps, {trainer.tokens:,} tokens; {summary}; model in {final}")
-    D.shutdown()
-    return 0
+
+    def save_final(full: dict[str, Any] | None) -> Path:
+        return save(instantiate(model.cfg, full if full is not None else trainer.export_state_dict()), tok,
+                    run / "final")
+
+    def summary(result: dict[str, Any]) -> str:
+        return f"{trainer.tokens:,} tokens; " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                                                           if k.startswith("val_") and isinstance(v, float))
+
+    data = [{"path": w.data_dir, "fingerprint": w.index.get("inputs_fingerprint"),
+             "tokenizer": w.index["tokenizer"]["fingerprint"]} for w in loader.windows]
+    return runs.finish(trainer, "pretrain", cfg, save_final, summary, *count_parameters(model), load_full=False,
+                       data=data,
+                       result=lambda last: {"step": trainer.step, **{k: v for k, v in last.items()
+                                                                     if k.startswith("val_")}})
 
 
 def _has_validation(batches, cfg: Config) -> bool:
@@ -190,9 +183,3 @@ def _bytes_per_token(index: dict[str, Any], split: str) -> float | None:
     """UTF-8 bytes per token of a split (for bits per byte), from the shard index."""
     meta = index["splits"].get(split) or {}
     return meta["bytes"] / meta["tokens"] if meta.get("tokens") else None
-
-
-def _version() -> str:
-    from ..version import __version__
-
-    return __version__

@@ -1,6 +1,6 @@
 """`lmforge report RUN_DIR`: one self-contained HTML page of a run (a pipeline folder or one stage's run
 directory) -- curves, evaluation tables before / after, lineage, resolved configs -- and a text summary on the
-terminal. The page is built by `engine/report.py`."""
+terminal. The page is built by `report.py`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    from ..engine.report import write_report
+    from ..report import write_report
 
     path, summary = write_report(cfg.run_dir, cfg.output)
     print(summary)

@@ -50,51 +50,30 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    import torch
-
-    from ..data.examples import ExampleLoader, fixed_batches
     from ..data.preference import PairCollate, load_preference_data
     from ..data.readers import require_validation
-    from ..engine import distributed as D
     from ..engine import runs
-    from ..engine.runs import eval_summary, fit, lineage, write_lineage
-    from ..engine.trainer import EvalSet, Trainer
-    from ..eval.runners import training_evaluators
-    from ..models.loading import load_tokenizer
     from ..objectives.preference import RewardObjective
-    from ..transforms import count_parameters
-    from ..transforms.methods import build_model, save_trained
+    from ..transforms.methods import save_trained
+    from . import _tune
 
-    world, run = runs.start(cfg)
-    tok = load_tokenizer(cfg.model.init_from)
+    t = _tune.start(cfg)
+    world, run, tok = t.world, t.run, t.tok
     train, val, summary = load_preference_data(cfg.data, tok, cfg.train.seed, close_truncated=True)
     require_validation(val, cfg.data)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.init_from, cfg.method, head="classifier", num_labels=1, tok=tok,
-                        precision=cfg.train.precision, lora=cfg.lora, freeze=cfg.freeze)
-    trainable, total = count_parameters(model)
+    model, trainable, total = _tune.tuned_model(cfg, tok, head="classifier", num_labels=1)
     if world.main:
         print(summary)
         print(f"reward ({cfg.method}): {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.3f}%)")
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    collate, mb = PairCollate(pad), cfg.train.micro_batch
-    data = ExampleLoader(train, mb, collate, seed=cfg.train.seed, rank=world.rank, world=world.world)
-    evals = [EvalSet("validation", lambda: fixed_batches(val, mb, collate, rank=world.rank, world=world.world,
-                                                         max_batches=cfg.train.eval_batches))]
-    trainer = Trainer(model, RewardObjective(cfg.center_coef), data, cfg.train, run, evals, world,
-                      evaluators=training_evaluators(cfg.train, tok))
-    last = fit(trainer)
-    if last is None:
-        return 130
-    if world.main:
-        result = eval_summary(trainer, last)
-        final = save_trained(model, tok, run, cfg.method, cfg.model.init_from, save_merged=cfg.save_merged)
-        write_lineage(lineage("reward", cfg, cfg.model.init_from, trainable, total, method=cfg.method), run, final)
-        trainer.write_json("eval.json", result)
-        print(f"reward ({cfg.method}): {trainer.step} steps; {_summary(result)}; saved {final}")
-    D.shutdown()
-    return 0
+    trainer = _tune.example_trainer(cfg, t, model, RewardObjective(cfg.center_coef), train, val,
+                                    PairCollate(tok.padding_id))
+
+    def save(_):
+        return save_trained(model, tok, run, cfg.method, cfg.model.init_from, save_merged=cfg.save_merged)
+
+    return runs.finish(trainer, "reward", cfg, save, _summary, trainable, total, title=f"reward ({cfg.method})",
+                       method=cfg.method)
 
 
 def _summary(result: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """`lmforge serve --model M`: an OpenAI-compatible HTTP API (completions, chat, embeddings, classification) over
-the continuously batching engine, on 127.0.0.1 unless told otherwise. The server lives in `inference/server.py`;
+the continuously batching engine, on 127.0.0.1 unless told otherwise. The server lives in `inference/bridge.py`
+(the engine thread), `inference/http.py` (errors, guard, uvicorn) and `inference/routes.py` (the routes, `create_app`);
 this stage loads the model, builds the engine and runs it until SIGINT / SIGTERM (then drains gracefully)."""
 
 from __future__ import annotations
@@ -107,9 +108,11 @@ class Config:
 def main(cfg: Config) -> int:
     import torch
 
+    from ..inference.bridge import AsyncEngine
     from ..inference.engine import Engine, EngineConfig
-    from ..inference.server import AsyncEngine, create_app, serve
-    from ..models.loading import load
+    from ..inference.http import serve
+    from ..inference.routes import create_app
+    from ..transforms.peft import load
 
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
     dtype = getattr(torch, cfg.dtype)

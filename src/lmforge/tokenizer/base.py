@@ -69,6 +69,13 @@ class Tokenizer:
         return self.token_id(self.pad_token)
 
     @property
+    def padding_id(self) -> int:
+        """The id batches are padded with: the pad token, else end-of-sequence (decoders without a pad), else 0.
+        Padded positions are masked out, so only its being a valid id matters."""
+        pad = self.pad_id if self.pad_id is not None else self.eos_id
+        return pad or 0
+
+    @property
     def mask_id(self) -> int | None:
         return self.token_id(self.mask_token)
 

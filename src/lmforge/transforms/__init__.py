@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .lora import (LoraConfig, LoRALinear, adapter_names, apply_lora, load_adapter, merge_lora, save_adapter,
-                   set_adapter, unmerge_lora, unwrap_lora)
+from .lora import LoraConfig, LoRALinear, adapter_names, apply_lora, merge_lora, set_adapter, unmerge_lora, unwrap_lora
+from .peft import load_adapter, save_adapter
 from .quantize import NF4Linear, dequantize_nf4, quantize_nf4
 
 __all__ = ["count_parameters", "LoraConfig", "LoRALinear", "apply_lora", "set_adapter", "merge_lora",

@@ -1,29 +1,22 @@
 """LoRA (Hu et al., 2021, eq. 3: h = W₀x + (α/r)·BAx) and QLoRA (Dettmers et al., 2023: W₀ frozen in NF4),
-with adapters saved and loaded in the PEFT layout (adapter_config.json + adapter_model.safetensors)."""
+as a model transform. Saving and loading adapters in the PEFT layout is `transforms.peft`."""
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
-import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..atomic import write_file, write_text
-from ..models import hf
 from .quantize import NF4Linear, replace_module, quantize_nf4, to_linear
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "set_adapter", "merge_lora", "unmerge_lora", "unwrap_lora",
-           "adapter_names", "save_adapter", "load_adapter", "route_adapters"]
+           "adapter_names", "route_adapters", "lora_layers", "linear_names"]
 
-PEFT_PREFIX = "base_model.model."
 _BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -38,11 +31,14 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the adapter's input while training."""
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
-    """Linear layers to adapt: a last name component (q, up, score) or an fnmatch pattern of the full name (blocks.*.attn.q)."""
+    """Linear layers to adapt: a last name component (q, up, score) or an fnmatch pattern of the full name
+    (blocks.*.attn.q)."""
     modules_to_save: list[str] | None = None
-    """Other modules trained in full and saved with the adapter (PEFT modules_to_save); None = score for classifier heads."""
+    """Other modules trained in full and saved with the adapter (PEFT modules_to_save); None = score for
+    classifier heads."""
     quantize: Literal["none", "nf4"] = "none"
-    """QLoRA: 'nf4' stores every linear layer of the blocks frozen in 4-bit NormalFloat; embeddings, heads and norms stay."""
+    """QLoRA: 'nf4' stores every linear layer of the blocks frozen in 4-bit NormalFloat; embeddings, heads and
+    norms stay."""
     double_quant: bool = True
     """QLoRA: quantize the NF4 block scales too (8-bit), saving about 0.37 bit per weight."""
     quant_block_size: int = 64
@@ -179,8 +175,9 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    """Names of the linear layers LoRA can wrap (not the adapters inside existing wrappers)."""
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of the linear layers LoRA can wrap (not the adapters inside existing wrappers): what `targets` match,
+    and what a saved adapter's target_modules must single out."""
     inside = tuple(n + "." for n, _ in lora_layers(model))
     return [n for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and not (inside and n.startswith(inside))]
@@ -208,7 +205,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.M
     cfg.validate()
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists; adapters: {adapter_names(model)}")
-    chosen = _match(_linear_names(model), cfg.targets)
+    chosen = _match(linear_names(model), cfg.targets)
     if cfg.quantize == "nf4":
         quantize_nf4(model, double_quant=cfg.double_quant, block_size=cfg.quant_block_size)
         for _, w in lora_layers(model):  # bases wrapped by an earlier adapter
@@ -277,185 +274,3 @@ def unwrap_lora(model: nn.Module) -> nn.Module:
                              "or set_adapter(model, None) to drop it")
         replace_module(model, n, w.base_layer.train(w.training))
     return model
-
-
-# ---- PEFT layout -----------------------------------------------------------------------------------------------
-
-def _hf_name(cfg, ours: str) -> str | None:
-    """The Hugging Face module name (with the model prefix) of our module `ours`, or None if it has none."""
-    fam = hf._family_names(cfg.family)
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", ours)
-    key = f"blocks.{{i}}.{m[2]}" if m else ours
-    if key in hf._NAMES[fam]:
-        name = (hf._BODY_PREFIX[fam] if cfg.head != "none" else "") + hf._NAMES[fam][key]
-    elif key in hf._HEADS[fam]:
-        name = hf._HEADS[fam][key]
-    else:
-        return None
-    return name.replace("{i}", m[1]) if m else name
-
-
-def _peft_targets(chosen: list[str], linears: list[str]) -> list[str]:
-    """Shortest dotted suffixes selecting exactly `chosen` among `linears` (PEFT matches a module when its name
-    equals an entry or ends with '.' + entry): ['q_proj', ...], or ['output.dense', ...] where names collide."""
-    out: list[str] = []
-    for full in chosen:
-        if any(full == s or full.endswith("." + s) for s in out):
-            continue
-        parts = full.split(".")
-        for k in range(1, len(parts) + 1):
-            s = ".".join(parts[-k:])
-            if all(n in chosen for n in linears if n == s or n.endswith("." + s)):
-                break
-        out.append(s)
-    return out
-
-
-def _model_cfg(model: nn.Module):
-    if not hasattr(model, "cfg") or not hasattr(model.cfg, "family"):
-        raise TypeError(f"the PEFT layout needs an lmforge Transformer (with .cfg), found {type(model).__name__}")
-    return model.cfg
-
-
-def _task_type(head: str) -> str:
-    return {"lm": "CAUSAL_LM", "classifier": "SEQ_CLS"}.get(head, "FEATURE_EXTRACTION")
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter `name` (and trainable non-LoRA modules, as PEFT modules_to_save) in the PEFT layout."""
-    cfg = _model_cfg(model)
-    layers = [(n, w) for n, w in lora_layers(model) if name in w.lora_A]
-    if not layers:
-        raise ValueError(f"no adapter {name!r} to save; adapters: {adapter_names(model)}")
-    fam = hf._family_names(cfg.family)
-    if fam == "gpt2" and any(n.rsplit(".", 1)[-1] in ("q", "k", "v") for n, _ in layers):
-        raise ValueError("GPT-2 fuses q, k, v into one Conv1D (c_attn): PEFT cannot hold separate q/k/v adapters; "
-                         "target o, up and down instead")
-    hyper = {(w.lora_A[name].out_features, w.alpha[name], getattr(w.lora_dropout[name], "p", 0.0)) for _, w in layers}
-    if len(hyper) > 1:
-        raise ValueError(f"adapter {name!r} has layers with different (rank, alpha, dropout) {sorted(hyper)}")
-    (r, alpha, dropout), = hyper
-    tensors, hf_chosen = {}, []
-    for n, w in layers:
-        hn = _hf_name(cfg, n)
-        if hn is None:
-            raise ValueError(f"LoRA layer {n} has no Hugging Face name in a {cfg.family} model")
-        hf_chosen.append(hn)
-        tensors[f"{PEFT_PREFIX}{hn}.lora_A.weight"] = w.lora_A[name].weight
-        tensors[f"{PEFT_PREFIX}{hn}.lora_B.weight"] = w.lora_B[name].weight
-    saved = []
-    for pn, p in model.named_parameters():
-        if p.requires_grad and ".lora_" not in pn:
-            module, leaf = pn.rsplit(".", 1)
-            hn = _hf_name(cfg, module)
-            if hn is None or isinstance(model.get_submodule(module), LoRALinear) or (
-                    fam == "gpt2" and hf._GPT2_CONV1D.search(pn)):
-                raise ValueError(f"trainable parameter {pn} cannot be saved as a PEFT module_to_save; freeze it")
-            tensors[f"{PEFT_PREFIX}{hn}.{leaf}"] = p
-            if hn not in saved:
-                saved.append(hn)
-    linears = [h for h in (_hf_name(cfg, n) for n in _linear_names(model)) if h]
-    conf = dict(peft_type="LORA", task_type=_task_type(cfg.head), r=r, lora_alpha=alpha, lora_dropout=dropout,
-                target_modules=_peft_targets(hf_chosen, linears), bias="none", fan_in_fan_out=fam == "gpt2",
-                modules_to_save=saved or None, base_model_name_or_path=base_model_name_or_path, revision=None,
-                init_lora_weights=True, use_rslora=False, use_dora=False, inference_mode=True,
-                layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={})
-    from safetensors.torch import save_file
-
-    dst = Path(path)
-    dst.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    write_file(dst / "adapter_model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
-    write_text(dst / "adapter_config.json", json.dumps(conf, indent=2) + "\n")
-    return dst
-
-
-# adapter_config.json options that change the computation and that we do not implement: must be unset or false
-_UNSUPPORTED = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                "layer_replication", "lora_bias")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(\.[^.]+)?\.weight$")
-
-
-def _read_adapter(folder: Path, allow_pickle: bool) -> tuple[dict, dict[str, Tensor], Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} not found")
-    conf_file = folder / "adapter_config.json"
-    if not conf_file.exists():
-        raise FileNotFoundError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
-    conf = hf.read_config(conf_file)
-    if conf.get("peft_type") != "LORA":
-        raise ValueError(f"{conf_file}: peft_type {conf.get('peft_type')!r} is not supported; expected 'LORA'")
-    for key in _UNSUPPORTED:
-        if conf.get(key):
-            raise ValueError(f"{conf_file}: {key}={conf[key]!r} is not supported (expected it unset or false)")
-    if conf.get("bias", "none") != "none":
-        raise ValueError(f"{conf_file}: bias={conf['bias']!r} is not supported; expected 'none'")
-    weights = folder / "adapter_model.safetensors"
-    if weights.exists():
-        from safetensors.torch import load_file
-
-        return conf, load_file(str(weights)), weights
-    if (folder / "adapter_model.bin").exists():
-        from ..models.loading import read_pickle
-
-        return conf, read_pickle([folder / "adapter_model.bin"], allow_pickle), folder / "adapter_model.bin"
-    raise FileNotFoundError(f"{folder}: no adapter_model.safetensors")
-
-
-def _hf_to_ours(model: nn.Module) -> dict[str, str]:
-    """HF module name -> our module name; body modules also without / with the body prefix (model., bert., ...),
-    so adapters trained on a bare body (FEATURE_EXTRACTION) and on a model with a head both load."""
-    cfg = _model_cfg(model)
-    prefix = hf._BODY_PREFIX[hf._family_names(cfg.family)]
-    out: dict[str, str] = {}
-    for n, _ in model.named_modules():
-        hn = _hf_name(cfg, n) if n else None
-        if hn:
-            out[hn] = n
-            if cfg.head == "none" or hn.startswith(prefix):  # a body module, not a head
-                out.setdefault(hn.removeprefix(prefix), n)
-                out.setdefault(prefix + hn.removeprefix(prefix), n)
-    return out
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = False,
-                 allow_pickle: bool = False) -> nn.Module:
-    """Load a PEFT LoRA adapter folder as adapter `name` (added to the model if absent) and make it active."""
-    conf, tensors, file = _read_adapter(Path(path), allow_pickle)
-    ours = _hf_to_ours(model)
-    lora: dict[str, dict[str, Tensor]] = {}
-    full: dict[str, Tensor] = {}
-    for key, t in tensors.items():
-        rest = key.removeprefix(PEFT_PREFIX)
-        m = _LORA_KEY.match(rest)
-        module, leaf = (m["module"], None) if m else rest.rsplit(".", 1)
-        if module not in ours:
-            hint = "; GPT-2's fused c_attn (q, k, v) cannot be split" if module.endswith("c_attn") else ""
-            raise ValueError(f"{file}: key {key}: module {module!r} not found in this {model.cfg.family} model "
-                             f"(expected names like {list(ours)[:4]}){hint}")
-        if not m and leaf.startswith("lora_"):
-            raise ValueError(f"{file}: key {key}: only LoRA on linear layers is supported (lora_A / lora_B)")
-        if m:
-            lora.setdefault(ours[module], {})[m["ab"]] = t
-        else:
-            full[f"{ours[module]}.{leaf}"] = t
-    if not lora:
-        raise ValueError(f"{file}: no lora_A / lora_B tensors found")
-    if name not in adapter_names(model):
-        apply_lora(model, LoraConfig(rank=int(conf["r"]), alpha=float(conf["lora_alpha"]),
-                                     dropout=float(conf.get("lora_dropout") or 0.0), targets=sorted(lora),
-                                     modules_to_save=[]), name)
-    layers = {n: w for n, w in lora_layers(model) if name in w.lora_A}
-    if set(layers) != set(lora):
-        raise ValueError(f"{file}: adapter covers {sorted(lora)[:4]}..., but adapter {name!r} of the model has "
-                         f"layers {sorted(layers)[:4]}...")
-    targets = {f"{n}.lora_{ab}.{name}.weight": t for n, d in lora.items() for ab, t in d.items()}
-    for pn, t in {**targets, **full}.items():
-        p = model.get_parameter(pn)
-        if p.shape != t.shape:
-            raise ValueError(f"{file}: tensor for {pn} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(t)
-        p.requires_grad_(trainable)
-    return set_adapter(model, name)

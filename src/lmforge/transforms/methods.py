@@ -50,7 +50,7 @@ def build_model(init_from: str, method: str, *, head: str = "lm", num_labels: in
     applied, in train mode; a new classifier head trains with every method (it starts random)."""
     import torch
 
-    from ..models.loading import load
+    from .peft import load
 
     model, _ = load(init_from, head=head, num_labels=num_labels, dtype=torch.float32)
     model.train()
@@ -102,7 +102,8 @@ def save_trained(model: nn.Module, tok, run: Path, method: str, init_from: str, 
     without `save_merged`)."""
     import torch
 
-    from ..models.loading import instantiate, load, save
+    from ..models.loading import instantiate, save
+    from .peft import load
 
     final = run / "final"
     base_ref = str(Path(init_from).resolve()) if Path(init_from).expanduser().exists() else init_from
@@ -110,7 +111,8 @@ def save_trained(model: nn.Module, tok, run: Path, method: str, init_from: str, 
         sd = {k: v.float() for k, v in model.state_dict().items()}
         return save(instantiate(model.cfg, sd), tok, final)
     if method in ("lora", "qlora"):
-        from .lora import merge_lora, save_adapter, unwrap_lora
+        from .lora import merge_lora, unwrap_lora
+        from .peft import save_adapter
 
         folder = save_adapter(model, run / "adapter", base_model_name_or_path=base_ref)
         tok.save(folder)
@@ -125,12 +127,12 @@ def save_trained(model: nn.Module, tok, run: Path, method: str, init_from: str, 
     head = {k: p for k, p in model.named_parameters()
             if p.requires_grad and k.startswith(tuple(f"{m}." for m in HEAD_MODULES))}
     if method == "prompt":
-        from .prompt_tuning import save_prompt
+        from .peft import save_prompt
 
         path = save_prompt(model, final, base_model_name_or_path=base_ref,
                            init_text=(prompt or PromptConfig()).init_text, extra=head)
     else:
-        from .adapters import save_adapters
+        from .peft import save_adapters
 
         path = save_adapters(model, final, adapter or AdapterConfig(), base_model_name_or_path=base_ref, extra=head)
     tok.save(path)

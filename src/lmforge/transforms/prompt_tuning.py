@@ -2,15 +2,12 @@
 
 The transform attaches a `PromptTuning` module as `model.prompt` (parameter `prompt.embedding`, shape (P, C));
 `Transformer.forward` calls its `prepend` and drops the virtual positions from its outputs. Saved and loaded in
-the PEFT layout (`adapter_config.json` with peft_type PROMPT_TUNING + `adapter_model.safetensors` holding
-`prompt_embeddings`), so `peft` loads ours and we load `peft`'s.
+the PEFT layout by `transforms.peft` (`save_prompt`, `load_prompt`), so `peft` loads ours and we load `peft`'s.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -84,59 +81,4 @@ def apply_prompt_tuning(model: nn.Module, cfg: PromptConfig, tokenizer=None) -> 
     with torch.no_grad():
         init = tokens.weight[torch.tensor(ids, device=tokens.weight.device)].detach().clone().float()
     model.prompt = PromptTuning(init)  # trainable (requires_grad by default)
-    return model
-
-
-def save_prompt(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None,
-                init_text: str | None = None, extra: dict[str, Tensor] | None = None) -> Path:
-    """Write the virtual tokens in the PEFT layout (`extra`: other trained tensors, e.g. a new classifier head,
-    under their lmforge names)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    emb = model.prompt.embedding.detach().float().cpu().contiguous()
-    cfg = model.cfg
-    task = {"lm": "CAUSAL_LM", "classifier": "SEQ_CLS"}.get(cfg.head, "FEATURE_EXTRACTION")
-    meta = {"peft_type": "PROMPT_TUNING", "task_type": task, "num_virtual_tokens": emb.shape[0],
-            "token_dim": emb.shape[1], "num_transformer_submodules": 1, "num_attention_heads": cfg.num_heads,
-            "num_layers": cfg.num_layers, "prompt_tuning_init": "TEXT" if init_text else "RANDOM",
-            "prompt_tuning_init_text": init_text, "tokenizer_name_or_path": base_model_name_or_path,
-            "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
-    if cfg.id2label:
-        meta["id2label"] = {str(k): v for k, v in cfg.id2label.items()}
-    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in (extra or {}).items()}
-    save_file({"prompt_embeddings": emb, **tensors}, str(path / "adapter_model.safetensors"))
-    return path
-
-
-def load_prompt(model: nn.Module, path: str | Path, trainable: bool = False) -> nn.Module:
-    """Attach virtual tokens saved in the PEFT layout (by us or by `peft`)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: expected a prompt-tuning adapter folder in the PEFT layout")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("peft_type") != "PROMPT_TUNING":
-        raise ValueError(f"{cfg_file}: peft_type is {meta.get('peft_type')!r}, expected 'PROMPT_TUNING'")
-    sd = load_file(str(weights))
-    if "prompt_embeddings" not in sd:
-        raise ValueError(f"{weights}: no 'prompt_embeddings' tensor (found {sorted(sd)[:5]})")
-    emb = sd["prompt_embeddings"]
-    if emb.dim() != 2 or emb.shape[1] != model.cfg.hidden_size:
-        raise ValueError(f"{weights}: prompt_embeddings has shape {tuple(emb.shape)}, expected (P, "
-                         f"{model.cfg.hidden_size}) for this model")
-    rest = {k: v for k, v in sd.items() if k != "prompt_embeddings"}
-    unknown = sorted(set(rest) - set(model.state_dict()))
-    if unknown:
-        raise ValueError(f"{weights}: tensors {unknown[:4]} are not part of this model")
-    model.load_state_dict(rest, strict=False)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.prompt = PromptTuning(emb.float().to(model.embed.tokens.weight.device))
-    model.prompt.embedding.requires_grad_(trainable)
     return model

@@ -52,7 +52,7 @@ def _json(path: Path) -> Any:
 def _stage(name: str, verb: str, folder: Path, info: dict[str, Any]) -> StageRun:
     import yaml
 
-    from .metrics import read_metrics
+    from .engine.metrics import read_metrics
 
     metrics = read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
     lineage = {**(_json(folder / "lmforge.json") or {})}
@@ -116,7 +116,7 @@ def eval_rows(stage: StageRun) -> list[tuple[str, str, str]]:
     `evaluate` stage's."""
     ev = stage.eval or {}
     if "tasks" in ev:
-        from ..eval.runners import headline_metrics, uncertainty
+        from .eval.runners import headline_metrics, uncertainty
 
         out = []
         for task, r in ev["tasks"].items():

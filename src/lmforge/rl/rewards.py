@@ -135,7 +135,7 @@ def unit_tests(completions: Sequence[str], records: Sequence[dict[str, Any]], *,
     calling the program's functions, or a `def check(candidate)` which is then called with the record's
     `entry_point_field`, HumanEval-style) runs in a separate judge process with the prefix as trusted context, so
     the code can neither read the tests nor forge their verdict."""
-    from ..eval.humaneval import extract_code
+    from ..data.code_problems import extract_code
     from ..sandbox import CodeTest, SandboxLimits, run_many
 
     if extract not in ("auto", "raw"):
@@ -173,7 +173,7 @@ def _reward_model(path: str, dtype: str, device: str):
     if key not in _REWARD_MODELS:
         import torch
 
-        from ..models.loading import load
+        from ..transforms.peft import load
 
         model, tok = load(path, dtype=getattr(torch, dtype), device=device)
         if model.cfg.head != "classifier" or model.cfg.num_labels != 1 or tok is None:
@@ -201,7 +201,7 @@ def reward_model(completions: Sequence[str], records: Sequence[dict[str, Any]], 
         ids = tok.encode(scoring_text(tok, list(messages), completion), add_special_tokens=False) + [tok.eos_id]
         rows.append(ids[-max_length:])
     scores: list[float] = []
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = tok.padding_id
     with torch.no_grad():
         for a in range(0, len(rows), batch_size):
             chunk = rows[a:a + batch_size]
