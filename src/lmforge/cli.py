@@ -32,6 +32,7 @@ INPUT_ERRORS = (ConfigError, InputError, FileNotFoundError, NotADirectoryError, 
 VERBS: dict[str, str] = {
     "generate": "Generate text from a model (plain or chat)",
     "convert": "Convert a model between Hugging Face folders and GGUF/other formats",
+    "curate": "Curate raw documents: language, quality, dedup, PII, toxicity, perplexity, decontamination",
     "tokenizer": "Train a BPE or WordPiece tokenizer on documents and report bytes per token",
     "prepare": "Tokenize documents into token shards for pretraining",
     "pretrain": "Pretrain a decoder (causal LM) or encoder (masked LM + NSP) on token shards; torchrun-ready",

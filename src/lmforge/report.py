@@ -6,7 +6,9 @@ directory. Per stage the page shows: curves from metrics.jsonl (training and val
 gradient norm, tokens/s, and the other logged validation and rollout metrics), the evaluation table (eval.json:
 before -> after for training stages; task, metric, value and uncertainty for `evaluate`), the lineage (parents,
 config hash, data fingerprints, lmforge version, from stage.json / lmforge.json) and the resolved config. Several
-`evaluate` stages are also put side by side in one table (before vs after across the pipeline).
+`evaluate` stages are also put side by side in one table (before vs after across the pipeline). A curation stage
+(curate.json) shows its funnel (documents kept and removed per step, with the reasons) and the first removed
+documents of each reason.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StageRun", "read_run", "render_html", "text_summary", "write_report"]
+__all__ = ["StageRun", "read_run", "render_html", "text_summary", "write_report", "funnel_rows"]
 
 CURVES = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
           ("tokens / s", ("tokens_per_s",)))
@@ -40,6 +42,10 @@ class StageRun:
     eval: dict[str, Any] | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
     config: str = ""
+    curate: dict[str, Any] | None = None
+    """curate.json of a curation stage: the funnel."""
+    removed: dict[str, list[str]] = field(default_factory=dict)
+    """A curation stage's first removed documents per `step: reason` (excerpts)."""
 
 
 def _json(path: Path) -> Any:
@@ -65,8 +71,38 @@ def _stage(name: str, verb: str, folder: Path, info: dict[str, Any]) -> StageRun
         config = (folder / "config.yaml").read_text(encoding="utf-8")
     elif info.get("config") is not None:
         config = yaml.safe_dump(info["config"], sort_keys=False)
+    curated = _json(folder / "curate.json")
     return StageRun(name, verb, folder, info.get("status", "done"), info.get("seconds"), metrics,
-                    _json(folder / "eval.json"), lineage, config)
+                    _json(folder / "eval.json"), lineage, config, curated,
+                    _removed_examples(folder / "removed") if curated else {})
+
+
+def _removed_examples(folder: Path, per_reason: int = 2, chars: int = 300) -> dict[str, list[str]]:
+    """The first `per_reason` removed documents of each `step: reason` (read lazily, in file order)."""
+    import gzip
+
+    out: dict[str, list[str]] = {}
+    for path in sorted(folder.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                r = json.loads(line)
+                shown = out.setdefault(f"{r['step']}: {r['reason']}", [])
+                if len(shown) < per_reason:
+                    text = " ".join(str(r.get("text", "")).split())
+                    shown.append(f"{r.get('key', '')}: {text[:chars]}{'…' if len(text) > chars else ''}")
+    return out
+
+
+def funnel_rows(stage: StageRun) -> list[list[str]]:
+    """(step, documents in, kept, removed, top reasons, seconds) of a curation stage."""
+    rows = []
+    for st in (stage.curate or {}).get("steps", []):
+        removed = st.get("removed", {})
+        top = ", ".join(f"{k} {v:,}" for k, v in sorted(removed.items(), key=lambda kv: -kv[1])[:4])
+        extra = ", ".join(f"{k} {v:,}" for k, v in st.get("extra", {}).items())
+        rows.append([st["step"], f"{st['docs_in']:,}", f"{st['kept']:,}", f"{sum(removed.values()):,}",
+                     "; ".join(x for x in (top, extra) if x), f"{st.get('seconds', 0):.1f}"])
+    return rows
 
 
 def read_run(run_dir: str | Path) -> list[StageRun]:
@@ -79,9 +115,11 @@ def read_run(run_dir: str | Path) -> list[StageRun]:
         return [_stage(s["name"], s["verb"], run / s["name"], {**(_json(run / s["name"] / "stage.json") or {}), **s})
                 for s in pipe["stages"]]
     info = _json(run / "lmforge.json") or {}
+    if (run / "curate.json").exists():
+        return [_stage(run.name, "curate", run, info)]
     if not (run / "metrics.jsonl").exists() and not (run / "eval.json").exists():
         raise FileNotFoundError(f"{run}: neither a pipeline (pipeline.json) nor a run directory (metrics.jsonl, "
-                                "eval.json)")
+                                "eval.json) nor a curation output (curate.json)")
     return [_stage(run.name, info.get("stage", "run"), run, info)]
 
 
@@ -193,6 +231,36 @@ def _figure_png(stage: StageRun) -> str | None:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _funnel_png(stage: StageRun) -> str | None:
+    """A curation stage's funnel: documents entering each step, the part it removed stacked on what it kept."""
+    steps = (stage.curate or {}).get("steps", [])
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [st["step"] for st in steps][::-1]
+    kept = [st["kept"] for st in steps][::-1]
+    removed = [st["docs_in"] - st["kept"] for st in steps][::-1]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(steps) + 1.2))
+    ax.barh(names, kept, color="#3a7d44", label="kept")
+    ax.barh(names, removed, left=kept, color="#c0392b", label="removed")
+    for y, (k, r) in enumerate(zip(kept, removed)):
+        ax.text(k + r, y, f"  {k:,} kept, {r:,} removed", va="center", fontsize=7)
+    ax.set_xlabel("documents", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{stage.name}: curation funnel", fontsize=10)
+    ax.margins(x=0.35)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 # ---- output
 
 
@@ -230,6 +298,15 @@ def render_html(stages: list[StageRun], title: str) -> str:
         png = _figure_png(s)
         if png:
             parts.append(f"<img alt='{e(s.name)} curves' src='data:image/png;base64,{png}'>")
+        if s.curate:
+            funnel = _funnel_png(s)
+            if funnel:
+                parts.append(f"<img alt='{e(s.name)} funnel' src='data:image/png;base64,{funnel}'>")
+            parts.append("<h3>Curation</h3>" + _table(["step", "in", "kept", "removed", "reasons", "seconds"],
+                                                      funnel_rows(s)))
+            for reason, texts in s.removed.items():
+                items = "".join(f"<li>{e(t)}</li>" for t in texts)
+                parts.append(f"<details><summary>removed by {e(reason)}</summary><ul>{items}</ul></details>")
         rows = eval_rows(s)
         if rows:
             head = ["task · metric", "value", "uncertainty"] if "tasks" in (s.eval or {}) else \
@@ -257,6 +334,8 @@ def text_summary(stages: list[StageRun]) -> str:
         loss = _last(s, "loss")
         lines.append(f"{s.name:<14} {s.verb:<10} {s.status:<11} {secs:>7}"
                      + (f"  loss {loss:.4g}" if loss is not None else ""))
+        for step, n_in, kept, removed, why, _ in funnel_rows(s):
+            lines.append(f"    {step}: {n_in} in, {kept} kept" + (f" ({why})" if why else ""))
         for metric, a, b in eval_rows(s)[:8]:
             arrow = f"{a} -> {b}" if "tasks" not in (s.eval or {}) else f"{a} {b}".rstrip()
             lines.append(f"    {metric}: {arrow}")

@@ -12,19 +12,23 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "require_validation", "replaced_note", "decode_utf8", "TEXT_SUFFIXES"]
+__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "read_file", "require_validation", "replaced_note", "decode_utf8", "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 """Plain-text files picked up from directories when no `include` patterns are given (one document per file)."""
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet")
 _GLOB_CHARS = set("*?[")
+
+
+OnBad = Callable[[str, str, str, str], None]
+"""Called for a bad record instead of raising: (``file:line``, reason, message, the record's text or an excerpt)."""
 
 
 class DataError(InputError):
@@ -181,26 +185,59 @@ def _record(obj: Any, text_key: str, where: str) -> tuple[str, str | None, Any]:
     return text, (None if doc_id is None else str(doc_id)), obj.get("meta")
 
 
-def _jsonl_objects(path: Path, stats: ReadStats) -> Iterator[tuple[str, Any]]:
-    """(``file:line``, parsed JSON) of every non-blank line."""
+def _lines(f, max_bytes: int | None) -> Iterator[tuple[bytes, bool]]:
+    """(line, whole) of a binary file; a line longer than max_bytes comes as its first max_bytes with whole=False
+    (the rest is skipped unread into memory)."""
+    if max_bytes is None:
+        for raw in f:
+            yield raw, True
+        return
+    while raw := f.readline(max_bytes + 1):
+        if len(raw) <= max_bytes or raw.endswith(b"\n"):
+            yield raw, True
+            continue
+        while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+            pass
+        yield raw[:max_bytes], False
+
+
+def _jsonl_objects(path: Path, stats: ReadStats, on_bad: OnBad | None = None,
+                   max_bytes: int | None = None) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, parsed JSON) of every non-blank line; a bad line raises DataError, or with `on_bad` is
+    reported to it and skipped."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, (raw, whole) in enumerate(_lines(f, max_bytes), 1):
             where = f"{path}:{lineno}"
             line = decode_utf8(raw, where, stats)
+            if not whole:
+                _bad(on_bad, where, "too_large", f"a line over {max_bytes:,} bytes; expected at most max_doc_bytes",
+                     line)
+                continue
             if not line.strip():
                 continue
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 shown = line.strip()[:60]
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}) in {shown!r}; "
-                                f"expected one JSON object per line") from None
+                _bad(on_bad, where, "malformed_json", f"malformed JSON ({e.msg} at column {e.colno}) in {shown!r}; "
+                     f"expected one JSON object per line", line)
 
 
-def _read_jsonl(path: Path, text_key: str, stats: ReadStats) -> Iterator[Document]:
-    for where, obj in _jsonl_objects(path, stats):
-        text, doc_id, meta = _record(obj, text_key, where)
+def _bad(on_bad: OnBad | None, where: str, reason: str, message: str, text: str) -> None:
+    if on_bad is None:
+        raise DataError(f"{where}: {message}")
+    on_bad(where, reason, message, text)
+
+
+def _read_jsonl(path: Path, text_key: str, stats: ReadStats, on_bad: OnBad | None = None,
+                max_bytes: int | None = None) -> Iterator[Document]:
+    for where, obj in _jsonl_objects(path, stats, on_bad, max_bytes):
+        try:
+            text, doc_id, meta = _record(obj, text_key, where)
+        except DataError as e:
+            _bad(on_bad, where, "bad_record", str(e).removeprefix(f"{where}: "), json.dumps(obj)[:1000])
+            continue
         yield Document(text, doc_id, where, meta)
 
 
@@ -224,6 +261,26 @@ def _read_parquet(path: Path, text_key: str, batch_rows: int = 1024) -> Iterator
             yield Document(text, doc_id, f"{path}:{row}", meta)
 
 
+def read_file(path: Path, text_key: str = "text", stats: ReadStats | None = None, on_bad: OnBad | None = None,
+              max_bytes: int | None = None) -> Iterator[Document]:
+    """The documents of one file (empty ones included): JSONL(.gz) and Parquet records, or the whole file as one
+    text document. Without `on_bad` a bad record raises DataError; with it, every bad record (malformed JSON, no
+    text field, a line or file over `max_bytes`) is reported as `on_bad(where, reason, message, text)` and skipped,
+    so a caller can count and keep it."""
+    stats = stats if stats is not None else ReadStats()
+    stats.files += 1
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        yield from _read_jsonl(path, text_key, stats, on_bad, max_bytes)
+    elif name.endswith(".parquet"):
+        yield from _read_parquet(path, text_key)
+    elif max_bytes is not None and path.stat().st_size > max_bytes:
+        _bad(on_bad, str(path), "too_large", f"{path.stat().st_size:,} bytes; expected at most max_doc_bytes "
+             f"({max_bytes:,})", "")
+    else:
+        yield Document(decode_utf8(path.read_bytes(), str(path), stats), None, str(path))
+
+
 def iter_documents(paths: str | os.PathLike | Sequence[str | os.PathLike], text_key: str = "text",
                    include: Sequence[str] | None = None, exclude: Sequence[str] = (),
                    stats: ReadStats | None = None) -> Iterator[Document]:
@@ -231,15 +288,7 @@ def iter_documents(paths: str | os.PathLike | Sequence[str | os.PathLike], text_
     stats = stats if stats is not None else ReadStats()
     files = expand_inputs(paths, include, exclude)
     for path in files:
-        stats.files += 1
-        name = path.name
-        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            docs: Iterator[Document] = _read_jsonl(path, text_key, stats)
-        elif name.endswith(".parquet"):
-            docs = _read_parquet(path, text_key)
-        else:
-            docs = iter([Document(decode_utf8(path.read_bytes(), str(path), stats), None, str(path))])
-        for doc in docs:
+        for doc in read_file(path, text_key, stats):
             if not doc.text:
                 stats.empty += 1
                 continue

@@ -14,15 +14,14 @@ SipHash of a word; a seeded random table per token id) combined by a polynomial 
 multiplier, so two different n-grams collide with probability about 2**-64: over 1e9 corpus n-grams against 1e6
 task n-grams the expected number of false matches is about 5e-5. Every matched hash is moreover checked for exact
 equality against its first corpus occurrence, so a reported match is verified text, not only a hash (a true match
-whose hash first met a colliding corpus n-gram would be missed: again about 2**-64 per pair).
+whose hash first met a colliding corpus n-gram would be missed: again about 2**-64 per pair). The normalisation,
+the hashes and the task n-gram set live in `data/ngrams.py`, shared with the `decontaminate` curation step.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import string
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,84 +29,24 @@ from typing import Any
 
 import numpy as np
 
+from ..data.ngrams import NGRAM, normalized_words
+from ..data.ngrams import UNICODE_SPACES as _UNICODE_SPACES  # noqa: F401  (the characters words split on)
+from ..data.ngrams import NgramSet as _NgramSet
+from ..data.ngrams import normalize_bytes as _normalize
+from ..data.ngrams import window_hashes as _window_hashes
+from ..data.ngrams import word_hashes as _word_hashes  # a module global, looked up at call time (tests swap it)
 from ..data.readers import expand_placeholders, iter_documents
 from ..data.shards import FORMAT as SHARDS_FORMAT
 from ..data.shards import open_split, read_index
 
 __all__ = ["NGRAM", "contamination", "normalized_words", "is_shards"]
 
-NGRAM = 13
-"""Default n-gram length in words or tokens (GPT-3 Appendix C, lm-eval decontamination)."""
 MAX_REPORTED = 10
 """How many contaminated example indices a task lists."""
 
-_P = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible mod 2**64, so a changed unit always changes the hash
 _GLOB_CHARS = set("*?[")
 _SEP = b"\xff"  # never in UTF-8, so a "word" no task holds: n-grams across a document boundary cannot match
 _ASCII_SPACE = (b" ", b"\n", b"\t", b"\r", b"\x0b", b"\x0c")
-# str.split() also splits on \x1c-\x1f and these non-ASCII spaces, bytes.split() does not: map them to b" "
-_LOWER = bytes.maketrans(string.ascii_uppercase.encode() + b"\x1c\x1d\x1e\x1f",
-                         string.ascii_lowercase.encode() + b"    ")
-_PUNCT = string.punctuation.encode()
-_UNICODE_SPACES = "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
-                  "\u2028\u2029\u202f\u205f\u3000"
-_UNICODE_SPACE_RE = re.compile(b"|".join(re.escape(c.encode()) for c in _UNICODE_SPACES))
-
-
-# ----------------------------------------------------------------------------- units and hashes
-
-def _normalize(data: bytes) -> list[bytes]:
-    """Words of UTF-8 `data` after lm-eval's normalisation (see the module docstring)."""
-    if not data.isascii():
-        data = _UNICODE_SPACE_RE.sub(b" ", data)
-    return data.translate(_LOWER, _PUNCT).split()
-
-
-def normalized_words(text: str) -> list[str]:
-    """The words of `text` as word n-grams see them: ASCII-lowercased, ASCII punctuation deleted, split on
-    whitespace (lm-eval's Janitor normalisation)."""
-    return [w.decode("utf-8", "surrogatepass") for w in _normalize(text.encode("utf-8", "surrogatepass"))]
-
-
-def _word_hashes(words: list[bytes]) -> np.ndarray:
-    """(len(words),) uint64: Python's keyed 64-bit hash of each word (stable within this process)."""
-    return np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
-
-
-def _window_hashes(m: np.ndarray, n: int) -> np.ndarray:
-    """(max(0, L - n + 1),) uint64 hash of every n-gram of the unit hashes `m` (L,): sum m[i+k] * P**(n-1-k)."""
-    w = len(m) - n + 1
-    if w <= 0:
-        return np.empty(0, np.uint64)
-    acc = m[:w].copy()
-    for k in range(1, n):  # Horner over the window, vectorised across all windows; uint64 wraps mod 2**64
-        acc *= _P
-        acc += m[k:k + w]
-    return acc
-
-
-class _NgramSet:
-    """The sorted unique task n-gram hashes, with a bitmap on their top bits so most corpus n-grams are rejected
-    by one gather before the binary search."""
-
-    def __init__(self, hashes: Sequence[np.ndarray]) -> None:
-        self.keys = np.unique(np.concatenate(list(hashes))) if hashes else np.empty(0, np.uint64)
-        bits = int(np.clip(np.ceil(np.log2(max(len(self.keys), 1))) + 4, 16, 26))  # ~1/16 false candidates
-        self.shift = np.uint64(64 - bits)
-        self.bitmap = np.zeros(1 << bits, bool)
-        self.bitmap[self.keys >> self.shift] = True
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def find(self, h: np.ndarray) -> np.ndarray:
-        """Positions in `h` whose hash is a task n-gram hash."""
-        cand = np.flatnonzero(self.bitmap[h >> self.shift])
-        if len(cand) == 0:
-            return cand
-        hc = h[cand]
-        j = np.minimum(np.searchsorted(self.keys, hc), len(self.keys) - 1)
-        return cand[self.keys[j] == hc]
 
 
 class _Matches:

@@ -102,15 +102,18 @@ def resolve(cfg: Any) -> list[Resolved]:
             module, scfg, refs = stage_config(name, st, run, done)
         except Exception as e:
             raise ConfigError(f"stage {i + 1}/{len(cfg.stages)} {name!r} ({verb}) has a bad config: {e}") from e
-        output = _output(scfg, run / name)
+        output = _output(module, scfg, run / name)
         done[name] = {"output": output, "dir": str(run / name)}
         out.append(Resolved(name, verb, module, scfg, refs, output))
     return out
 
 
-def _output(verb_cfg: Any, folder: Path) -> str:
-    """What a stage hands on: a training stage's final/ model, the folder of any other."""
-    return str(folder / "final") if hasattr(verb_cfg, "run_dir") else str(folder)
+def _output(module: Any, verb_cfg: Any, folder: Path) -> str:
+    """What a stage hands on: a training stage's final/ model, the sub-folder a verb names in its module's OUTPUT
+    (curate: data/, the kept documents), the folder of any other."""
+    if hasattr(verb_cfg, "run_dir"):
+        return str(folder / "final")
+    return str(folder / getattr(module, "OUTPUT", ""))
 
 
 def fingerprint(verb: str, cfg: Any, parents: dict[str, str], run: Path) -> str:

@@ -1,0 +1,97 @@
+"""`lmforge curate --config recipes/curate/….yaml`: filter, dedup and redact raw documents before the tokenizer.
+
+Reads what `prepare` reads (JSONL(.gz), Parquet, text files, folders, globs, `{stdlib}`); writes to `output`:
+`data/part-NNNNN.jsonl.gz` (the kept documents, {"id", "text", "meta"}: what `tokenizer` and `prepare` take),
+`removed/` (every removed document with its step and reason, bad input included, so kept + removed = read),
+and `curate.json` (per step: documents and bytes in, kept, removed by reason, seconds). Steps run in the order
+`steps` lists them; a re-run skips finished partitions. See docs/curation.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..curate.decontaminate import DecontaminationConfig
+from ..curate.exact import ExactDedupConfig
+from ..curate.executors import ExecutorConfig
+from ..curate.perplexity import PerplexityBucketsConfig, PerplexityConfig
+
+POSITIONAL = ("inputs",)
+OUTPUT = "data"
+"""What a pipeline hands on from this stage (`${curate.output}`): the kept documents, not removed/ or work/."""
+
+STEPS = ("exact_dedup", "perplexity", "perplexity_buckets", "decontaminate")
+
+
+@dataclass
+class Config:
+    inputs: list[str]
+    """Documents: files, folders, globs, `{stdlib}` / `{pkg:NAME}` (JSONL(.gz), Parquet, .txt/.md/.py/.rst)."""
+    output: str = "data/curated"
+    """Output folder: data/, removed/, curate.json (and work/, kept for resuming)."""
+    steps: list[str] = field(default_factory=lambda: ["exact_dedup"])
+    """The steps, in order, of: exact_dedup, perplexity, perplexity_buckets, decontaminate."""
+    text_key: str = "text"
+    """Field holding the text in JSONL / Parquet records."""
+    include: list[str] | None = None
+    """Filename patterns to read from folders (default: .txt .md .py .rst and record files)."""
+    exclude: list[str] = field(default_factory=list)
+    """Filename patterns to skip."""
+    partition_mb: float = 32.0
+    """Input megabytes per task (whole files; a larger file is a task of its own)."""
+    max_doc_mb: float = 16.0
+    """A document (or JSONL line) over this many megabytes is removed as input:too_large, never read whole."""
+    exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
+    """Exact dedup of normalised text."""
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    """Bits per byte under a language model; remove documents above max_bits_per_byte."""
+    perplexity_buckets: PerplexityBucketsConfig = field(default_factory=PerplexityBucketsConfig)
+    """CCNet head/middle/tail buckets of bits per byte, cut at corpus quantiles; keep the listed buckets."""
+    decontaminate: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+    """Remove documents sharing a 13-gram with an evaluation set (stdlib-mc, stdlib-doctest, humaneval, mc:/gen:)."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """Where the work runs: local processes or a Dask cluster."""
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ValueError("inputs: give at least one file, folder or glob")
+        unknown = [s for s in self.steps if s not in STEPS]
+        if unknown:
+            raise ValueError(f"steps: unknown {unknown}; expected some of {', '.join(STEPS)}")
+        if len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"steps: each step at most once, found {self.steps}")
+        if self.partition_mb <= 0 or self.max_doc_mb <= 0:
+            raise ValueError(f"partition_mb and max_doc_mb must be > 0, found {self.partition_mb}, {self.max_doc_mb}")
+
+
+def main(cfg: Config) -> int:
+    from ..config import config_hash
+    from ..curate.executors import executor
+    from ..curate.run import curate
+    from ..curate.steps import CORPUS_STEPS, build
+    steps = [(name, getattr(cfg, name)) for name in cfg.steps]
+    with executor(cfg.executor) as map_tasks:
+        report = curate(cfg.inputs, cfg.output, steps, build, CORPUS_STEPS, map_tasks, include=cfg.include,
+                        exclude=cfg.exclude, text_key=cfg.text_key, partition_bytes=int(cfg.partition_mb * 2**20),
+                        max_doc_bytes=int(cfg.max_doc_mb * 2**20), fingerprint=_fingerprint(cfg, config_hash))
+    print(summary(report))
+    print(f"curated documents: {cfg.output}/data (removed: {cfg.output}/removed, counts: {cfg.output}/curate.json)")
+    return 0
+
+
+def _fingerprint(cfg: Config, config_hash) -> str:
+    """What makes earlier work reusable: everything but where it runs."""
+    import dataclasses
+
+    return config_hash(dataclasses.replace(cfg, executor=ExecutorConfig()))
+
+
+def summary(report: dict) -> str:
+    """The funnel as text: documents into each step, removed by reason."""
+    lines = [f"curate: {report['documents']:,} documents read, {report['kept']:,} kept, {report['removed']:,} "
+             f"removed in {report['seconds']:.1f} s"]
+    for s in report["steps"]:
+        why = ", ".join(f"{k} {v:,}" for k, v in sorted(s["removed"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  {s['step']:<16} {s['docs_in']:>9,} in  {s['kept']:>9,} kept  {s['seconds']:7.1f} s"
+                     + (f"  removed: {why}" if why else ""))
+    return "\n".join(lines)
