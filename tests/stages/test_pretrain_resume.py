@@ -3,11 +3,16 @@
 Run A trains 12 steps straight. Other runs use the same config, die in a subprocess (SIGKILL between steps,
 SIGKILL in the middle of a checkpoint write, SIGTERM) or after their last checkpoint, and are resumed with the
 same command; their final weights, per-step losses and eval.json must be the same as A's.
+
+Every run here uses one CPU thread: with two, some CPU kernel's result differs in the last bits from one run to
+the next (two straight runs can differ at all), which no resume can match; one thread isolates what these tests
+are about, the checkpoint and the resume.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -71,11 +76,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread for the runs in this process (see the module docstring); the subprocesses get OMP=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _faulty_run(tmp_path: Path, config: Path, mode: str, step: int) -> subprocess.CompletedProcess:
     script = tmp_path / "faulty_pretrain.py"
     script.write_text(SCRIPT)
     return subprocess.run([sys.executable, str(script), mode, str(step), str(config), str(ACCUM)],
-                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
 
 def _pretrain(config: Path) -> int:

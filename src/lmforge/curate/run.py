@@ -166,7 +166,9 @@ def run_task(task: Task) -> dict[str, dict[str, Any]]:
     counts: dict[str, Counts] = {}
     if task.previous is None:
         c = counts[INPUT] = Counts()
+        t0 = time.perf_counter()
         docs = _read_raw(task, removed, c)
+        c.seconds = time.perf_counter() - t0
     else:
         prev = _paths(out, task.phase - 1, task.partition.index)
         docs = [Doc(**r) for r in read_jsonl_gz(prev["kept"])]
@@ -193,7 +195,9 @@ def run_task(task: Task) -> dict[str, dict[str, Any]]:
                                          for d in docs]))
     else:
         step = _step(task, *task.dedup)
+        t0 = time.perf_counter()
         keys = step.keys(docs) if docs else np.zeros((0, 1), dtype=np.uint64)
+        counts[task.dedup[0]] = Counts(seconds=time.perf_counter() - t0)  # its documents are counted next phase
         write_file(p["keys"], lambda tmp: _save_npy(tmp, np.asarray(keys, dtype=np.uint64)))
         write_file(p["kept"], _jsonl_gz([_record(d) for d in docs]))
     result = {name: c.__dict__ for name, c in counts.items()}
@@ -279,7 +283,9 @@ def curate(inputs: list[str], out: str | Path, steps: list[tuple[str, Any]], bui
         names = [n for n, _ in filters] + ([dedup[0]] if dedup else [])
         results += map_tasks(run_task, tasks, f"curate {', '.join(names) or 'read'} ({k + 1}/{len(plan)})")
         if dedup is not None:
+            t0 = time.perf_counter()
             dedup_between(out, k, len(parts), builder(*dedup))
+            results.append({dedup[0]: Counts(seconds=time.perf_counter() - t0).__dict__})
             previous = dedup[0]
     counts = merge_counts(results)
     read = counts[INPUT].docs_in

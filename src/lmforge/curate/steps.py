@@ -17,6 +17,26 @@ def build(name: str, cfg: Any) -> Any:
         from .exact import ExactDedup
 
         return ExactDedup(cfg)
+    if name == "language":
+        from .language import Language
+
+        return Language(cfg)
+    if name == "quality":
+        from .quality import Quality
+
+        return Quality(cfg)
+    if name == "near_dedup":
+        from .minhash import NearDedup
+
+        return NearDedup(cfg)
+    if name == "pii":
+        from .pii import PII
+
+        return PII(cfg)
+    if name == "toxicity":
+        from .toxicity import Toxicity
+
+        return Toxicity(cfg)
     if name == "perplexity":
         from .perplexity import Perplexity
 

@@ -36,6 +36,7 @@ __all__ = ["SamplingConfig", "Scorer", "Rollouts", "derive_seed", "encode_prompt
 log = logging.getLogger(__name__)
 IGNORE = -100
 
+
 @dataclass
 class SamplingConfig(Decoding):
     """How completions are sampled from the policy: the shared decoding keys (temperature > 0) and stop strings."""

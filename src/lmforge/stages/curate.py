@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 from ..curate.decontaminate import DecontaminationConfig
 from ..curate.exact import ExactDedupConfig
 from ..curate.executors import ExecutorConfig
+from ..curate.language import LanguageConfig
+from ..curate.minhash import NearDedupConfig
 from ..curate.perplexity import PerplexityBucketsConfig, PerplexityConfig
+from ..curate.pii import PIIConfig
+from ..curate.quality import QualityConfig
+from ..curate.toxicity import ToxicityConfig
 
 POSITIONAL = ("inputs",)
 OUTPUT = "data"
 """What a pipeline hands on from this stage (`${curate.output}`): the kept documents, not removed/ or work/."""
 
-STEPS = ("exact_dedup", "perplexity", "perplexity_buckets", "decontaminate")
+STEPS = ("language", "quality", "exact_dedup", "near_dedup", "pii", "toxicity", "perplexity", "perplexity_buckets",
+         "decontaminate")
 
 
 @dataclass
@@ -30,7 +36,8 @@ class Config:
     output: str = "data/curated"
     """Output folder: data/, removed/, curate.json (and work/, kept for resuming)."""
     steps: list[str] = field(default_factory=lambda: ["exact_dedup"])
-    """The steps, in order, of: exact_dedup, perplexity, perplexity_buckets, decontaminate."""
+    """The steps, in order, of: language, quality, exact_dedup, near_dedup, pii, toxicity, perplexity,
+    perplexity_buckets, decontaminate."""
     text_key: str = "text"
     """Field holding the text in JSONL / Parquet records."""
     include: list[str] | None = None
@@ -41,8 +48,18 @@ class Config:
     """Input megabytes per task (whole files; a larger file is a task of its own)."""
     max_doc_mb: float = 16.0
     """A document (or JSONL line) over this many megabytes is removed as input:too_large, never read whole."""
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    """Keep documents in the listed languages (fastText lid.176 lite or langid.py); adds meta language/language_score."""
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    """Heuristic quality rules (datatrove's Gopher quality/repetition, C4, FineWeb), in FineWeb's settings."""
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     """Exact dedup of normalised text."""
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    """MinHash LSH near dedup (word shingles, bands x rows); keeps the first document of each cluster."""
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    """PII redaction (Presidio): e-mails, phones, IPs, card numbers, IBANs replaced by <EMAIL>-style placeholders."""
+    toxicity: ToxicityConfig = field(default_factory=ToxicityConfig)
+    """Toxicity filter: alt-profanity-check's linear model per paragraph; the worst paragraph's score decides."""
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     """Bits per byte under a language model; remove documents above max_bits_per_byte."""
     perplexity_buckets: PerplexityBucketsConfig = field(default_factory=PerplexityBucketsConfig)
@@ -92,6 +109,7 @@ def summary(report: dict) -> str:
              f"removed in {report['seconds']:.1f} s"]
     for s in report["steps"]:
         why = ", ".join(f"{k} {v:,}" for k, v in sorted(s["removed"].items(), key=lambda kv: -kv[1]))
+        extra = ", ".join(f"{k} {v:,}" for k, v in s["extra"].items())
         lines.append(f"  {s['step']:<16} {s['docs_in']:>9,} in  {s['kept']:>9,} kept  {s['seconds']:7.1f} s"
-                     + (f"  removed: {why}" if why else ""))
+                     + (f"  removed: {why}" if why else "") + (f"  ({extra})" if extra else ""))
     return "\n".join(lines)
