@@ -76,7 +76,11 @@ def plan_partitions(inputs: list[str], include: list[str] | None, exclude: list[
     return parts
 
 
-def phases(steps: list[tuple[str, Any]], dedups: set[str]) -> list[tuple[list[tuple[str, Any]], tuple[str, Any] | None]]:
+Step = tuple[str, Any]
+"""A step of the recipe: (name, config)."""
+
+
+def phases(steps: list[Step], dedups: set[str]) -> list[tuple[list[Step], Step | None]]:
     """[(the phase's filters, the dedup that ends it or None)] for the recipe's steps."""
     out: list[tuple[list[tuple[str, Any]], tuple[str, Any] | None]] = []
     filters: list[tuple[str, Any]] = []

@@ -24,7 +24,8 @@ from .readers import DataError, ReadStats, iter_records
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_classification_data", "ClassifyData", "ClassifyExample", "ClassifyStats", "TokenizedExample", "read_classification",
+__all__ = ["load_classification_data", "ClassifyData", "ClassifyExample", "ClassifyStats", "TokenizedExample",
+           "read_classification",
            "split_validation", "tokenize_examples", "ClassifyCollate", "classification_outputs"]
 
 Task = Literal["classify", "regress"]

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "read_file", "require_validation", "replaced_note", "decode_utf8", "TEXT_SUFFIXES"]
+__all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "read_file",
+           "require_validation", "replaced_note", "decode_utf8", "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 """Plain-text files picked up from directories when no `include` patterns are given (one document per file)."""

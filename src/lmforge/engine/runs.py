@@ -51,9 +51,10 @@ def finish(trainer, stage: str, cfg, save: Callable[[dict[str, Any] | None], Pat
            title: str | None = None, load_full: bool = True, **lineage_extra: Any) -> int:
     """The end of every training stage: fit, then on the main process eval.json (`result(last)`, by default
     `eval_summary`), `save(full weights or None) -> final/`, the lineage in the run directory and final/, and one
-    line `TITLE: N steps; summary; saved FINAL` (title: the stage name, or e.g. "finetune (sft, lora)"); then the process group shuts down. Returns the exit code: 0, or 130 when a
-    signal stopped the run. `load_full=False`: under FSDP the gathered weights only go to `save` (which builds a
-    fresh model from them), not into the sharded model."""
+    line `TITLE: N steps; summary; saved FINAL` (title: the stage name, or e.g. "finetune (sft, lora)"); then the
+    process group shuts down. Returns the exit code: 0, or 130 when a signal stopped the run. `load_full=False`:
+    under FSDP the gathered weights only go to `save` (which builds a fresh model from them), not into the sharded
+    model."""
     from . import distributed as D
 
     fitted = fit(trainer, load_full)

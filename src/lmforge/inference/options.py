@@ -1,5 +1,6 @@
-"""`Decoding` and `SamplingOptions`: the sampling keys a config section offers its user, declared once. Importing it costs no torch
-(config handling and `--help` must not pay for it); `params` turns the options into the engine's SamplingParams."""
+"""`Decoding` and `SamplingOptions`: the sampling keys a config section offers its user, declared once. Importing
+it costs no torch (config handling and `--help` must not pay for it); `params` turns the options into the engine's
+SamplingParams."""
 
 from __future__ import annotations
 

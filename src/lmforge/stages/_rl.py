@@ -63,7 +63,8 @@ def start(cfg, reference: bool, extend: Callable[[Any], None] | None = None) -> 
     room = prompt_room(cfg.data.max_prompt_length, cfg.sampling.max_new_tokens, model.cfg.max_position_embeddings)
     trainable, total = count_parameters(model)
     return RLRun(world, run, tok, rewards, model, ref_model, train_recs, val_recs,
-                 encode_prompts(tok, train_recs, cfg.data.chat, room), encode_prompts(tok, val_recs, cfg.data.chat, room),
+                 encode_prompts(tok, train_recs, cfg.data.chat, room),
+                 encode_prompts(tok, val_recs, cfg.data.chat, room),
                  fingerprint, trainable, total)
 
 

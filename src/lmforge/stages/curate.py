@@ -49,7 +49,7 @@ class Config:
     max_doc_mb: float = 16.0
     """A document (or JSONL line) over this many megabytes is removed as input:too_large, never read whole."""
     language: LanguageConfig = field(default_factory=LanguageConfig)
-    """Keep documents in the listed languages (fastText lid.176 lite or langid.py); adds meta language/language_score."""
+    """Keep documents in the listed languages (fastText lid.176 lite or langid.py); adds their language and score."""
     quality: QualityConfig = field(default_factory=QualityConfig)
     """Heuristic quality rules (datatrove's Gopher quality/repetition, C4, FineWeb), in FineWeb's settings."""
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
