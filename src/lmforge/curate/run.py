@@ -107,6 +107,7 @@ def _step(task: Task, name: str, cfg: Any) -> Any:
 def _paths(out: Path, phase: int, index: int) -> dict[str, Path]:
     return {"kept": out / "work" / f"phase-{phase}" / f"part-{index:05d}.jsonl.gz",
             "keys": out / "work" / f"phase-{phase}" / f"keys-{index:05d}.npy",
+            "ids": out / "work" / f"phase-{phase}" / f"ids-{index:05d}.json",
             "counts": out / "work" / f"phase-{phase}" / f"counts-{index:05d}.json",
             "removed": out / "removed" / f"phase-{phase}-part-{index:05d}.jsonl.gz",
             "data": out / "data" / f"part-{index:05d}.jsonl.gz",
@@ -203,6 +204,7 @@ def run_task(task: Task) -> dict[str, dict[str, Any]]:
         keys = step.keys(docs) if docs else np.zeros((0, 1), dtype=np.uint64)
         counts[task.dedup[0]] = Counts(seconds=time.perf_counter() - t0)  # its documents are counted next phase
         write_file(p["keys"], lambda tmp: _save_npy(tmp, np.asarray(keys, dtype=np.uint64)))
+        write_text(p["ids"], json.dumps([d.key for d in docs]))  # what the driver needs, without the texts
         write_file(p["kept"], _jsonl_gz([_record(d) for d in docs]))
     result = {name: c.__dict__ for name, c in counts.items()}
     write_text(p["counts"], json.dumps(result))
@@ -242,7 +244,7 @@ def dedup_between(out: Path, phase: int, n_parts: int, step: CorpusStep) -> dict
     arrays = []
     for i in range(n_parts):
         p = _paths(out, phase, i)
-        doc_keys += [r["key"] for r in read_jsonl_gz(p["kept"])]
+        doc_keys += json.loads(p["ids"].read_text())
         arrays.append(np.load(p["keys"], allow_pickle=False))
     width = max((a.shape[1] for a in arrays if a.size), default=1)
     keys = np.concatenate([a.reshape(-1, width) for a in arrays]) if doc_keys else np.zeros((0, width), np.uint64)

@@ -19,15 +19,12 @@ from ..curate.minhash import NearDedupConfig
 from ..curate.perplexity import PerplexityBucketsConfig, PerplexityConfig
 from ..curate.pii import PIIConfig
 from ..curate.quality import QualityConfig
+from ..curate.steps import STEPS
 from ..curate.toxicity import ToxicityConfig
 
 POSITIONAL = ("inputs",)
 OUTPUT = "data"
 """What a pipeline hands on from this stage (`${curate.output}`): the kept documents, not removed/ or work/."""
-
-STEPS = ("language", "quality", "exact_dedup", "near_dedup", "pii", "toxicity", "perplexity", "perplexity_buckets",
-         "decontaminate")
-
 
 @dataclass
 class Config:
