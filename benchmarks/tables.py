@@ -258,6 +258,44 @@ def curate_dedup(results: dict[str, dict]) -> str:
             + "\n\n" + provenance(rec))
 
 
+def curate_throughput(results: dict[str, dict]) -> str:
+    rec = results.get("curate_throughput")
+    if rec is None:
+        return _missing("curate_throughput")
+    r = rec["result"]
+    rows = [[f"`{x['step']}`", f"{x['docs_in']:,}", f"{x['mb_in']:.2f}", f"{x['kept']:,}", _n(x["seconds"], 2),
+             f"{100 * x['share']:.1f}%", _n(x["docs_per_s_per_worker"], 1), _n(x["mb_per_s_per_worker"], 3)]
+            for x in r["steps"]]
+    corpus = ", ".join(f"{v:,} {k}" for k, v in r["corpus"].items())
+    other = r["without_perplexity"]
+    return (f"`{r['recipe']}` on {r['documents']:,} documents ({corpus}; {r['mb_read']:.2f} MB), local executor, "
+            f"{r['workers']} workers, best of {len(r['walls_s'])} runs: **{r['docs_per_s']:.1f} documents/s, "
+            f"{r['mb_per_s'] * 1000:.1f} KB/s** end to end ({r['wall_s']:.1f} s, {r['kept']:,} kept). Seconds are "
+            f"summed over the tasks of a step (one worker each), so rates are per worker:\n\n"
+            + _table(["step", "docs in", "MB in", "kept", "seconds", "share", "docs/s", "MB/s"], rows)
+            + f"\n\nThe slowest step takes {r['slowest_over_second']}× the time of the next; without the "
+              f"model-scoring step the slowest is `{other['slowest']}`, {other['slowest_over_second']}× the next."
+              f"\n\n" + provenance(rec))
+
+
+def curate_pretrain(results: dict[str, dict]) -> str:
+    rec = results.get("curate_pretrain")
+    if rec is None:
+        return _missing("curate_pretrain")
+    r = rec["result"]
+    seeds = [str(s) for s in r["seeds"]]
+    rows = [[arm, f"{r['tokens_by_split'][arm]['train']:,}"] + [f"{r['bits_per_byte'][arm][s]:.4f}" for s in seeds]
+            + [f"{r['mean'][arm]:.4f}"] for arm in ("raw", "curated")]
+    h = r["heldout"]
+    se = f" ± {r['stderr']:.4f} (standard error over seeds)" if r.get("stderr") is not None else ""
+    return (f"llama-7m pretrained on {r['train_tokens_per_arm']:,} tokens per arm, same tokenizer, schedule and "
+            f"seeds; held-out bits per byte on {h['documents']} standard-library modules neither arm trained on "
+            f"({h['bytes']:,} bytes; xz -9e: {h['xz_bits_per_byte']:.4f}). Curated minus raw: "
+            f"**{r['curated_minus_raw']:+.4f}**{se}.\n\n"
+            + _table(["arm", "train tokens available"] + [f"bpb, seed {s}" for s in seeds] + ["mean"], rows)
+            + "\n\n" + provenance(rec))
+
+
 def summary(results: dict[str, dict]) -> str:
     """README: one headline ratio per benchmark, each linked to its full table."""
     rows = []
@@ -311,6 +349,7 @@ def summary(results: dict[str, dict]) -> str:
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     f.__name__: f for f in (inference, eval_throughput, eval_parity, finetune_lora, train_throughput,
                             prepare_throughput, pretrain_quality, sentiment_baselines, align, curate_dedup,
+                            curate_throughput, curate_pretrain,
                             summary)}
 
 

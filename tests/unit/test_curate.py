@@ -206,3 +206,51 @@ def test_language_and_quality_run_in_worker_processes(tmp_path):
     assert removed["soup"][0] in ("language", "quality")
     kept = _kept(out)
     assert len(kept) >= len(english) // 2 and all(r["meta"]["language"] == "en" for r in kept)
+
+
+def test_parquet_output_holds_what_jsonl_holds_and_reads_back(corpus, tmp_path):
+    from lmforge.data.readers import read_file
+
+    assert _run(corpus, tmp_path / "j", "executor.workers=1") == 0
+    assert _run(corpus, tmp_path / "p", "executor.workers=1", "format=parquet") == 0
+    assert not list((tmp_path / "p" / "data").glob("*.jsonl.gz"))
+    docs = [d for p in sorted((tmp_path / "p" / "data").glob("part-*.parquet")) for d in read_file(p)]
+    assert [(d.id, d.text, d.meta) for d in docs] == [(r["id"], r["text"], r["meta"]) for r in _kept(tmp_path / "j")]
+
+
+def test_ctrl_c_mid_phase_stops_cleanly_and_a_rerun_finishes_the_same(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while workers run phase 0: exit 130 with
+    no traceback, no curate.json; the re-run keeps the finished tasks and ends exactly as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = _docstrings(100)
+    for i in range(120):  # one partition per file, copies across files
+        (src / f"f{i:03d}.jsonl").write_text(json.dumps({"id": f"d{i}", "text": docs[i % len(docs)]}) + "\n")
+    args = [str(src), "partition_mb=0.000001", "steps=[language,exact_dedup]", "executor.workers=2"]
+    assert cli.main(["curate", *args, f"output={tmp_path / 'whole'}"]) == 0
+    out = tmp_path / "cut"
+    main = "import sys; from lmforge import cli; sys.exit(cli.main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", main, "curate", *args, f"output={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])})
+    deadline = time.monotonic() + 120
+    while not list((out / "work" / "phase-0").glob("counts-*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert not (out / "curate.json").exists()
+    done = sorted((out / "work" / "phase-0").glob("counts-*.json"))
+    assert 0 < len(done) < 120
+    stamps = [p.stat().st_mtime_ns for p in done]
+    assert cli.main(["curate", *args, f"output={out}"]) == 0
+    assert [p.stat().st_mtime_ns for p in done] == stamps  # finished tasks are not redone
+    assert [r["id"] for r in _kept(out)] == [r["id"] for r in _kept(tmp_path / "whole")]
+    whole, cut = (json.loads((tmp_path / d / "curate.json").read_text()) for d in ("whole", "cut"))
+    assert _timeless({**cut, "inputs": None}) == _timeless({**whole, "inputs": None})

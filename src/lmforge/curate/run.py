@@ -3,7 +3,8 @@ over them in phases, and everything written so nothing is lost and a re-run resu
 
 The recipe's steps are cut into phases at each `CorpusStep` step. Phase k, one task per partition (in a worker):
 drop the documents the previous dedup named, run the phase's filters, and either compute the next dedup's keys
-(survivors go to `work/phase-k/`) or, in the last phase, write the kept documents to `data/part-NNNNN.jsonl.gz`.
+(survivors go to `work/phase-k/`) or, in the last phase, write the kept documents to `data/part-NNNNN.jsonl.gz`
+(or `.parquet`).
 Between phases the driver runs the dedup over the keys of every partition in corpus order. Every removed document
 goes to `removed/` with the step and reason; bad input (malformed JSON, a record without text, an empty or
 oversized document) goes there too, under step `input`, with its file:line. A task's files are written
@@ -57,6 +58,8 @@ class Task:
     out: str
     text_key: str = "text"
     max_doc_bytes: int | None = None
+    data_format: str = "jsonl"
+    """How kept documents are written: jsonl (part-NNNNN.jsonl.gz) or parquet (part-NNNNN.parquet)."""
 
 
 def plan_partitions(inputs: list[str], include: list[str] | None, exclude: list[str],
@@ -110,7 +113,8 @@ def _paths(out: Path, phase: int, index: int) -> dict[str, Path]:
             "ids": out / "work" / f"phase-{phase}" / f"ids-{index:05d}.json",
             "counts": out / "work" / f"phase-{phase}" / f"counts-{index:05d}.json",
             "removed": out / "removed" / f"phase-{phase}-part-{index:05d}.jsonl.gz",
-            "data": out / "data" / f"part-{index:05d}.jsonl.gz",
+            "jsonl": out / "data" / f"part-{index:05d}.jsonl.gz",
+            "parquet": out / "data" / f"part-{index:05d}.parquet",
             "dups": out / "work" / f"dedup-{phase}.json"}
 
 
@@ -147,6 +151,19 @@ def _jsonl_gz(records: list[dict[str, Any]]) -> Callable[[Path], None]:
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
             for r in records:
                 f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass"))
+    return write
+
+
+def _parquet(records: list[dict[str, Any]]) -> Callable[[Path], None]:
+    """A writer of the records as one Parquet file: columns id, text and meta (JSON text, as records vary)."""
+    def write(tmp: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"id": [str(r["id"]) for r in records], "text": [r["text"] for r in records],
+                          "meta": [json.dumps(r["meta"], ensure_ascii=False) for r in records]},
+                         schema=pa.schema([("id", pa.string()), ("text", pa.string()), ("meta", pa.string())]))
+        pq.write_table(table, tmp)
     return write
 
 
@@ -196,8 +213,9 @@ def run_task(task: Task) -> dict[str, dict[str, Any]]:
     if removed:
         write_file(p["removed"], _jsonl_gz(removed))
     if task.dedup is None:
-        write_file(p["data"], _jsonl_gz([{"id": d.id, "text": d.text, "meta": {**d.meta, "source": d.key}}
-                                         for d in docs]))
+        kept = [{"id": d.id, "text": d.text, "meta": {**d.meta, "source": d.key}} for d in docs]
+        writer = _parquet if task.data_format == "parquet" else _jsonl_gz
+        write_file(p[task.data_format], writer(kept))
     else:
         step = _step(task, *task.dedup)
         t0 = time.perf_counter()
@@ -265,7 +283,7 @@ def merge_counts(results: list[dict[str, dict[str, Any]]]) -> dict[str, Counts]:
 def curate(inputs: list[str], out: str | Path, steps: list[tuple[str, Any]], builder: Callable[[str, Any], Any],
            dedups: set[str], map_tasks: Callable, *, include: list[str] | None = None, exclude: list[str] = (),
            text_key: str = "text", partition_bytes: int = 32 << 20, max_doc_bytes: int | None = None,
-           fingerprint: str = "") -> dict[str, Any]:
+           data_format: str = "jsonl", fingerprint: str = "") -> dict[str, Any]:
     """Run the steps over the inputs into `out` (data/, removed/, work/, curate.json) and return curate.json.
     `map_tasks(run_task, tasks, description)` is the executor's map. Work left by a run with another
     `fingerprint` (config) is cleared first; work of the same one is reused."""
@@ -285,13 +303,14 @@ def curate(inputs: list[str], out: str | Path, steps: list[tuple[str, Any]], bui
     results: list[dict[str, dict[str, Any]]] = []
     previous = None
     for k, (filters, dedup) in enumerate(plan):
-        tasks = [Task(p, k, filters, dedup, previous, builder, str(out), text_key, max_doc_bytes) for p in parts]
+        tasks = [Task(p, k, filters, dedup, previous, builder, str(out), text_key, max_doc_bytes, data_format)
+                 for p in parts]
         names = [n for n, _ in filters] + ([dedup[0]] if dedup else [])
         results += map_tasks(run_task, tasks, f"curate {', '.join(names) or 'read'} ({k + 1}/{len(plan)})")
         if dedup is not None:
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             dedup_between(out, k, len(parts), builder(*dedup))
-            results.append({dedup[0]: Counts(seconds=time.perf_counter() - t0).__dict__})
+            results.append({dedup[0]: Counts(seconds=time.perf_counter() - t1).__dict__})
             previous = dedup[0]
     counts = merge_counts(results)
     read = counts[INPUT].docs_in

@@ -259,6 +259,11 @@ def _read_parquet(path: Path, text_key: str, batch_rows: int = 1024) -> Iterator
         for i in range(batch.num_rows):
             row += 1
             text, doc_id, meta = _record({c: data[c][i] for c in cols}, text_key, f"{path}:row {row}")
+            if isinstance(meta, str) and meta.startswith("{"):  # a meta column of JSON text (curate writes one)
+                try:
+                    meta = json.loads(meta)
+                except ValueError:
+                    pass
             yield Document(text, doc_id, f"{path}:{row}", meta)
 
 

@@ -1,7 +1,7 @@
 """`lmforge curate --config recipes/curate/….yaml`: filter, dedup and redact raw documents before the tokenizer.
 
 Reads what `prepare` reads (JSONL(.gz), Parquet, text files, folders, globs, `{stdlib}`); writes to `output`:
-`data/part-NNNNN.jsonl.gz` (the kept documents, {"id", "text", "meta"}: what `tokenizer` and `prepare` take),
+`data/part-NNNNN.jsonl.gz` or `.parquet` (the kept documents, {"id", "text", "meta"}: what `tokenizer` and `prepare` take),
 `removed/` (every removed document with its step and reason, bad input included, so kept + removed = read),
 and `curate.json` (per step: documents and bytes in, kept, removed by reason, seconds). Steps run in the order
 `steps` lists them; a re-run skips finished partitions. See docs/curation.md.
@@ -10,6 +10,7 @@ and `curate.json` (per step: documents and bytes in, kept, removed by reason, se
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..curate.decontaminate import DecontaminationConfig
 from ..curate.exact import ExactDedupConfig
@@ -35,6 +36,8 @@ class Config:
     steps: list[str] = field(default_factory=lambda: ["exact_dedup"])
     """The steps, in order, of: language, quality, exact_dedup, near_dedup, pii, toxicity, perplexity,
     perplexity_buckets, decontaminate."""
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    """How kept documents are written: jsonl (data/part-NNNNN.jsonl.gz) or parquet (data/part-NNNNN.parquet)."""
     text_key: str = "text"
     """Field holding the text in JSONL / Parquet records."""
     include: list[str] | None = None
@@ -87,7 +90,8 @@ def main(cfg: Config) -> int:
     with executor(cfg.executor) as map_tasks:
         report = curate(cfg.inputs, cfg.output, steps, build, CORPUS_STEPS, map_tasks, include=cfg.include,
                         exclude=cfg.exclude, text_key=cfg.text_key, partition_bytes=int(cfg.partition_mb * 2**20),
-                        max_doc_bytes=int(cfg.max_doc_mb * 2**20), fingerprint=_fingerprint(cfg, config_hash))
+                        max_doc_bytes=int(cfg.max_doc_mb * 2**20), data_format=cfg.format,
+                        fingerprint=_fingerprint(cfg, config_hash))
     print(summary(report))
     print(f"curated documents: {cfg.output}/data (removed: {cfg.output}/removed, counts: {cfg.output}/curate.json)")
     return 0
