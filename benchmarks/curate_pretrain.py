@@ -71,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.keep or tmp)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(recipe(run_dir, args.steps, args.seeds)))
+        (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(recipe(run_dir, args.steps, args.seeds), sort_keys=False))
         cmd = [sys.executable, "-c", "import sys; from lmforge import cli; sys.exit(cli.main(sys.argv[1:]))",
                "pipeline", "--config", str(run_dir / "pipeline.yaml")]
         if subprocess.run(cmd).returncode != 0:
