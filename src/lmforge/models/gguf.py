@@ -1,4 +1,5 @@
-"""GGUF files of the llama architecture: config, dequantized weights (via the `gguf` package) and tokenizer."""
+"""GGUF files of the llama architecture: config, weights and tokenizer, read (dequantized via the `gguf` package, or
+Q8_0 / Q4_0 / Q4_1 block linears kept as our codes) and written (floats, or a quantized model's codes as blocks)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from torch import Tensor
 
 from ..errors import InputError, one_line
 from ..tokenizer.base import Tokenizer
+from .gguf_blocks import BLOCK, BLOCK_TYPES, block_type, pack_blocks, unpack_blocks
 from .transformer import ModelConfig
+
+QUANT_METHOD_KEY = "lmforge.quantization.method"
+"""GGUF metadata key holding how our codes were found ("rtn", "gptq"); llama.cpp ignores it."""
 
 # GGUF tensor name -> ours ("{i}" = block index)
 _NAMES = {
@@ -96,30 +101,79 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, Tensor],
                                                                              Tokenizer]:
     """Read a GGUF file: (config, our state dict dequantized to `dtype`, tokenizer)."""
+    cfg, sd, tok, _ = _read(path, dtype, keep_quantized=False)
+    return cfg, sd, tok
+
+
+def load_gguf_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
+        ModelConfig, dict[str, Tensor], Tokenizer, dict[str, Any] | None]:
+    """Read a GGUF file keeping its Q8_0 / Q4_0 / Q4_1 block linears as codes in QuantLinear's state-dict format
+    (`<name>.weight` codes, `.weight_scale` [, `.weight_min`], q/k rows un-permuted), everything else dequantized
+    to `dtype`: (config, state dict, tokenizer, quantization_config or None when no block linear is one of those
+    types). Only the most common of the three types is kept when they are mixed; the others are dequantized."""
+    return _read(path, dtype, keep_quantized=True)
+
+
+def _key(tensor_name: str) -> tuple[str, str | None, str]:
+    """GGUF tensor name -> (name pattern with "{i}", block index or None, kind such as "weight")."""
+    base, kind = tensor_name.rsplit(".", 1)
+    if base.startswith("blk."):
+        _, layer, rest = base.split(".", 2)
+        return f"blk.{{i}}.{rest}", layer, kind
+    return base, None, kind
+
+
+def _block_linear(key: str, kind: str) -> bool:
+    """A linear inside `blocks.*` (what QuantLinear replaces): attention q/k/v/o and the MLP's gate/up/down."""
+    return kind == "weight" and key.startswith("blk.") and not key.endswith("norm")
+
+
+def _read(path: str | Path, dtype: torch.dtype, keep_quantized: bool) -> tuple[
+        ModelConfig, dict[str, Tensor], Tokenizer, dict[str, Any] | None]:
     reader = _reader(path)
     meta = _fields(reader)
     cfg = config_from_gguf(meta, path)
+    kept = None
+    if keep_quantized:
+        counts: dict[str, int] = {}
+        for t in reader.tensors:
+            key, _, kind = _key(t.name)
+            if _block_linear(key, kind) and t.tensor_type.name in BLOCK_TYPES:
+                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        kept = max(counts, key=counts.__getitem__) if counts else None
     sd: dict[str, Tensor] = {}
+    modules: list[str] = []
     for t in reader.tensors:
-        parts = t.name.rsplit(".", 1)
-        base, kind = parts[0], parts[1]
-        layer = None
-        if base.startswith("blk."):
-            _, layer, rest = base.split(".", 2)
-            key = f"blk.{{i}}.{rest}"
-        else:
-            key = base
+        key, layer, kind = _key(t.name)
         if key not in _NAMES:
             raise InputError(f"{path}: tensor {t.name!r} has no lmforge counterpart")
-        w = _tensor(t, path)
-        if key.endswith("attn_q"):
-            w = _unpermute(w, cfg.num_heads)
-        elif key.endswith("attn_k"):
-            w = _unpermute(w, cfg.num_kv_heads)
+        heads = cfg.num_heads if key.endswith("attn_q") else cfg.num_kv_heads if key.endswith("attn_k") else 0
         name = _NAMES[key].replace("{i}", layer or "")
+        if kept is not None and _block_linear(key, kind) and t.tensor_type.name == kept:
+            for suffix, arr in zip(("weight", "weight_scale", "weight_min"), _codes(t, kept, path)):
+                if arr is not None:
+                    sd[f"{name}.{suffix}"] = torch.from_numpy(_unpermute(arr, heads) if heads else arr)
+            modules.append(name)
+            continue
+        w = _tensor(t, path)
+        if heads:
+            w = _unpermute(w, heads)
         sd[f"{name}.{kind}"] = torch.from_numpy(np.array(w, copy=True)).to(dtype)
     cfg.tie_embeddings = "lm_head.weight" not in sd
-    return cfg, sd, tokenizer_from_gguf(meta, path)
+    qcfg = None
+    if modules:
+        bits, symmetric = BLOCK_TYPES[kept]
+        qcfg = {"quant_method": "lmforge", "method": str(meta.get(QUANT_METHOD_KEY, "rtn")), "bits": bits,
+                "group_size": BLOCK, "symmetric": symmetric, "modules": modules}
+    return cfg, sd, tokenizer_from_gguf(meta, path), qcfg
+
+
+def _codes(t, kind: str, path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One Q8_0 / Q4_0 / Q4_1 tensor as (codes, fp16 scale, fp16 min or None) in our (rows, columns) order."""
+    try:
+        return unpack_blocks(kind, np.asarray(t.data))
+    except ValueError as e:
+        raise InputError(f"{path}: tensor {t.name!r} ({kind}) cannot be read ({e}); is the file truncated?") from None
 
 
 def _tensor(t, path: str | Path) -> np.ndarray:
@@ -209,8 +263,10 @@ def _tokenizer_metadata(tok: Tokenizer) -> dict[str, Any]:
 
 
 def save_gguf(model, tok: Tokenizer, path: str | Path, dtype: str = "f32") -> Path:
-    """Write a llama-architecture GGUF (f32, f16 or bf16 tensors; quantization is the compress stage's job)."""
-    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, quantize
+    """Write a llama-architecture GGUF. Float tensors in `dtype` (f32, f16 or bf16; norms always f32); the block
+    linears of a quantized model (QuantLinear codes, group 32) as Q8_0 / Q4_0 / Q4_1 blocks copied from its codes,
+    so llama.cpp computes with exactly our quantized weights."""
+    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, quantize
 
     cfg = model.cfg
     if cfg.family not in ("llama", "mistral") or cfg.head != "lm" or cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
@@ -218,9 +274,18 @@ def save_gguf(model, tok: Tokenizer, path: str | Path, dtype: str = "f32") -> Pa
                          f"with head {cfg.head!r}")
     if cfg.rope_scaling:
         raise ValueError("GGUF export of scaled RoPE is not supported yet")
-    qtype, ftype = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-                    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-                    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16)}[dtype]
+    floats = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+              "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+              "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16)}
+    if dtype not in floats:
+        raise ValueError(f"GGUF dtype {dtype!r} is not supported; expected one of {sorted(floats)} (quantized "
+                         f"types come from a quantized model's codes)")
+    qtype, ftype = floats[dtype]
+    sd = model.state_dict()
+    blocks, method = quantized_layers(model, sd)
+    if blocks:
+        kinds = list(blocks.values())
+        ftype = LlamaFileType[f"MOSTLY_{max(set(kinds), key=kinds.count)}"]
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     w = GGUFWriter(tmp, "llama")
@@ -236,6 +301,10 @@ def save_gguf(model, tok: Tokenizer, path: str | Path, dtype: str = "f32") -> Pa
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(ftype)
+    if blocks:
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        if method:
+            w.add_string(QUANT_METHOD_KEY, method)
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -255,16 +324,24 @@ def save_gguf(model, tok: Tokenizer, path: str | Path, dtype: str = "f32") -> Pa
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
     ours_to_gguf = {v: k for k, v in _NAMES.items()}
-    for name, t in model.state_dict().items():
+    for name, t in sd.items():
         base, kind = name.rsplit(".", 1)
+        if kind in ("weight_scale", "weight_min"):  # written inside their layer's blocks
+            continue
         layer = base.split(".")[1] if base.startswith("blocks.") else None
         key = base.replace(f"blocks.{layer}.", "blocks.{i}.") if layer else base
-        arr = t.detach().float().cpu().numpy()
-        if key == "blocks.{i}.attn.q":
-            arr = _permute(arr, cfg.num_heads)
-        elif key == "blocks.{i}.attn.k":
-            arr = _permute(arr, cfg.num_kv_heads)
+        heads = {"blocks.{i}.attn.q": cfg.num_heads, "blocks.{i}.attn.k": cfg.num_kv_heads}.get(key, 0)
         gname = ours_to_gguf[key].replace("{i}", layer or "") + "." + kind
+        if base in blocks and kind == "weight":  # codes, scales [and mins]: rows permute together, groups run along in
+            parts = [None if x is None else x.detach().cpu().numpy()
+                     for x in (t, sd[f"{base}.weight_scale"], sd.get(f"{base}.weight_min"))]
+            if heads:
+                parts = [None if x is None else _permute(x, heads) for x in parts]
+            w.add_tensor(gname, pack_blocks(blocks[base], *parts), raw_dtype=GGMLQuantizationType[blocks[base]])
+            continue
+        arr = t.detach().float().cpu().numpy()
+        if heads:
+            arr = _permute(arr, heads)
         if arr.ndim == 1 or qtype == GGMLQuantizationType.F32:  # norms stay f32, as llama.cpp writes them
             w.add_tensor(gname, arr.astype(np.float32))
         elif qtype == GGMLQuantizationType.F16:
@@ -277,3 +354,30 @@ def save_gguf(model, tok: Tokenizer, path: str | Path, dtype: str = "f32") -> Pa
     w.close()
     tmp.replace(path)
     return path
+
+
+def quantized_layers(model, sd: dict[str, Tensor] | None = None) -> tuple[dict[str, str], str | None]:
+    """The model's quantized linears (a `<name>.weight_scale` beside `<name>.weight`) -> their GGUF block type,
+    and how the codes were found ("rtn", "gptq") when the model says; ValueError for settings no type stores.
+
+    A layer's settings are its `bits`, `group_size`, `symmetric` (and `method`) attributes, QuantLinear's; else
+    the model's config.json-style `quantization_config` dict (on `model.cfg` or on the model)."""
+    sd = model.state_dict() if sd is None else sd
+    qcfg = getattr(model.cfg, "quantization_config", None) or getattr(model, "quantization_config", None) or {}
+    keys = ("bits", "group_size", "symmetric")
+    out, methods = {}, set()
+    for key in sd:
+        if not key.endswith(".weight_scale"):
+            continue
+        name = key[:-len(".weight_scale")]
+        mod = model.get_submodule(name)
+        if all(hasattr(mod, a) for a in keys):
+            settings, method = [getattr(mod, a) for a in keys], getattr(mod, "method", None)
+        elif isinstance(qcfg, dict) and all(a in qcfg for a in keys):
+            settings, method = [qcfg[a] for a in keys], qcfg.get("method")
+        else:
+            raise ValueError(f"{name}: has quantized codes but neither bits/group_size/symmetric attributes nor a "
+                             f"quantization_config with those keys; expected a QuantLinear")
+        out[name] = block_type(*settings, what=name)
+        methods.add(method)
+    return out, methods.pop() if len(methods) == 1 else None

@@ -231,9 +231,13 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
 
 def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLike, *,
          dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3,
-         generation_config: dict[str, Any] | None = None) -> Path:
+         generation_config: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None) -> Path:
     """Write a Hugging Face folder that `transformers` loads: config.json, model.safetensors (sharded with an
     index above `max_shard_bytes`), tokenizer files and generation_config.json.
+
+    `dtype` casts the floating-point parameters; buffers (integer codes, float16 quantization scales) keep their
+    dtype, as they are a storage format. `extra_config` keys are written into config.json (e.g.
+    `quantization_config`).
 
     The folder is replaced atomically (`atomic.replace_folder`): the new one is written complete beside it and
     swapped in, so a kill at any instant leaves the old model or the new one whole; other files the old folder
@@ -243,9 +247,12 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
     recover_folder(dst)  # what a killed save left behind
     tmp = staging_folder(dst)
     try:
-        sd = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in model.state_dict().items()}
+        buffers = {k for k, _ in model.named_buffers()}
+        sd = {k: v.detach().to(dtype if dtype and v.is_floating_point() and k not in buffers else v.dtype)
+              .cpu().contiguous() for k, v in model.state_dict().items()}
         out = hf.state_dict_to_hf(sd, cfg)
         conf = hf.config_to_hf(cfg)
+        conf.update(extra_config or {})
         conf["dtype"] = str(next(iter(out.values())).dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         _write_weights(out, tmp, max_shard_bytes)

@@ -100,11 +100,10 @@ def build_model(cfg: Config, tok, world_seed: int):
 
 
 def main(cfg: Config) -> int:
-    from ..data.loader import PackedLoader, eval_batches
     from ..data.readers import DataError
     from ..data.shards import read_index
     from ..engine import runs
-    from ..engine.trainer import EvalSet, Trainer
+    from ..engine.trainer import Trainer
     from ..eval.runners import training_evaluators
     from ..models.loading import instantiate, load_tokenizer, save
     from ..objectives.causal_lm import CausalLM
@@ -119,7 +118,6 @@ def main(cfg: Config) -> int:
                         f"{cfg.data.train[0]} (fingerprint {tok.fingerprint()} != "
                         f"{index['tokenizer']['fingerprint']}); expected the tokenizer recorded in its index.json")
     model = build_model(cfg, tok, cfg.train.seed)
-    sources = [SourceSpec(p, w) for p, w in zip(cfg.data.train, cfg.data.weights or [1.0] * len(cfg.data.train))]
     kw: dict[str, Any] = {}
     if cfg.objective == "masked_lm":
         specials = [i for i in (tok.pad_id, tok.eos_id, tok.bos_id, tok.token_id(tok.unk_token)) if i is not None]
@@ -133,14 +131,7 @@ def main(cfg: Config) -> int:
         objective = MaskedLM()
     else:
         objective = CausalLM()
-    loader = PackedLoader(sources, cfg.data.seq_len, cfg.train.micro_batch, seed=cfg.train.seed, rank=world.rank,
-                          world=world.world, **kw)
-    bpt = _bytes_per_token(index, "validation") if cfg.objective == "causal_lm" else None
-    def validation():
-        return eval_batches(sources[:1], cfg.data.seq_len, cfg.train.micro_batch, max_batches=cfg.train.eval_batches,
-                            rank=world.rank, world=world.world, seed=cfg.train.seed, **kw)
-
-    evals = [EvalSet("validation", validation, bytes_per_token=bpt)] if _has_validation(validation, cfg) else []
+    loader, evals = token_batches(cfg, world, bits_per_byte=cfg.objective == "causal_lm", **kw)
     if world.main:
         n = model.num_parameters()
         log.info("model %s: %.2fM parameters; %d train tokens", model.cfg.family, n / 1e6, loader.windows[0].total)
@@ -163,7 +154,27 @@ def main(cfg: Config) -> int:
                                                                      if k.startswith("val_")}})
 
 
-def _has_validation(batches, cfg: Config) -> bool:
+def token_batches(cfg, world, bits_per_byte: bool = True, **kw: Any) -> tuple[Any, list[Any]]:
+    """(training loader, [the validation EvalSet] or []) over the token shards of cfg.data (train, weights, seq_len)
+    with cfg.train's micro_batch, seed and eval_batches; `kw` formats the windows (masked LM). Pretrain and distill
+    both read their shards through it."""
+    from ..data.loader import PackedLoader, eval_batches
+    from ..data.shards import read_index
+    from ..engine.trainer import EvalSet
+
+    sources = [SourceSpec(p, w) for p, w in zip(cfg.data.train, cfg.data.weights or [1.0] * len(cfg.data.train))]
+    loader = PackedLoader(sources, cfg.data.seq_len, cfg.train.micro_batch, seed=cfg.train.seed, rank=world.rank,
+                          world=world.world, **kw)
+    bpt = _bytes_per_token(read_index(cfg.data.train[0]), "validation") if bits_per_byte else None
+
+    def validation():
+        return eval_batches(sources[:1], cfg.data.seq_len, cfg.train.micro_batch, max_batches=cfg.train.eval_batches,
+                            rank=world.rank, world=world.world, seed=cfg.train.seed, **kw)
+
+    return loader, [EvalSet("validation", validation, bytes_per_token=bpt)] if _has_validation(validation, cfg) else []
+
+
+def _has_validation(batches, cfg) -> bool:
     """Whether the validation split gives a batch. Without one, a run that asks for evaluations (eval_every,
     eval_at_start) stops now, before training, with the reason; one that does not trains without a validation loss."""
     from ..data.readers import DataError

@@ -30,6 +30,7 @@ from ..tokenizer.base import Tokenizer
 from .adapters import AdapterConfig, apply_adapters
 from .lora import LoraConfig, LoRALinear, adapter_names, apply_lora, linear_names, lora_layers, set_adapter
 from .prompt_tuning import PromptTuning
+from .quant import is_quantized_folder, load_quantized
 
 __all__ = ["load", "save_adapter", "load_adapter", "save_prompt", "load_prompt", "save_adapters", "load_adapters",
            "PEFT_PREFIX"]
@@ -42,12 +43,17 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, d
          head: str | None = None, num_labels: int | None = None,
          allow_pickle: bool = False) -> tuple[Transformer, Tokenizer | None]:
     """Load (model, tokenizer) as `models.loading.load` does, or from an adapter folder (adapter_config.json and
-    no config.json): its base model with the adapter applied (`head`/`num_labels` come from the adapter then).
+    no config.json): its base model with the adapter applied (`head`/`num_labels` come from the adapter then), or
+    from a quantized folder (`quantization_config.quant_method` "lmforge"): its QuantLinears with the saved codes.
 
     This is `lmforge.load`: the model loader knows no adapter types, so the resolution lives here."""
     path = resolve(source)
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         return _load_adapter_folder(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    if path.is_dir() and is_quantized_folder(path):  # codes and scales of QuantLinears (quant.save_quantized)
+        if head is not None or num_labels is not None:
+            raise InputError(f"{path}: a quantized model keeps its head; head/num_labels cannot be replaced")
+        return load_quantized(path, dtype=dtype, device=device)
     return loading.load(path, dtype=dtype, device=device, head=head, num_labels=num_labels,
                         allow_pickle=allow_pickle)
 

@@ -1,0 +1,78 @@
+"""The compress verbs end to end on a tiny Llama with a real tokenizer: `lmforge quantize` to a folder and to GGUF,
+compress.json's before / after measurements, the calibration windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import cli
+
+EVAL = ["eval.tasks=[stdlib-ppl,stdlib-mc]", "eval.limit=2", "eval.decode_tokens=8", "eval.repeats=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(bpe_data, tmp_path_factory) -> Path:
+    """A llama-tiny (random weights, the stdlib BPE's vocabulary) saved as a Hugging Face folder."""
+    from lmforge.models.loading import save
+    from lmforge.models.presets import preset
+    from lmforge.models.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(bpe_data.tokenizer)
+    torch.manual_seed(0)
+    model = Transformer(preset("llama-tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    return save(model, tok, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_quantize_rtn_writes_a_folder_that_reloads_and_reports_before_and_after(tiny_dir, tmp_path):
+    import lmforge
+    from lmforge.transforms.quant import QuantLinear
+
+    out = tmp_path / "q8"
+    assert cli.main(["quantize", str(tiny_dir), f"output={out}", "bits=8", "group_size=32", *EVAL]) == 0
+    report = json.loads((out / "compress.json").read_text())
+    before, after = report["before"], report["after"]
+    assert after["size_bytes"] < before["size_bytes"]
+    for side in (before, after):
+        assert side["stdlib-ppl"]["bits_per_byte"] > 0 and 0 <= side["stdlib-mc"]["acc"] <= 1
+        assert side["decode_tokens_per_s"] > 0
+    # int8 with 32-weight groups barely moves a random model's held-out loss
+    assert after["stdlib-ppl"]["bits_per_byte"] == pytest.approx(before["stdlib-ppl"]["bits_per_byte"], rel=0.01)
+    assert report["after_over_before"]["size_bytes"] == after["size_bytes"] / before["size_bytes"]
+    model, _ = lmforge.load(out)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7  # q k v o gate up down per block
+
+
+def test_quantize_gptq_to_gguf_calibrates_on_text(tiny_dir, tmp_path):
+    pytest.importorskip("gguf")
+    out = tmp_path / "q4.gguf"
+    assert cli.main(["quantize", str(tiny_dir), f"output={out}", "method=gptq", "bits=4", "group_size=32",
+                     "calibration_samples=4", "calibration_seq_len=32", "eval.enabled=false"]) == 0
+    assert out.stat().st_size > 0
+    report = json.loads(out.with_suffix(".compress.json").read_text())
+    assert report["after"]["size_bytes"] == out.stat().st_size and report["config"]["method"] == "gptq"
+
+
+def test_a_gguf_output_needs_a_block_format(tiny_dir, tmp_path, capsys):
+    assert cli.main(["quantize", str(tiny_dir), f"output={tmp_path / 'x.gguf'}", "bits=4"]) == 2
+    err = capsys.readouterr().err
+    assert "Q4_0 (bits 4, symmetric)" in err and "group_size None" in err and "Traceback" not in err
+
+
+def test_calibration_windows_leave_out_the_heldout_modules(bpe_data):
+    from lmforge.data.calibration import calibration_windows, heldout_excludes
+    from lmforge.data.stdlib import stdlib_heldout_texts
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(bpe_data.tokenizer)
+    a = calibration_windows(["{stdlib}"], tok, samples=6, seq_len=40, seed=3, max_documents=50)
+    b = calibration_windows(["{stdlib}"], tok, samples=6, seq_len=40, seed=3, max_documents=50)
+    assert a.shape == (6, 40) and a.dtype == torch.long and torch.equal(a, b)
+    heldout = {name for name, _ in stdlib_heldout_texts()}
+    assert heldout and all(any(p.endswith("/" + name) for p in heldout_excludes()) for name in heldout)
+    with pytest.raises(ValueError, match="no document of at least"):
+        calibration_windows(["{stdlib}"], tok, samples=1, seq_len=10**7, max_documents=3)
