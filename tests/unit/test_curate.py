@@ -230,7 +230,7 @@ def test_ctrl_c_mid_phase_stops_cleanly_and_a_rerun_finishes_the_same(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     docs = _docstrings(100)
-    for i in range(120):  # one partition per file, copies across files
+    for i in range(600):  # one partition per file (phase 0 lasts seconds, the signal lands inside it), copies
         (src / f"f{i:03d}.jsonl").write_text(json.dumps({"id": f"d{i}", "text": docs[i % len(docs)]}) + "\n")
     args = [str(src), "partition_mb=0.000001", "steps=[language,exact_dedup]", "executor.workers=2"]
     assert cli.main(["curate", *args, f"output={tmp_path / 'whole'}"]) == 0
@@ -247,7 +247,7 @@ def test_ctrl_c_mid_phase_stops_cleanly_and_a_rerun_finishes_the_same(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert not (out / "curate.json").exists()
     done = sorted((out / "work" / "phase-0").glob("counts-*.json"))
-    assert 0 < len(done) < 120
+    assert 0 < len(done) < 600
     stamps = [p.stat().st_mtime_ns for p in done]
     assert cli.main(["curate", *args, f"output={out}"]) == 0
     assert [p.stat().st_mtime_ns for p in done] == stamps  # finished tasks are not redone

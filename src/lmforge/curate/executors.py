@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 from ..progress import progress
 
-__all__ = ["ExecutorConfig", "executor", "share_cpus"]
+__all__ = ["ExecutorConfig", "executor", "share_cpus", "start_worker"]
 
 
 @dataclass
@@ -51,9 +51,18 @@ def executor(cfg: ExecutorConfig) -> Iterator[Map]:
         # spawn: workers import what they need (torch, spaCy) themselves instead of inheriting a forked state
         threads = max(1, (os.cpu_count() or 1) // cfg.workers)
         with cf.ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=share_cpus, initargs=(threads,)) as pool:
+                                    initializer=start_worker, initargs=(threads,)) as pool:
             yield lambda fn, tasks, what: _gather([pool.submit(fn, t) for t in tasks], cf.as_completed, what,
                                                   lambda f: f.result())
+
+
+def start_worker(threads: int) -> None:
+    """A local worker's start: its share of the CPUs, and Ctrl-C left to the driver (which cancels the tasks not
+    started and waits for the running ones), so a terminal's SIGINT to the whole group never breaks the pool."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    share_cpus(threads)
 
 
 def share_cpus(threads: int) -> None:
