@@ -218,7 +218,6 @@ def test_parquet_output_holds_what_jsonl_holds_and_reads_back(corpus, tmp_path):
     assert [(d.id, d.text, d.meta) for d in docs] == [(r["id"], r["text"], r["meta"]) for r in _kept(tmp_path / "j")]
 
 
-@pytest.mark.slow  # fails under load (the interrupted run exits 0): an open bug, see the session note
 def test_ctrl_c_mid_phase_stops_cleanly_and_a_rerun_finishes_the_same(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while workers run phase 0: exit 130 with
     no traceback, no curate.json; the re-run keeps the finished tasks and ends exactly as an uninterrupted run."""
@@ -236,7 +235,10 @@ def test_ctrl_c_mid_phase_stops_cleanly_and_a_rerun_finishes_the_same(tmp_path):
     args = [str(src), "partition_mb=0.000001", "steps=[language,exact_dedup]", "executor.workers=2"]
     assert cli.main(["curate", *args, f"output={tmp_path / 'whole'}"]) == 0
     out = tmp_path / "cut"
-    main = "import sys; from lmforge import cli; sys.exit(cli.main(sys.argv[1:]))"
+    # as a terminal starts a foreground job: SIGINT at its default, even when this test runs where it is ignored
+    # (a non-interactive shell's background job, as CI may be; an ignored SIGINT is inherited and lmforge keeps it)
+    main = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from lmforge import cli; "
+            "sys.exit(cli.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", main, "curate", *args, f"output={out}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])})
