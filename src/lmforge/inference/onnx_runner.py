@@ -3,8 +3,9 @@ numpy, onnxruntime and the `tokenizers`-backed lmforge Tokenizer only, so a depl
 
 The graph takes past keys/values and returns presents; the runner feeds each step's presents back as the next
 step's past (prefill with P = 0, then one token per step). Sampling follows `inference.sampling` (temperature,
-then top-k, then top-p keeping the token that crosses it; CTRL repetition penalty) with a numpy generator, so a
-seed repeats a text here but draws differ from the torch engine's.
+then top-k (Fan et al. 2018), then top-p keeping the token that crosses it (Holtzman et al. 2020); the CTRL
+repetition penalty (Keskar et al. 2019)) with a numpy generator, so a seed repeats a text here but draws differ
+from the torch engine's.
 """
 
 from __future__ import annotations
