@@ -45,6 +45,7 @@ VERBS: dict[str, str] = {
     "ppo": "RLHF with PPO: rollouts from the engine, reward model or functions, KL penalty, GAE, clipped objective",
     "grpo": "GRPO: G sampled completions per prompt, group-normalised verifiable rewards, clipped objective, KL",
     "quantize": "Quantize a model's weights: int8 / int4 round-to-nearest or GPTQ, to a folder or a GGUF file",
+    "prune": "Prune weights to exact zeros: magnitude, Wanda or SparseGPT, unstructured or N:M (2:4)",
     "distill": "Distill a teacher into a smaller student: KD / reverse KL / JSD, optionally on-policy",
     "pipeline": "Run several verbs in order in one run directory (skips finished stages; --from STAGE re-runs)",
     "report": "Write a self-contained HTML report of a run or pipeline (curves, evaluations, lineage, configs)",

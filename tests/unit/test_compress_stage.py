@@ -76,3 +76,35 @@ def test_calibration_windows_leave_out_the_heldout_modules(bpe_data):
     assert heldout and all(any(p.endswith("/" + name) for p in heldout_excludes()) for name in heldout)
     with pytest.raises(ValueError, match="no document of at least"):
         calibration_windows(["{stdlib}"], tok, samples=1, seq_len=10**7, max_documents=3)
+
+
+@pytest.mark.parametrize("method,target", [("wanda", "sparsity=0.5"), ("sparsegpt", "pattern=2:4"),
+                                           ("magnitude", "pattern=2:4")])
+def test_prune_writes_a_folder_with_the_same_zeros_and_reports_before_and_after(tiny_dir, tmp_path, method, target):
+    import lmforge
+    from lmforge.transforms.prune import sparsity_report
+
+    out = tmp_path / method
+    assert cli.main(["prune", str(tiny_dir), f"output={out}", f"method={method}", target,
+                     "calibration_samples=4", "calibration_seq_len=32", *EVAL]) == 0
+    report = json.loads((out / "compress.json").read_text())
+    model, _ = lmforge.load(out)
+    again = sparsity_report(model, report["config"]["pattern"])
+    assert again["layers"] == report["sparsity"]["layers"] and len(again["layers"]) == 2 * 7
+    assert all(abs(r["sparsity"] - 0.5) < 0.01 for r in again["layers"].values())
+    assert report["config"]["pattern"] is None or again["pattern_ok"]
+    conf = json.loads((out / "config.json").read_text())["pruning_config"]
+    assert conf["method"] == method and len(conf["modules"]) == 2 * 7
+    dense = lmforge.load(tiny_dir)[0].state_dict()
+    pruned = model.state_dict()
+    assert torch.equal(pruned["embed.tokens.weight"], dense["embed.tokens.weight"])  # only block linears pruned
+    before, after = report["before"], report["after"]
+    assert after["stdlib-ppl"]["bits_per_byte"] != before["stdlib-ppl"]["bits_per_byte"]
+    assert after["decode_tokens_per_s"] > 0 and report["seconds"] >= 0
+
+
+def test_prune_refuses_both_sparsity_and_a_pattern_in_one_line(tiny_dir, tmp_path, capsys):
+    assert cli.main(["prune", str(tiny_dir), f"output={tmp_path / 'p'}", "sparsity=0.5", "pattern=2:4"]) == 2
+    err = capsys.readouterr().err
+    assert "both sparsity (0.5) and pattern ('2:4')" in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()

@@ -13,7 +13,7 @@ import torch
 
 from ..atomic import write_text
 
-__all__ = ["CompressEval", "measure", "disk_size", "write_report", "compare_table"]
+__all__ = ["CompressEval", "measure", "load_measured", "disk_size", "write_report", "compare_table", "report_saved"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".onnx_data", ".data", ".bin", ".pt")
 
@@ -90,6 +90,43 @@ def measure(model, tok, cfg: CompressEval, path: str | Path | None = None) -> di
             out[spec] = {**headline_metrics(report), **extra, "seconds": round(time.perf_counter() - t, 2)}
     out["decode_tokens_per_s"] = decode_speed(model, tok, cfg)
     return out
+
+
+def load_measured(source: str, dtype: torch.dtype, cfg: CompressEval, command: str) -> tuple[Any, Any, dict]:
+    """(model, tokenizer, before) for a compress command: `source` loaded in `dtype` and measured (`measure`, its
+    size on disk when it is a local path, and its size in float32, parameters × 4 bytes, the reference of size
+    ratios). ValueError when it has no tokenizer (calibration and evaluation need one)."""
+    from ..models.loading import resolve
+    from ..transforms.peft import load
+
+    model, tok = load(source, dtype=dtype)
+    if tok is None:
+        raise ValueError(f"{source} has no tokenizer; {command} needs one to calibrate and evaluate")
+    print(f"measuring {source} before {command}", flush=True)
+    before = {**measure(model, tok, cfg), "float32_bytes": 4 * model.num_parameters()}
+    try:
+        before["size_bytes"] = disk_size(resolve(source))
+    except (OSError, ValueError):
+        before["size_bytes"] = None
+    return model, tok, before
+
+
+def report_saved(output: str | Path, command: str, config: Any, before: dict[str, Any], tok, cfg: CompressEval,
+                 dtype: torch.dtype, extra: dict[str, Any] | None = None,
+                 check: Any = None) -> tuple[Path, dict[str, Any]]:
+    """Reload what a compress command saved at `output` (as a user would), measure it, write compress.json with
+    `before` and print the before / after table; `check(reloaded_model)` may verify the reload first (e.g. the
+    same zeros). Returns (compress.json path, after)."""
+    from ..transforms.peft import load
+
+    reloaded, _ = load(output, dtype=dtype)
+    if check is not None:
+        check(reloaded)
+    after = measure(reloaded, tok, cfg, output)
+    report = write_report(output, command, config, before, after, extra)
+    print(compare_table(before, after))
+    print(f"wrote {report}")
+    return report, after
 
 
 def write_report(folder: str | Path, command: str, config: Any, before: dict[str, Any], after: dict[str, Any],

@@ -67,16 +67,11 @@ def main(cfg: Config) -> int:
 
     import torch
 
-    from ..eval.compression import compare_table, measure, write_report
-    from ..transforms.peft import load
+    from ..eval.compression import load_measured, report_saved
     from ..transforms.quant import quantize_rtn, save_quantized
 
     dtype = getattr(torch, cfg.dtype)
-    model, tok = load(cfg.model, dtype=dtype)
-    if tok is None:
-        raise ValueError(f"{cfg.model} has no tokenizer; quantize needs one to calibrate and evaluate")
-    print(f"measuring {cfg.model} before quantization", flush=True)
-    before = {**measure(model, tok, cfg.eval), "float32_bytes": 4 * model.num_parameters()}
+    model, tok, before = load_measured(cfg.model, dtype, cfg.eval, "quantize")
     t = time.perf_counter()
     if cfg.method == "gptq":
         from ..data.calibration import calibration_windows
@@ -101,20 +96,5 @@ def main(cfg: Config) -> int:
         out = save_quantized(model, tok, cfg.output)
     print(f"wrote {out} ({cfg.method} int{cfg.bits}, group {cfg.group_size or 'per channel'}, "
           f"{'symmetric' if cfg.symmetric else 'asymmetric'}) in {seconds:.1f} s; measuring it reloaded", flush=True)
-    reloaded, _ = load(out, dtype=dtype)
-    after = measure(reloaded, tok, cfg.eval, out)
-    before["size_bytes"] = _source_size(cfg.model)
-    report = write_report(out, "quantize", cfg, before, after, {"seconds": round(seconds, 1)})
-    print(compare_table(before, after))
-    print(f"wrote {report}")
+    report_saved(out, "quantize", cfg, before, tok, cfg.eval, dtype, {"seconds": round(seconds, 1)})
     return 0
-
-
-def _source_size(model: str) -> int | None:
-    from ..eval.compression import disk_size
-    from ..models.loading import resolve
-
-    try:
-        return disk_size(resolve(model))
-    except (OSError, ValueError):
-        return None
