@@ -24,7 +24,8 @@ from .calibrate import calibrate_sequential
 from .quant import ModuleFilter, QuantLinear, block_linears, check_spec, dequantize_values, group_params, \
     quantize_values
 
-__all__ = ["GPTQConfig", "gptq_quantize", "gptq_weight", "GPTQObserver"]
+__all__ = ["GPTQConfig", "gptq_quantize", "gptq_weight", "GPTQObserver", "HessianAccumulator",
+           "inverse_hessian_factor"]
 
 
 @dataclass
@@ -59,6 +60,21 @@ class GPTQConfig:
 
 
 @torch.no_grad()
+def inverse_hessian_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """(U (in, in), dead (in,) bool): the upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean diag H, after setting
+    H_jj = 1 on the inputs that were always zero (`dead`: any weight will do there). GPTQ and SparseGPT read the
+    rows of U; ValueError when H is not positive definite."""
+    H = h.detach().float().clone()  # (in, in)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    H.diagonal().add_(damp * H.diagonal().mean())
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"the Hessian is not positive definite with damp={damp}; raise damp (e.g. 0.1) or give "
+                         f"more calibration data") from None
+
+
 def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
                 act_order: bool = False, damp: float = 0.01,
                 block_size: int = 128) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -83,12 +99,7 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int | None = 12
             mn.copy_(m)
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H.diagonal().add_(damp * H.diagonal().mean())
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
-    except torch.linalg.LinAlgError:
-        raise ValueError(f"the Hessian is not positive definite with damp={damp}; raise damp (e.g. 0.1) or give "
-                         f"more calibration data") from None
+    hinv, _ = inverse_hessian_factor(H, damp)  # (in, in)
     Q = torch.zeros_like(W)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -118,17 +129,12 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int | None = 12
     return Q, scale, mn
 
 
-class GPTQObserver:
-    """Accumulates H = 2XᵀX/n for one linear (sharing XᵀX with layers fed the same input) and, when all
-    calibration rows are in, replaces the layer by its GPTQ `QuantLinear`.
+class HessianAccumulator:
+    """H = 2XᵀX/n of one linear's calibration inputs X (N, in), summed batch by batch; layers fed the same input
+    (q, k, v; gate, up) share each batch's XᵀX through `shared`."""
 
-    Every row counts, the attention-sink rows with massive activations (Sun et al. 2024) included, although they
-    dominate H in SmolLM2's last blocks (row norm 2400 against a median of 48 at the down projection): leaving
-    them out made the other rows' layer error 5× smaller there but held-out bits per byte 11% worse (0.947 against
-    0.850, int4 g32 act-order), as errors on the sink's keys and values reach every token."""
-
-    def __init__(self, linear: nn.Linear, cfg: GPTQConfig, shared: dict):
-        self.linear, self.cfg, self.shared = linear, cfg, shared
+    def __init__(self, linear: nn.Linear, shared: dict):
+        self.shared = shared
         self.h = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)  # (in, in)
         self.rows = 0
 
@@ -138,13 +144,30 @@ class GPTQObserver:
         self.h += self.shared["xtx"]
         self.rows += x.shape[0]
 
+    def hessian(self) -> Tensor:
+        """The accumulated H (in, in); the accumulator lets go of it and of the shared batch."""
+        self.shared.clear()
+        h, self.h = self.h.mul_(2 / max(self.rows, 1)), None
+        return h
+
+
+class GPTQObserver(HessianAccumulator):
+    """Accumulates H = 2XᵀX/n for one linear and, when all calibration rows are in, replaces the layer by its GPTQ
+    `QuantLinear`.
+
+    Every row counts, the attention-sink rows with massive activations (Sun et al. 2024) included, although they
+    dominate H in SmolLM2's last blocks (row norm 2400 against a median of 48 at the down projection): leaving
+    them out made the other rows' layer error 5× smaller there but held-out bits per byte 11% worse (0.947 against
+    0.850, int4 g32 act-order), as errors on the sink's keys and values reach every token."""
+
+    def __init__(self, linear: nn.Linear, cfg: GPTQConfig, shared: dict):
+        super().__init__(linear, shared)
+        self.linear, self.cfg = linear, cfg
+
     def finish(self) -> QuantLinear:
         c = self.cfg
-        self.shared.clear()
-        h = self.h.mul_(2 / max(self.rows, 1))
-        q, scale, mn = gptq_weight(self.linear.weight, h, c.bits, c.group_size, c.symmetric, c.act_order, c.damp,
-                                   c.block_size)
-        self.h = None
+        q, scale, mn = gptq_weight(self.linear.weight, self.hessian(), c.bits, c.group_size, c.symmetric,
+                                   c.act_order, c.damp, c.block_size)
         return QuantLinear.from_values(q, scale, mn, self.linear.bias, bits=c.bits, group_size=c.group_size,
                                        method="gptq")
 

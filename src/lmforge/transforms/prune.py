@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import calibrate_sequential
-from .gptq import GPTQConfig, GPTQObserver
+from .gptq import HessianAccumulator, inverse_hessian_factor
 from .quant import ModuleFilter, block_linears
 
 __all__ = ["PruneConfig", "prune", "prune_magnitude", "prune_wanda", "prune_sparsegpt", "prune_mask",
@@ -147,22 +147,6 @@ def prune_mask(scores: Tensor, sparsity: float = DEFAULT_SPARSITY, pattern: Patt
     return keep.reshape_as(flat).scatter_(-1, low, False).reshape(out, n)
 
 
-def _inverse_hessian_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
-    """(U (in, in), dead (in,) bool): the upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean diag H, after
-    setting H_jj = 1 on inputs that were always zero (`dead`).
-    TODO(factor): stand-in for `gptq.inverse_hessian_factor(h, damp) -> (U, dead)`, to be factored out of
-    `gptq.gptq_weight` (the same steps: dead inputs, damping, cholesky_inverse, upper Cholesky, clear error)."""
-    H = h.detach().float().clone()  # (in, in)
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    H.diagonal().add_(damp * H.diagonal().mean())
-    try:
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
-    except torch.linalg.LinAlgError:
-        raise ValueError(f"the Hessian is not positive definite with damp={damp}; raise damp (e.g. 0.1) or give "
-                         f"more calibration data") from None
-
-
 @torch.no_grad()
 def sparsegpt_weight(w: Tensor, h: Tensor, sparsity: float = DEFAULT_SPARSITY, pattern: Pattern = None,
                      blocksize: int = 128, damp: float = 0.01) -> Tensor:
@@ -180,7 +164,7 @@ def sparsegpt_weight(w: Tensor, h: Tensor, sparsity: float = DEFAULT_SPARSITY, p
     if nm and (n % nm[1] or blocksize % nm[1]):
         raise ValueError(f"pattern {nm[0]}:{nm[1]} needs M={nm[1]} to divide in_features ({n}) and blocksize "
                          f"({blocksize})")
-    U, dead = _inverse_hessian_factor(h, damp)  # TODO(factor): gptq.inverse_hessian_factor
+    U, dead = inverse_hessian_factor(h, damp)  # (in, in), (in,)
     W[:, dead] = 0
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
@@ -221,26 +205,18 @@ class WandaObserver:
         w.mul_(prune_mask(scores, self.sparsity, self.pattern, self.scope).to(w.dtype))
 
 
-class SparseGPTObserver:
-    """Accumulates H = 2XᵀX/n (GPTQ's accumulator, sharing XᵀX with the layers fed the same input) and `finish`
-    writes the SparseGPT-pruned weight into the layer in place."""
+class SparseGPTObserver(HessianAccumulator):
+    """Accumulates H = 2XᵀX/n (as GPTQ does) and `finish` writes the SparseGPT-pruned weight into the layer in
+    place."""
 
     def __init__(self, linear: nn.Linear, cfg: PruneConfig, shared: dict):
+        super().__init__(linear, shared)
         self.linear, self.cfg = linear, cfg
-        # TODO(factor): a public `gptq.HessianAccumulator(in_features, device, shared)` with add(x) and hessian();
-        # until then GPTQObserver accumulates (its quantization settings are unused)
-        self.acc = GPTQObserver(linear, GPTQConfig(), shared)
-
-    def add(self, x: Tensor) -> None:
-        self.acc.add(x)
 
     def finish(self) -> None:
-        self.acc.shared.clear()
-        h = self.acc.h.mul_(2 / max(self.acc.rows, 1))  # (in, in)  TODO(factor): HessianAccumulator.hessian()
         sparsity, nm = self.cfg.target()
         w = self.linear.weight
-        w.copy_(sparsegpt_weight(w, h, sparsity, nm, self.cfg.blocksize, self.cfg.damp).to(w.dtype))
-        self.acc.h = None
+        w.copy_(sparsegpt_weight(w, self.hessian(), sparsity, nm, self.cfg.blocksize, self.cfg.damp).to(w.dtype))
 
 
 def _check_layers(layers: list[tuple[str, nn.Linear]], nm: tuple[int, int] | None) -> None:
