@@ -17,8 +17,8 @@ from lmforge.errors import InputError
 from lmforge.models.presets import preset
 from lmforge.models.transformer import Transformer
 from lmforge.transforms import count_parameters
-from lmforge.transforms.quant import (QuantLinear, dequantize_weight, pack_int4, quantization_config, quantize_rtn,
-                                      quantize_weight, save_quantized, unpack_int4)
+from lmforge.transforms.quant import (QuantLinear, dequantize_weight, pack_int4, quantization_config,
+                                      quantize_embedding, quantize_rtn, quantize_weight, save_quantized, unpack_int4)
 
 SETTINGS = [(bits, group, sym) for bits in (8, 4) for group in (None, 32) for sym in (True, False)]
 
@@ -219,6 +219,40 @@ def test_save_bf16_casts_floats_only(tmp_path):
     loaded, _ = lmforge.load(tmp_path / "q")
     assert torch.equal(loaded.blocks[0].attn.q.weight, model.blocks[0].attn.q.weight)
     assert torch.equal(loaded.blocks[0].attn.q.weight_scale, model.blocks[0].attn.q.weight_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_embedding_is_stored_as_codes_and_reloads_and_resaves_identically(tmp_path, dtype):
+    model = tiny().to(dtype)
+    float_emb = model.embed.tokens.weight.detach().float().clone()
+    quantize_rtn(model, 8, None, True)
+    quantize_embedding(model)
+    codes, scale, _ = quantize_weight(float_emb, 8, None, True)
+    dq = dequantize_weight(codes, scale, None, 8, True)  # (V, C) float32
+    assert torch.equal(model.embed.tokens.weight, dq.to(dtype))  # the model computes with the int8 values
+    assert 0 < (dq - float_emb).abs().max() <= scale.float().max() / 2 + 1e-6
+    save_quantized(model, None, tmp_path / "q")
+    raw = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert raw["model.embed_tokens.weight"].dtype == torch.int8 and torch.equal(raw["model.embed_tokens.weight"], codes)
+    assert torch.equal(raw["model.embed_tokens.weight_scale"], scale)
+    conf = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert conf["quantization_config"]["embedding_bits"] == 8 and conf["dtype"] == str(dtype)[6:]
+    loaded, _ = lmforge.load(tmp_path / "q", dtype=dtype)
+    assert torch.equal(loaded.embed.tokens.weight, model.embed.tokens.weight)
+    x = torch.randint(0, 512, (2, 9))
+    if dtype == torch.float32:  # (a model cast to bfloat16 keeps bfloat16 RoPE frequencies, a loaded one float32)
+        assert torch.equal(loaded(x).logits, model(x).logits)  # the tied head uses the same int8 values
+    save_quantized(loaded, None, tmp_path / "again")
+    assert load_file(str(tmp_path / "again" / "model.safetensors")).keys() == raw.keys()
+    for k, v in load_file(str(tmp_path / "again" / "model.safetensors")).items():
+        assert torch.equal(v, raw[k]), k
+    size = (tmp_path / "q" / "model.safetensors").stat().st_size
+    save_quantized(quantize_rtn(tiny(), 8, None, True), None, tmp_path / "float-embedding")
+    assert size < (tmp_path / "float-embedding" / "model.safetensors").stat().st_size
+    raw.pop("model.embed_tokens.weight_scale")
+    save_file(raw, str(tmp_path / "q" / "model.safetensors"))
+    with pytest.raises(InputError, match="embedding_bits is 8 but the weights hold no int8"):
+        lmforge.load(tmp_path / "q")
 
 
 def test_load_rejects_tampered_folders(tmp_path):

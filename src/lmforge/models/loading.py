@@ -253,7 +253,10 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLik
         out = hf.state_dict_to_hf(sd, cfg)
         conf = hf.config_to_hf(cfg)
         conf.update(extra_config or {})
-        conf["dtype"] = str(next(iter(out.values())).dtype).removeprefix("torch.")
+        kinds = [v.dtype for v in out.values()]  # the parameters' dtype, not an int8 code's or a float16 scale's
+        kind = next((d for d in kinds if d.is_floating_point and d != torch.float16), None) or \
+            next((d for d in kinds if d.is_floating_point), kinds[0])
+        conf["dtype"] = str(kind).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         _write_weights(out, tmp, max_shard_bytes)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}

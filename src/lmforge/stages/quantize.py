@@ -1,5 +1,6 @@
 """`lmforge quantize --model M --method rtn|gptq --bits 8|4 [--group-size 32|64|128] --output DIR|FILE.gguf`:
-weight-only quantization of the linear layers inside the blocks (embeddings, norms and the LM head stay float),
+weight-only quantization of the linear layers inside the blocks (norms stay float; the token embedding, and a tied
+LM head with it, is stored int8 per row with embedding=true),
 saved as a folder that `lmforge.load` rebuilds exactly (same integer codes and scales) or as a GGUF file of
 llama.cpp blocks packed from those codes (Q8_0: 8 bits symmetric, Q4_0: 4 bits symmetric, Q4_1: 4 bits
 asymmetric, all with group_size 32). Writes compress.json: size, held-out bits per byte, a task metric and decode
@@ -28,6 +29,8 @@ class Config:
     """Input columns sharing one scale (32, 64, 128); null: one scale per output channel. GGUF needs 32."""
     symmetric: bool = True
     """Symmetric codes around zero (scale only) or asymmetric (scale and minimum)."""
+    embedding: bool = False
+    """Also store the token embedding (with tied embeddings, the output head too) as int8, one scale per token."""
     act_order: bool = False
     """gptq: quantize columns in order of decreasing Hessian diagonal (groups stay on the original columns)."""
     damp: float = 0.01
@@ -56,6 +59,9 @@ class Config:
         if self.calibration_samples < 1 or self.calibration_seq_len < 2:
             raise ValueError(f"calibration_samples must be >= 1 and calibration_seq_len >= 2, found "
                              f"{self.calibration_samples}, {self.calibration_seq_len}")
+        if self.output.endswith(".gguf") and self.embedding:
+            raise ValueError(f"output {self.output}: embedding=true is for a folder (a .gguf keeps the embedding "
+                             f"float); drop one of them")
         if self.output.endswith(".gguf") and (self.group_size != 32 or (self.bits == 8 and not self.symmetric)):
             raise ValueError(f"a .gguf output holds llama.cpp blocks of 32 weights: Q8_0 (bits 8, symmetric), Q4_0 "
                              f"(bits 4, symmetric), Q4_1 (bits 4, symmetric=false), all with group_size 32; found "
@@ -68,7 +74,7 @@ def main(cfg: Config) -> int:
     import torch
 
     from ..eval.compression import load_measured, report_saved
-    from ..transforms.quant import quantize_rtn, save_quantized
+    from ..transforms.quant import quantize_embedding, quantize_rtn, save_quantized
 
     dtype = getattr(torch, cfg.dtype)
     model, tok, before = load_measured(cfg.model, dtype, cfg.eval, "quantize")
@@ -84,6 +90,8 @@ def main(cfg: Config) -> int:
         model = model.to(dtype)
     else:
         quantize_rtn(model, cfg.bits, cfg.group_size, cfg.symmetric)
+    if cfg.embedding:
+        quantize_embedding(model)
     seconds = time.perf_counter() - t
     if cfg.output.endswith(".gguf"):
         from pathlib import Path

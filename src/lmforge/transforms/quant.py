@@ -28,7 +28,7 @@ from ..models.transformer import Transformer
 from ..tokenizer.base import Tokenizer
 
 __all__ = ["QuantLinear", "quantize_weight", "dequantize_weight", "group_params", "quantize_values",
-           "dequantize_values", "pack_int4", "unpack_int4", "quantize_rtn", "quantization_config",
+           "dequantize_values", "pack_int4", "unpack_int4", "quantize_rtn", "quantize_embedding", "quantization_config",
            "block_linears", "prepare_quantized", "save_quantized", "load_quantized", "is_quantized_folder",
            "QUANT_METHOD"]
 
@@ -291,6 +291,42 @@ def quantize_rtn(model: nn.Module, bits: int = 8, group_size: int | None = None,
     return model
 
 
+EMBEDDING = "embed.tokens"
+"""The token embedding's module name (with tied embeddings, also the output head's weight)."""
+
+
+@torch.no_grad()
+def quantize_embedding(model: nn.Module) -> nn.Module:
+    """Round the token embedding (V, C) to int8 with one float16 scale per token row (symmetric, d = max|w| / 127),
+    in place: the model keeps a float embedding holding exactly the dequantized values (so a tied output head
+    computes with them too), and `save_quantized` stores it as codes and scales (a quarter of float32 on disk).
+    Re-quantizing those values gives back the same codes and scales, so a reload re-saves identically."""
+    emb = model.get_submodule(EMBEDDING)
+    codes, scale, _ = quantize_weight(emb.weight, 8, None, True)  # (V, C) int8, (V, 1) float16
+    emb.weight.copy_(dequantize_weight(codes, scale, None, 8, True).to(emb.weight.dtype))
+    emb.stored_int8 = True
+    return model
+
+
+class _EmbeddingCodes(nn.Module):
+    """What `save_quantized` writes for an int8 embedding: `weight` int8 (V, C) and `weight_scale` float16 (V, 1)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        codes, scale, _ = quantize_weight(weight, 8, None, True)
+        self.register_buffer("weight", codes)
+        self.register_buffer("weight_scale", scale)
+
+
+def _dequantized_embedding(sd: dict[str, Tensor], where: str) -> None:
+    """Replace the stored int8 embedding codes and scales of `sd` by the float32 weight they stand for."""
+    codes, scale = sd.pop(f"{EMBEDDING}.weight", None), sd.pop(f"{EMBEDDING}.weight_scale", None)
+    if codes is None or scale is None or codes.dtype != torch.int8 or scale.shape != (codes.shape[0], 1):
+        raise InputError(f"{where}: quantization_config.embedding_bits is 8 but the weights hold no int8 "
+                         f"{EMBEDDING}.weight (V, C) with a float16 {EMBEDDING}.weight_scale (V, 1)")
+    sd[f"{EMBEDDING}.weight"] = dequantize_weight(codes, scale, None, 8, True)
+
+
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """`quantization_config` for config.json: {"quant_method": "lmforge", "method", "bits", "group_size" (null: per
     channel), "symmetric", "modules": [names]}; ValueError when the model has no QuantLinear or mixes settings."""
@@ -302,8 +338,18 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         raise ValueError(f"layers mix quantization settings (method, bits, group_size, symmetric) "
                          f"{sorted(kinds, key=str)}; one config.json describes one setting")
     (method, bits, group_size, symmetric), = kinds
-    return {"quant_method": QUANT_METHOD, "method": method, "bits": bits, "group_size": group_size,
-            "symmetric": symmetric, "modules": [n for n, _ in layers]}
+    qc = {"quant_method": QUANT_METHOD, "method": method, "bits": bits, "group_size": group_size,
+          "symmetric": symmetric, "modules": [n for n, _ in layers]}
+    if getattr(_find(model, EMBEDDING), "stored_int8", False):
+        qc["embedding_bits"] = 8
+    return qc
+
+
+def _find(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def prepare_quantized(model: nn.Module, qc: dict[str, Any], where: str = "config.json") -> nn.Module:
@@ -343,7 +389,14 @@ def save_quantized(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *,
     if getattr(getattr(model, "cfg", None), "family", None) == "gpt2":
         raise ValueError("saving a quantized gpt2-family model is not supported: its Hugging Face layout fuses "
                          "q, k, v into one Conv1D (c_attn); quantize a llama/mistral/qwen2 or bert model")
-    return save(model, tokenizer, path, dtype=dtype, extra_config={"quantization_config": qc}, **kwargs)
+    if "embedding_bits" not in qc:
+        return save(model, tokenizer, path, dtype=dtype, extra_config={"quantization_config": qc}, **kwargs)
+    emb = model.get_submodule(EMBEDDING)
+    set_module(model, EMBEDDING, _EmbeddingCodes(emb.weight))  # stored as codes for the time of the save
+    try:
+        return save(model, tokenizer, path, dtype=dtype, extra_config={"quantization_config": qc}, **kwargs)
+    finally:
+        set_module(model, EMBEDDING, emb)
 
 
 def is_quantized_folder(path: str | os.PathLike) -> bool:
@@ -374,10 +427,15 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str | None = No
     sd, unmatched = hf.state_dict_from_hf(raw, cfg)
     if unmatched:
         raise InputError(f"{path}: weights {unmatched[:5]} are not part of a {cfg.family} model")
+    qc = conf["quantization_config"]
+    if qc.get("embedding_bits") is not None:
+        if qc["embedding_bits"] != 8:
+            raise InputError(f"{where}: quantization_config.embedding_bits is {qc['embedding_bits']!r}, expected 8")
+        _dequantized_embedding(sd, where)
     with torch.device("meta"):
         model = Transformer(cfg)
     try:
-        prepare_quantized(model, conf["quantization_config"], where)
+        prepare_quantized(model, qc, where)
     except ValueError as e:
         raise InputError(str(e)) from None
     expected = model.state_dict()
@@ -394,5 +452,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str | None = No
     cast = {k: v.to(device=device, dtype=v.dtype if k in buffers or dtype is None else dtype) for k, v in sd.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     model.reset_rope()
+    if qc.get("embedding_bits") is not None:
+        model.get_submodule(EMBEDDING).stored_int8 = True  # a re-save stores the same codes again
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     return model.eval(), tok
