@@ -108,3 +108,18 @@ def test_prune_refuses_both_sparsity_and_a_pattern_in_one_line(tiny_dir, tmp_pat
     err = capsys.readouterr().err
     assert "both sparsity (0.5) and pattern ('2:4')" in err and "Traceback" not in err
     assert not (tmp_path / "p").exists()
+
+
+def test_quantize_nf4_writes_a_folder_that_runs_in_the_engine(tiny_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import lmforge
+    from lmforge.transforms.quantize import NF4Linear
+
+    out = tmp_path / "nf4"
+    assert cli.main(["quantize", str(tiny_dir), f"output={out}", "method=nf4", "bits=4", "embedding=true",
+                     *EVAL]) == 0
+    report = json.loads((out / "compress.json").read_text())
+    assert report["after"]["decode_tokens_per_s"] > 0 and report["after"]["stdlib-ppl"]["bits_per_byte"] > 0
+    assert report["after"]["size_bytes"] < 0.3 * report["before"]["size_bytes"]  # 4-bit blocks, int8 embedding
+    model, _ = lmforge.load(out)
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 2 * 7

@@ -273,3 +273,29 @@ def test_load_rejects_tampered_folders(tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(conf))
     with pytest.raises(InputError, match="blocks.0.attn_norm.*not a linear layer"):
         lmforge.load(tmp_path / "q")
+
+
+def test_nf4_folder_reloads_the_same_codes_and_state(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lmforge.transforms.quantize import NF4Linear, quantize_nf4
+
+    model = quantize_nf4(tiny(qkv_bias=True, family="qwen2", tie_embeddings=False))
+    quantize_embedding(model)
+    save_quantized(model, None, tmp_path / "nf4")
+    qc = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "nf4" and qc["block_size"] == 64 and qc["double_quant"] and len(qc["modules"]) == 14
+    assert qc["embedding_bits"] == 8
+    loaded, _ = lmforge.load(tmp_path / "nf4")
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    layer = loaded.blocks[1].mlp.down
+    assert isinstance(layer, NF4Linear) and torch.equal(layer.dequantize(), model.blocks[1].mlp.down.dequantize())
+    x = torch.randint(0, 512, (2, 9))
+    assert torch.equal(loaded(x).logits, model(x).logits)
+    raw = load_file(str(tmp_path / "nf4" / "model.safetensors"))
+    save_file({k: v for k, v in raw.items() if not k.endswith("mlp.up_proj.weight_absmax")},
+              str(tmp_path / "nf4" / "model.safetensors"))
+    with pytest.raises(InputError, match=r"NF4 layer blocks.0.mlp.up lacks \['weight_absmax'\]"):
+        lmforge.load(tmp_path / "nf4")

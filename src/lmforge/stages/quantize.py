@@ -1,4 +1,4 @@
-"""`lmforge quantize --model M --method rtn|gptq --bits 8|4 [--group-size 32|64|128] --output DIR|FILE.gguf`:
+"""`lmforge quantize --model M --method rtn|gptq|nf4 --bits 8|4 [--group-size 32|64|128] --output DIR|FILE.gguf`:
 weight-only quantization of the linear layers inside the blocks (norms stay float; the token embedding, and a tied
 LM head with it, is stored int8 per row with embedding=true),
 saved as a folder that `lmforge.load` rebuilds exactly (same integer codes and scales) or as a GGUF file of
@@ -21,8 +21,9 @@ POSITIONAL = ("model",)
 class Config:
     model: str
     """Model to quantize: a Hugging Face folder, a .gguf file, a hub id or a local alias (smollm2-135m-instruct)."""
-    method: Literal["rtn", "gptq"] = "rtn"
-    """rtn: round to nearest; gptq: GPTQ (Frantar et al. 2022), error-compensating, calibrated on `calibration`."""
+    method: Literal["rtn", "gptq", "nf4"] = "rtn"
+    """rtn: round to nearest; gptq: GPTQ (Frantar et al. 2022), error-compensating, calibrated on `calibration`;
+    nf4: 4-bit NormalFloat in blocks of 64 with double-quantized scales (QLoRA's, through bitsandbytes; bits 4)."""
     bits: Literal[4, 8] = 8
     """Bits per weight."""
     group_size: int | None = None
@@ -59,6 +60,9 @@ class Config:
         if self.calibration_samples < 1 or self.calibration_seq_len < 2:
             raise ValueError(f"calibration_samples must be >= 1 and calibration_seq_len >= 2, found "
                              f"{self.calibration_samples}, {self.calibration_seq_len}")
+        if self.method == "nf4" and (self.bits != 4 or self.output.endswith(".gguf")):
+            raise ValueError(f"method nf4 is 4-bit NormalFloat to a folder; found bits {self.bits}, output "
+                             f"{self.output}")
         if self.output.endswith(".gguf") and self.embedding:
             raise ValueError(f"output {self.output}: embedding=true is for a folder (a .gguf keeps the embedding "
                              f"float); drop one of them")
@@ -88,6 +92,10 @@ def main(cfg: Config) -> int:
         model = model.float()  # GPTQ's Hessian and updates in float32
         gptq_quantize(model, windows, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp)
         model = model.to(dtype)
+    elif cfg.method == "nf4":
+        from ..transforms.quantize import quantize_nf4
+
+        quantize_nf4(model)
     else:
         quantize_rtn(model, cfg.bits, cfg.group_size, cfg.symmetric)
     if cfg.embedding:

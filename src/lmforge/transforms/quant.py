@@ -26,6 +26,7 @@ from ..models import hf
 from ..models.loading import read_safetensors, save
 from ..models.transformer import Transformer
 from ..tokenizer.base import Tokenizer
+from .quantize import NF4Linear
 
 __all__ = ["QuantLinear", "quantize_weight", "dequantize_weight", "group_params", "quantize_values",
            "dequantize_values", "pack_int4", "unpack_int4", "quantize_rtn", "quantize_embedding", "quantization_config",
@@ -308,14 +309,25 @@ def quantize_embedding(model: nn.Module) -> nn.Module:
     return model
 
 
-class _EmbeddingCodes(nn.Module):
-    """What `save_quantized` writes for an int8 embedding: `weight` int8 (V, C) and `weight_scale` float16 (V, 1)."""
+class _Stored(nn.Module):
+    """A module holding only the named tensors `save_quantized` writes in place of a layer for the time of a save
+    (an int8 embedding's codes and scales; an NF4 layer's packed codes and quantization state)."""
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, tensors: dict[str, Tensor]):
         super().__init__()
-        codes, scale, _ = quantize_weight(weight, 8, None, True)
-        self.register_buffer("weight", codes)
-        self.register_buffer("weight_scale", scale)
+        for k, v in tensors.items():
+            self.register_buffer(k, v)
+
+
+NF4_KEYS = {"absmax": "weight_absmax", "quant_map": "weight_quant_map", "nested_absmax": "weight_nested_absmax",
+            "nested_quant_map": "weight_nested_quant_map", "quant_state.bitsandbytes__nf4": "weight_quant_state"}
+"""bitsandbytes' quantization-state keys of an NF4 weight -> the one-word names a saved folder stores them under."""
+
+
+def _stored_nf4(layer: NF4Linear) -> _Stored:
+    state = {NF4_KEYS[k]: v for k, v in layer.quant_state.as_dict(packed=True).items()}
+    bias = {} if layer.bias is None else {"bias": layer.bias.detach()}
+    return _Stored({"weight": layer.weight, **state, **bias})
 
 
 def _dequantized_embedding(sd: dict[str, Tensor], where: str) -> None:
@@ -330,7 +342,18 @@ def _dequantized_embedding(sd: dict[str, Tensor], where: str) -> None:
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """`quantization_config` for config.json: {"quant_method": "lmforge", "method", "bits", "group_size" (null: per
     channel), "symmetric", "modules": [names]}; ValueError when the model has no QuantLinear or mixes settings."""
+    nf4 = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if nf4 and not layers:
+        kinds = {(m.block_size, m.double_quant) for _, m in nf4}
+        if len(kinds) > 1:
+            raise ValueError(f"NF4 layers mix (block_size, double_quant) {sorted(kinds)}; one config.json describes one")
+        (block, double), = kinds
+        qc = {"quant_method": QUANT_METHOD, "method": "nf4", "bits": 4, "block_size": block, "double_quant": double,
+              "modules": [n for n, _ in nf4]}
+        return _with_embedding(model, qc)
+    if nf4:
+        raise ValueError("the model mixes NF4 and integer QuantLinear layers; one config.json describes one setting")
     if not layers:
         raise ValueError("the model has no QuantLinear layers; quantize it first (quantize_rtn, gptq_quantize)")
     kinds = {(m.method, m.bits, m.group_size, m.symmetric) for _, m in layers}
@@ -338,8 +361,11 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         raise ValueError(f"layers mix quantization settings (method, bits, group_size, symmetric) "
                          f"{sorted(kinds, key=str)}; one config.json describes one setting")
     (method, bits, group_size, symmetric), = kinds
-    qc = {"quant_method": QUANT_METHOD, "method": method, "bits": bits, "group_size": group_size,
-          "symmetric": symmetric, "modules": [n for n, _ in layers]}
+    return _with_embedding(model, {"quant_method": QUANT_METHOD, "method": method, "bits": bits,
+                                   "group_size": group_size, "symmetric": symmetric, "modules": [n for n, _ in layers]})
+
+
+def _with_embedding(model: nn.Module, qc: dict[str, Any]) -> dict[str, Any]:
     if getattr(_find(model, EMBEDDING), "stored_int8", False):
         qc["embedding_bits"] = 8
     return qc
@@ -352,17 +378,21 @@ def _find(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def prepare_quantized(model: nn.Module, qc: dict[str, Any], where: str = "config.json") -> nn.Module:
+def prepare_quantized(model: nn.Module, qc: dict[str, Any], where: str = "config.json",
+                      device: str | torch.device | None = None) -> nn.Module:
     """Replace the linears `qc["modules"]` names by empty QuantLinears of its bits / group_size / symmetry (on the
-    linears' device, e.g. meta), ready for `load_state_dict`; ValueError naming a bad key or module."""
-    for key in ("bits", "group_size", "symmetric", "modules"):
+    linears' device, e.g. meta), or by empty NF4Linears when qc's method is nf4 (on `device`, where bitsandbytes
+    puts their state as it loads), ready for `load_state_dict`; ValueError naming a bad key or module."""
+    nf4 = qc.get("method") == "nf4"
+    for key in ("block_size", "double_quant", "modules") if nf4 else ("bits", "group_size", "symmetric", "modules"):
         if key not in qc:
-            raise ValueError(f"{where}: quantization_config has no {key!r}; expected bits, group_size, symmetric, "
-                             f"modules (found {sorted(qc)})")
+            raise ValueError(f"{where}: quantization_config has no {key!r}; expected "
+                             f"{'block_size, double_quant' if nf4 else 'bits, group_size, symmetric'}, modules "
+                             f"(found {sorted(qc)})")
     names = qc["modules"]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{where}: quantization_config.modules is {names!r}, expected a list of module names")
-    group = None if qc["group_size"] in (None, -1) else qc["group_size"]
+    group = None if qc.get("group_size") in (None, -1) else qc["group_size"]
     for name in names:
         try:
             lin = model.get_submodule(name)
@@ -371,6 +401,11 @@ def prepare_quantized(model: nn.Module, qc: dict[str, Any], where: str = "config
         if type(lin) is not nn.Linear or not name.startswith("blocks."):
             raise ValueError(f"{where}: quantization_config.modules names {name!r}, which is not a linear layer in "
                              f"the blocks of this model")
+        if nf4:
+            set_module(model, name, NF4Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                                              bool(qc["double_quant"]), int(qc["block_size"]),
+                                              device=device or lin.weight.device))  # its state loads on `device`
+            continue
         try:
             q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, bits=qc["bits"],
                             group_size=group, symmetric=qc["symmetric"], method=str(qc.get("method", "rtn")),
@@ -389,14 +424,18 @@ def save_quantized(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *,
     if getattr(getattr(model, "cfg", None), "family", None) == "gpt2":
         raise ValueError("saving a quantized gpt2-family model is not supported: its Hugging Face layout fuses "
                          "q, k, v into one Conv1D (c_attn); quantize a llama/mistral/qwen2 or bert model")
-    if "embedding_bits" not in qc:
-        return save(model, tokenizer, path, dtype=dtype, extra_config={"quantization_config": qc}, **kwargs)
-    emb = model.get_submodule(EMBEDDING)
-    set_module(model, EMBEDDING, _EmbeddingCodes(emb.weight))  # stored as codes for the time of the save
+    swaps = {n: _stored_nf4(m) for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    if "embedding_bits" in qc:
+        codes, scale, _ = quantize_weight(model.get_submodule(EMBEDDING).weight, 8, None, True)
+        swaps[EMBEDDING] = _Stored({"weight": codes, "weight_scale": scale})  # (V, C) int8, (V, 1) float16
+    kept = {n: model.get_submodule(n) for n in swaps}
+    for n, m in swaps.items():  # stored as codes and states for the time of the save
+        set_module(model, n, m)
     try:
         return save(model, tokenizer, path, dtype=dtype, extra_config={"quantization_config": qc}, **kwargs)
     finally:
-        set_module(model, EMBEDDING, emb)
+        for n, m in kept.items():
+            set_module(model, n, m)
 
 
 def is_quantized_folder(path: str | os.PathLike) -> bool:
@@ -406,6 +445,18 @@ def is_quantized_folder(path: str | os.PathLike) -> bool:
         return False
     qc = hf.read_config(conf).get("quantization_config")
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def _nf4_states(sd: dict[str, Tensor], qc: dict[str, Any], where: str) -> dict[str, dict[str, Tensor]]:
+    """Take each NF4 layer's stored quantization state out of `sd`: {layer name: bitsandbytes' as_dict keys}."""
+    states = {}
+    for name in qc.get("modules", []):
+        state = {k: sd.pop(f"{name}.{stored}") for k, stored in NF4_KEYS.items() if f"{name}.{stored}" in sd}
+        needed = {"absmax", "quant_map", "quant_state.bitsandbytes__nf4"}
+        if not needed <= state.keys():
+            raise InputError(f"{where}: NF4 layer {name} lacks {sorted(NF4_KEYS[k] for k in needed - state.keys())}")
+        states[name] = state
+    return states
 
 
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -432,10 +483,11 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str | None = No
         if qc["embedding_bits"] != 8:
             raise InputError(f"{where}: quantization_config.embedding_bits is {qc['embedding_bits']!r}, expected 8")
         _dequantized_embedding(sd, where)
+    states = _nf4_states(sd, qc, where) if qc.get("method") == "nf4" else {}
     with torch.device("meta"):
         model = Transformer(cfg)
     try:
-        prepare_quantized(model, qc, where)
+        prepare_quantized(model, qc, where, device)
     except ValueError as e:
         raise InputError(str(e)) from None
     expected = model.state_dict()
@@ -450,6 +502,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str | None = No
             raise InputError(f"{path}: weight {k} is {str(v.dtype).removeprefix('torch.')} {tuple(v.shape)}, "
                              f"expected {str(e.dtype).removeprefix('torch.')} {tuple(e.shape)}")
     cast = {k: v.to(device=device, dtype=v.dtype if k in buffers or dtype is None else dtype) for k, v in sd.items()}
+    for name, state in states.items():  # NF4Linear loads its packed weight together with its state
+        cast.update({f"{name}.weight.{k}": v.to(device) for k, v in state.items()})
     model.load_state_dict(cast, strict=True, assign=True)
     model.reset_rope()
     if qc.get("embedding_bits") is not None:

@@ -96,6 +96,8 @@ class NF4Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.quant_state is None:  # an empty skeleton, to be filled by a load
+            return
         for k, v in self.quant_state.as_dict(packed=True).items():
             destination[f"{prefix}weight.{k}"] = v
 
