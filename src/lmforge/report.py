@@ -8,7 +8,9 @@ before -> after for training stages; task, metric, value and uncertainty for `ev
 config hash, data fingerprints, lmforge version, from stage.json / lmforge.json) and the resolved config. Several
 `evaluate` stages are also put side by side in one table (before vs after across the pipeline). A curation stage
 (curate.json) shows its funnel (documents kept and removed per step, with the reasons) and the first removed
-documents of each reason.
+documents of each reason. Compress stages (quantize, prune, distill, export: compress.json) are put on one size /
+quality plot — size on disk against held-out bits per byte, each point labelled with its decode tokens/s — with
+their before -> after table.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StageRun", "read_run", "render_html", "text_summary", "write_report", "funnel_rows"]
+__all__ = ["StageRun", "read_run", "render_html", "text_summary", "write_report", "funnel_rows",
+           "compress_rows"]
 
 CURVES = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
           ("tokens / s", ("tokens_per_s",)))
@@ -46,6 +49,8 @@ class StageRun:
     """curate.json of a curation stage: the funnel."""
     removed: dict[str, list[str]] = field(default_factory=dict)
     """A curation stage's first removed documents per `step: reason` (excerpts)."""
+    compress: dict[str, Any] | None = None
+    """compress.json of a compress stage (quantize, prune, distill, export): before, after."""
 
 
 def _json(path: Path) -> Any:
@@ -74,7 +79,16 @@ def _stage(name: str, verb: str, folder: Path, info: dict[str, Any]) -> StageRun
     curated = _json(folder / "curate.json")
     return StageRun(name, verb, folder, info.get("status", "done"), info.get("seconds"), metrics,
                     _json(folder / "eval.json"), lineage, config, curated,
-                    _removed_examples(folder / "removed") if curated else {})
+                    _removed_examples(folder / "removed") if curated else {}, _compress_json(folder))
+
+
+def _compress_json(folder: Path) -> dict[str, Any] | None:
+    """The compress.json a stage wrote: in its folder, its final/ model (distill) or beside a file (x.compress.json)."""
+    for path in (folder / "compress.json", folder / "final" / "compress.json", *sorted(folder.glob("*.compress.json"))):
+        found = _json(path)
+        if isinstance(found, dict) and "before" in found and "after" in found:
+            return found
+    return None
 
 
 def _removed_examples(folder: Path, per_reason: int = 2, chars: int = 300) -> dict[str, list[str]]:
@@ -117,9 +131,13 @@ def read_run(run_dir: str | Path) -> list[StageRun]:
     info = _json(run / "lmforge.json") or {}
     if (run / "curate.json").exists():
         return [_stage(run.name, "curate", run, info)]
+    found = _compress_json(run)
+    if found is not None and not (run / "metrics.jsonl").exists():
+        return [_stage(run.name, str(found.get("command", "compress")), run, info)]
     if not (run / "metrics.jsonl").exists() and not (run / "eval.json").exists():
         raise FileNotFoundError(f"{run}: neither a pipeline (pipeline.json) nor a run directory (metrics.jsonl, "
-                                "eval.json) nor a curation output (curate.json)")
+                                "eval.json) nor a curation output (curate.json) nor a compress output "
+                                "(compress.json)")
     return [_stage(run.name, info.get("stage", "run"), run, info)]
 
 
@@ -261,6 +279,79 @@ def _funnel_png(stage: StageRun) -> str | None:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _quality(side: dict[str, Any]) -> float | None:
+    """Held-out bits per byte of one side of compress.json (the first task reporting it)."""
+    for v in side.values():
+        if isinstance(v, dict) and isinstance(v.get("bits_per_byte"), (int, float)):
+            return float(v["bits_per_byte"])
+    return None
+
+
+def _task_metric(side: dict[str, Any]) -> str:
+    for task, v in side.items():
+        if isinstance(v, dict) and "bits_per_byte" not in v and v:
+            metric, value = next(iter(v.items()))
+            if isinstance(value, (int, float)):
+                return f"{task} {metric} {value:.4f}"
+    return "–"
+
+
+def compress_rows(stages: list[StageRun]) -> list[list[str]]:
+    """(stage, command, size MB, bits per byte, task metric, decode tokens/s), each as before → after."""
+    def mb(side: dict[str, Any]) -> str:
+        n = side.get("size_bytes")
+        return "–" if not isinstance(n, (int, float)) else f"{n / 1e6:.1f}"
+
+    def arrow(a: str, b: str) -> str:
+        return f"{a} → {b}"
+
+    rows = []
+    for s in stages:
+        if not s.compress:
+            continue
+        b, a = s.compress["before"], s.compress["after"]
+        rows.append([s.name, str(s.compress.get("command", s.verb)), arrow(mb(b), mb(a)),
+                     arrow(_fmt(_quality(b)), _fmt(_quality(a))), arrow(_task_metric(b), _task_metric(a)),
+                     arrow(_fmt(b.get("decode_tokens_per_s")), _fmt(a.get("decode_tokens_per_s")))])
+    return rows
+
+
+def _tradeoff_png(stages: list[StageRun]) -> str | None:
+    """Size on disk (MB) against held-out bits per byte: each compress stage's input and output, arrows between,
+    labelled with decode tokens/s."""
+    pairs = [(s, s.compress["before"], s.compress["after"]) for s in stages if s.compress]
+    pts = [(s.name, b, a) for s, b, a in pairs if _quality(b) is not None and _quality(a) is not None
+           and b.get("size_bytes") and a.get("size_bytes")]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, b, a in pts:
+        (x0, y0), (x1, y1) = ((side["size_bytes"] / 1e6, _quality(side)) for side in (b, a))
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "#888", "lw": 1})
+        ax.scatter([x0], [y0], color="#555", s=24, zorder=3)
+        ax.scatter([x1], [y1], s=36, zorder=3, label=name)
+        for x, y, side in ((x0, y0, b), (x1, y1, a)):
+            speed = side.get("decode_tokens_per_s")
+            ax.text(x, y, f"  {speed:.0f} tok/s" if isinstance(speed, (int, float)) else "", fontsize=7,
+                    va="center")
+    ax.set_xlabel("size on disk (MB)", fontsize=8)
+    ax.set_ylabel("held-out bits per byte (lower is better)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("compression: size, quality and decode speed (grey: before)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 # ---- output
 
 
@@ -288,6 +379,12 @@ def render_html(stages: list[StageRun], title: str) -> str:
                  str(s.lineage.get("output", ""))] for s in stages]
     parts.append("<h2>Stages</h2>" + _table(["stage", "verb", "status", "seconds", "logged steps", "last loss",
                                                "output"], overview))
+    crows = compress_rows(stages)
+    if crows:
+        plot = _tradeoff_png(stages)
+        parts.append("<h2>Compression</h2>" + (f"<img alt='size and quality' src='data:image/png;base64,{plot}'>"
+                                                if plot else "")
+                     + _table(["stage", "command", "size MB", "bits/byte", "task", "decode tok/s"], crows))
     names, table = _evaluations(stages)
     if names:
         parts.append("<h2>Evaluations side by side</h2>" + _table(["task · metric", *names],
@@ -336,6 +433,8 @@ def text_summary(stages: list[StageRun]) -> str:
                      + (f"  loss {loss:.4g}" if loss is not None else ""))
         for step, n_in, kept, removed, why, _ in funnel_rows(s):
             lines.append(f"    {step}: {n_in} in, {kept} kept" + (f" ({why})" if why else ""))
+        for _, command, size, bpb, task, speed in compress_rows([s]):
+            lines.append(f"    {command}: size MB {size}, bits/byte {bpb}, decode tok/s {speed}")
         for metric, a, b in eval_rows(s)[:8]:
             arrow = f"{a} -> {b}" if "tasks" not in (s.eval or {}) else f"{a} {b}".rstrip()
             lines.append(f"    {metric}: {arrow}")

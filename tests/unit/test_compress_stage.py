@@ -45,6 +45,11 @@ def test_quantize_rtn_writes_a_folder_that_reloads_and_reports_before_and_after(
     assert report["after_over_before"]["size_bytes"] == after["size_bytes"] / before["size_bytes"]
     model, _ = lmforge.load(out)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7  # q k v o gate up down per block
+    assert cli.main(["report", str(out)]) == 0  # the size / quality plot and the before -> after table
+    page = (out / "report.html").read_text()
+    assert "<h2>Compression</h2>" in page and "alt='size and quality' src='data:image/png;base64," in page
+    mb = f"{before['size_bytes'] / 1e6:.1f} → {after['size_bytes'] / 1e6:.1f}"
+    assert mb in page
 
 
 def test_quantize_gptq_to_gguf_calibrates_on_text(tiny_dir, tmp_path):
@@ -123,3 +128,27 @@ def test_quantize_nf4_writes_a_folder_that_runs_in_the_engine(tiny_dir, tmp_path
     assert report["after"]["size_bytes"] < 0.3 * report["before"]["size_bytes"]  # 4-bit blocks, int8 embedding
     model, _ = lmforge.load(out)
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 2 * 7
+
+
+def test_a_pipeline_prunes_then_quantizes_and_reports_the_tradeoff(tiny_dir, tmp_path):
+    import yaml
+
+    import lmforge
+    from lmforge.transforms.prune import sparsity_report
+
+    ev = {"tasks": ["stdlib-ppl"], "limit": 2, "decode_tokens": 4, "repeats": 1}
+    spec = {"run_dir": str(tmp_path / "run"), "stages": {
+        "prune": {"config": {"model": str(tiny_dir), "method": "magnitude", "pattern": "2:4", "eval": ev}},
+        "quantize": {"config": {"model": "${prune.output}", "bits": 8, "group_size": 32, "eval": ev}}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    assert cli.main(["pipeline", "--config", str(tmp_path / "p.yaml")]) == 0
+    quantized = tmp_path / "run" / "quantize"
+    report = json.loads((quantized / "compress.json").read_text())
+    assert report["config"]["model"] == str(tmp_path / "run" / "prune")
+    model, _ = lmforge.load(quantized)
+    assert sparsity_report(model, "2:4")["pattern_ok"]  # int8 codes keep the pruned zeros (0 -> code 0)
+    assert cli.main(["report", str(tmp_path / "run")]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    section = page.split("<h2>Compression</h2>", 1)[1].split("<h2", 1)[0]
+    assert "alt='size and quality'" in section
+    assert "<td>prune</td><td>prune</td>" in section and "<td>quantize</td><td>quantize</td>" in section
