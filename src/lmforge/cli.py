@@ -49,6 +49,7 @@ VERBS: dict[str, str] = {
     "distill": "Distill a teacher into a smaller student: KD / reverse KL / JSD, optionally on-policy",
     "pipeline": "Run several verbs in order in one run directory (skips finished stages; --from STAGE re-runs)",
     "report": "Write a self-contained HTML report of a run or pipeline (curves, evaluations, lineage, configs)",
+    "plan": "Plan a run from a model config: parameters, FLOPs, Chinchilla sizing, memory per device (DDP/FSDP/LoRA)",
 }
 """Verb name -> one-line description; verb ``foo-bar`` runs module ``lmforge.stages.foo_bar``."""
 

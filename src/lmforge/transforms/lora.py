@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .quantize import NF4Linear, replace_module, quantize_nf4, to_linear
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "set_adapter", "merge_lora", "unmerge_lora", "unwrap_lora",
-           "adapter_names", "route_adapters", "lora_layers", "linear_names"]
+           "adapter_names", "route_adapters", "lora_layers", "linear_names", "match_targets"]
 
 _BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -183,7 +183,10 @@ def linear_names(model: nn.Module) -> list[str]:
             if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and not (inside and n.startswith(inside))]
 
 
-def _match(names: list[str], targets: list[str]) -> list[str]:
+def match_targets(names: list[str], targets: list[str] | tuple[str, ...]) -> list[str]:
+    """The linear-layer `names` LoRA adapts: a target equal to the last name component (q, up, score) or an
+    fnmatch pattern of the full name (blocks.*.attn.q). ValueError when none match or lm_head does."""
+    targets = list(targets)
     chosen = [n for n in names if any(t == n.rsplit(".", 1)[-1] or fnmatch.fnmatchcase(n, t) for t in targets)]
     if not chosen:
         raise ValueError(f"LoRA targets {targets} match no linear layer; available: {names[:8]}"
@@ -205,7 +208,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.M
     cfg.validate()
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists; adapters: {adapter_names(model)}")
-    chosen = _match(linear_names(model), cfg.targets)
+    chosen = match_targets(linear_names(model), cfg.targets)
     if cfg.quantize == "nf4":
         quantize_nf4(model, double_quant=cfg.double_quant, block_size=cfg.quant_block_size)
         for _, w in lora_layers(model):  # bases wrapped by an earlier adapter
