@@ -46,6 +46,7 @@ VERBS: dict[str, str] = {
     "grpo": "GRPO: G sampled completions per prompt, group-normalised verifiable rewards, clipped objective, KL",
     "quantize": "Quantize a model's weights: int8 / int4 round-to-nearest or GPTQ, to a folder or a GGUF file",
     "prune": "Prune weights to exact zeros: magnitude, Wanda or SparseGPT, unstructured or N:M (2:4)",
+    "export": "Export a model to ONNX (optionally int8/int4 in ONNX Runtime) or GGUF, checked against lmforge",
     "distill": "Distill a teacher into a smaller student: KD / reverse KL / JSD, optionally on-policy",
     "pipeline": "Run several verbs in order in one run directory (skips finished stages; --from STAGE re-runs)",
     "report": "Write a self-contained HTML report of a run or pipeline (curves, evaluations, lineage, configs)",

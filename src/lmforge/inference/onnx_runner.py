@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from ..errors import InputError
 from ..tokenizer import Tokenizer, encode_chat
 
-__all__ = ["OnnxGenerator", "Piece", "choose", "distribution"]
+__all__ = ["OnnxGenerator", "Piece", "check_sampling", "choose", "decode_speed", "distribution"]
 
 _META_FILE = "lmforge_onnx.json"
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -38,7 +39,9 @@ class Piece:
 class OnnxGenerator:
     """An ONNX Runtime session over an exported folder, generating one sequence at a time with a KV cache."""
 
-    def __init__(self, path: str | Path, threads: int = 2, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, path: str | Path, threads: int | None = 2,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        """`threads`: ONNX Runtime's intra-op threads (None: its default, one per physical core)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -50,10 +53,10 @@ class OnnxGenerator:
         self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
         if self.meta.get("dtype") not in _NP_DTYPES:
             raise InputError(f"{meta_file}: dtype {self.meta.get('dtype')!r}; expected one of {sorted(_NP_DTYPES)}")
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, found {threads}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, found {threads}")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads or 0, 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.path / self.meta["model_file"]), opts, providers=list(providers))
         self.tokenizer = Tokenizer.from_dir(self.path)
@@ -97,7 +100,7 @@ class OnnxGenerator:
         generator seeded with `seed`. Stops after max_new_tokens, at the context length, or after an
         end-of-sequence / stop token (which is yielded), unless ignore_eos."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-        _check_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         if not ids:
             raise InputError("the prompt is empty; expected at least one token")
         if len(ids) >= self.max_context:
@@ -142,6 +145,20 @@ class OnnxGenerator:
             yield Piece(token, text)
 
 
+def decode_speed(gen: OnnxGenerator, ids: Sequence[int], new_tokens: int = 64, repeats: int = 2) -> float:
+    """Greedy tokens per second of the runner after the prompt `ids` (prefill included), best of `repeats` after a
+    4-token warm-up: what `eval.compression.decode_speed` times for lmforge's engine, so the two compare."""
+    if new_tokens < 1 or repeats < 1:
+        raise ValueError(f"new_tokens and repeats must be >= 1, found {new_tokens}, {repeats}")
+    gen.generate(ids, 4, ignore_eos=True)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = len(gen.generate(ids, new_tokens, ignore_eos=True))
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
 def distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """Probabilities (V,) that sampling draws from for one row of logits (V,): softmax(z / T) restricted to the
     top_k tokens, then to the smallest set whose mass reaches top_p (the token that crosses it kept)."""
@@ -169,7 +186,8 @@ def choose(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng
     return int(rng.choice(len(p), p=p))
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, penalty: float) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, penalty: float) -> None:
+    """ValueError naming the first sampling setting out of range (what the engine's SamplingParams checks, no torch)."""
     checks = [(max_new_tokens >= 1, "max_new_tokens must be >= 1", max_new_tokens),
               (temperature >= 0 and math.isfinite(temperature), "temperature must be >= 0", temperature),
               (0 < top_p <= 1, "top_p must be in (0, 1]", top_p), (top_k >= 0, "top_k must be >= 0", top_k),

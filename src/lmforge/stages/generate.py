@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from ..inference.options import SamplingOptions
@@ -39,21 +41,41 @@ class Config(Options):
     """Prompt text; read from standard input when omitted."""
     chat: bool = False
     """Wrap the prompt as a user message with the model's chat template."""
+    backend: Literal["lmforge", "onnxruntime"] = "lmforge"
+    """lmforge: its engine (torch); onnxruntime: MODEL is a folder from `lmforge export --format onnx`, decoded by ONNX
+    Runtime without torch (dtype, device and allow_pickle do not apply)."""
+    threads: int | None = None
+    """onnxruntime: intra-op threads (default: ONNX Runtime's, one per physical core)."""
+
+    def validate(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, found {self.threads}")
+        if self.backend == "lmforge":
+            super().validate()
+        else:  # the same ranges, checked without importing torch
+            from ..inference.onnx_runner import check_sampling
+
+            check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty)
 
 
 def main(cfg: Config) -> int:
-    import torch
-
-    from ..inference.engine import Engine
-    from ..tokenizer.chat import encode_chat
-    from ..transforms.peft import load
-
     prompt = cfg.prompt
     if prompt is None:
         if sys.stdin.isatty():
             print("error: give --prompt TEXT or pipe the prompt on standard input", file=sys.stderr)
             return 2
         prompt = sys.stdin.read()
+    if cfg.backend == "onnxruntime":
+        return _generate_onnx(cfg, prompt)
+    if (Path(cfg.model) / "lmforge_onnx.json").is_file():
+        print(f"error: {cfg.model} is an ONNX export; expected --backend onnxruntime to run it", file=sys.stderr)
+        return 2
+    import torch
+
+    from ..inference.engine import Engine
+    from ..tokenizer.chat import encode_chat
+    from ..transforms.peft import load
+
     model, tok = load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, allow_pickle=cfg.allow_pickle)
     if tok is None:
         print(f"error: {cfg.model} has no tokenizer.json; generation needs one", file=sys.stderr)
@@ -71,12 +93,30 @@ def main(cfg: Config) -> int:
     else:
         ids = tok.encode(prompt)
     steps = Engine(model, tok).stream([ids], cfg.params())
+    return _print_stream((out.text, out.completion_tokens) for outs in steps for out in outs)
+
+
+def _generate_onnx(cfg: Config, prompt: str) -> int:
+    """Decode with ONNX Runtime from an exported folder (`inference.onnx_runner`); torch is never imported."""
+    from ..inference.onnx_runner import OnnxGenerator
+
+    try:
+        gen = OnnxGenerator(cfg.model, threads=cfg.threads)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ids = gen.prompt_ids(prompt, cfg.chat, cfg.system)
+    pieces = gen.stream_text(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+    return _print_stream((p.text, n) for n, p in enumerate(pieces, 1))
+
+
+def _print_stream(texts: Iterator[tuple[str, int]]) -> int:
+    """Write each (new text, tokens so far) as it comes, then the count and speed on standard error."""
     start, n = time.perf_counter(), 0
-    for outs in steps:
-        for out in outs:
-            sys.stdout.write(out.text)
-            sys.stdout.flush()
-            n = out.completion_tokens
+    for text, n in texts:
+        sys.stdout.write(text)
+        sys.stdout.flush()
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
     print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
