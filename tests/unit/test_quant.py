@@ -239,6 +239,8 @@ def test_int8_embedding_is_stored_as_codes_and_reloads_and_resaves_identically(t
     assert conf["quantization_config"]["embedding_bits"] == 8 and conf["dtype"] == str(dtype)[6:]
     loaded, _ = lmforge.load(tmp_path / "q", dtype=dtype)
     assert torch.equal(loaded.embed.tokens.weight, model.embed.tokens.weight)
+    as_saved, _ = lmforge.load(tmp_path / "q")  # no dtype given: the embedding comes back in the saved dtype too
+    assert as_saved.embed.tokens.weight.dtype == as_saved.norm.weight.dtype == dtype
     x = torch.randint(0, 512, (2, 9))
     if dtype == torch.float32:  # (a model cast to bfloat16 keeps bfloat16 RoPE frequencies, a loaded one float32)
         assert torch.equal(loaded(x).logits, model(x).logits)  # the tied head uses the same int8 values

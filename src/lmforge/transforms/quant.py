@@ -483,6 +483,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str | None = No
         if qc["embedding_bits"] != 8:
             raise InputError(f"{where}: quantization_config.embedding_bits is {qc['embedding_bits']!r}, expected 8")
         _dequantized_embedding(sd, where)
+        saved = getattr(torch, str(conf.get("dtype", "float32")), torch.float32)  # the other parameters' dtype
+        if isinstance(saved, torch.dtype) and saved.is_floating_point:
+            sd[f"{EMBEDDING}.weight"] = sd[f"{EMBEDDING}.weight"].to(saved)
     states = _nf4_states(sd, qc, where) if qc.get("method") == "nf4" else {}
     with torch.device("meta"):
         model = Transformer(cfg)
