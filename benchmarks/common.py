@@ -18,12 +18,16 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(os.environ.get("LMFORGE_BENCH_SCRATCH") or Path(tempfile.gettempdir()) / "lmforge-bench")
+"""Where benchmarks keep large intermediate files (exported graphs, GGUF files, calibration windows); never the
+repository."""
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]  # LoRA targets: ours, and the same layers by their HF names
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

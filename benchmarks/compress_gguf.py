@@ -10,7 +10,7 @@ same weights.
    so the three counts are reported together; plus lmforge's next-token argmax along llama.cpp's own Q8_0 text.
 2. `gptq`: GPTQ int4 g32 symmetric, act-order with static groups (Frantar et al. 2022) on compress_quant's
    calibration windows (128 x 512 tokens of the standard library without the held-out modules), saved under
-   /tmp/b18s2 for the next part (~4.5 min on 2 cores); without it `q4_0` falls back to RTN and says so.
+   the scratch folder (common.SCRATCH) for the next part (~4.5 min on 2 cores); without it `q4_0` falls back to RTN and says so.
 3. `q4_0`: those codes -> Q4_0 file (f16 embedding, as llama.cpp's own files): read back by
    `load_gguf_quantized`, every layer's codes and scales torch.equal to the QuantLinear's; llama.cpp's next-token
    argmax after every prefix of held-out standard-library text (its KV cache reused) vs lmforge's (float32,
@@ -20,13 +20,13 @@ same weights.
    new tokens with end-of-sequence ignored, each file in its own process, one warm-up, best of --repeats
    interleaved runs, the load average at every run.
 
-Every llama.cpp side runs in its own process; files live under /tmp/b18s2/gguf. Parts merge into
+Every llama.cpp side runs in its own process; files live under the scratch folder (common.SCRATCH)/gguf. Parts merge into
 benchmarks/results/compress_gguf.json.
 
     python benchmarks/compress_gguf.py q8_0            # ~3 min
     python benchmarks/compress_gguf.py gptq            # ~5 min
     python benchmarks/compress_gguf.py q4_0 speed      # ~3 min
-    python benchmarks/compress_gguf.py --quick         # a tiny random model, seconds; result under /tmp/b18s2
+    python benchmarks/compress_gguf.py --quick         # a tiny random model, seconds; result under the scratch folder (common.SCRATCH)
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ def summary(parts: dict[str, dict]) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    """A plain text view of the results so far (the docs' renderer: /tmp/b18s2/render_deploy.py)."""
+    """A plain text view of the results so far (the docs' renderer: benchmarks/tables.py)."""
     parts, lines = result.get("parts", {}), []
     if "equal" in parts.get("q8_0", {}):
         q = parts["q8_0"]
@@ -376,7 +376,7 @@ def main() -> None:
     ap.add_argument("--rtn", action="store_true", help="q4_0 from RTN codes even when the GPTQ folder exists")
     ap.add_argument("--gptq-folder", help="q4_0 from this saved GPTQ int4 g32 symmetric folder (e.g. written by "
                     "`lmforge quantize` or compress_quant) instead of the gptq part's")
-    ap.add_argument("--quick", action="store_true", help="a tiny random model (seconds); results under /tmp/b18s2")
+    ap.add_argument("--quick", action="store_true", help="a tiny random model (seconds); results under the scratch folder (common.SCRATCH)")
     ap.add_argument("--table", action="store_true", help="print the table of the results so far")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--llama-job", help=argparse.SUPPRESS)

@@ -14,11 +14,11 @@ through the torch-free `inference.onnx_runner.OnnxGenerator`, against lmforge's 
    Quality: each backend's perplexity on the first 1024 tokens of the first held-out standard-library module
    (`data.stdlib.stdlib_heldout_texts`), one forward pass.
 
-Graphs live under /tmp/b18s2/onnx (never the repository). Parts merge into benchmarks/results/compress_onnx.json.
+Graphs live under the scratch folder (common.SCRATCH)/onnx (never the repository). Parts merge into benchmarks/results/compress_onnx.json.
 
     python benchmarks/compress_onnx.py export          # ~2-4 min
     python benchmarks/compress_onnx.py decode          # ~3-5 min (needs export's graphs)
-    python benchmarks/compress_onnx.py --quick         # a tiny random model, seconds; result under /tmp/b18s2
+    python benchmarks/compress_onnx.py --quick         # a tiny random model, seconds; result under the scratch folder (common.SCRATCH)
     python benchmarks/compress_onnx.py --table
 """
 
@@ -34,9 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, Record, add_out_argument, load_average, run_child
+from common import RESULTS, Record, SCRATCH, add_out_argument, load_average, run_child
 
-SCRATCH = Path("/tmp/b18s2")
 MODEL = "smollm2-135m-instruct"
 THREADS = 2
 PROMPT_TOKENS, NEW_TOKENS, PPL_TOKENS = 32, 128, 1024
@@ -338,7 +337,7 @@ def summary(parts: dict[str, dict]) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    """A plain text table of the results so far (the docs' renderer: /tmp/b18s2/render_deploy.py)."""
+    """A plain text table of the results so far (the docs' renderer: benchmarks/tables.py)."""
     parts, s = result.get("parts", {}), result.get("summary", {})
     lines = []
     ex = parts.get("export")
@@ -363,7 +362,7 @@ def main() -> None:
     ap.add_argument("parts", nargs="*", help=f"any of {PARTS}")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per backend (interleaved), best reported")
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"decode backends, any of {list(BACKENDS)}")
-    ap.add_argument("--quick", action="store_true", help="a tiny random model (seconds); results under /tmp/b18s2")
+    ap.add_argument("--quick", action="store_true", help="a tiny random model (seconds); results under the scratch folder (common.SCRATCH)")
     ap.add_argument("--table", action="store_true", help="print the table of the results so far")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)

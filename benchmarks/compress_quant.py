@@ -4,7 +4,7 @@ seconds and reload exactness.
 
 Each configuration runs in its own process: load SmolLM2 (float32), quantize the block linears (GPTQ in float32 on
 the calibration windows `lmforge quantize` draws: `data.calibration.calibration_windows(["{stdlib}"], tok, 128,
-512, seed 0)`, the held-out modules excluded; the windows are cached under /tmp/b18s2 so GPTQ, Wanda and SparseGPT
+512, seed 0)`, the held-out modules excluded; the windows are cached under the scratch folder (common.SCRATCH) so GPTQ, Wanda and SparseGPT
 see the same ones), `save_quantized` with the float parameters in bf16, `lmforge.load` the folder back
 (codes, scales and mins compared with torch.equal) and score the reloaded model with `eval.compression.measure`'s
 `stdlib-ppl` (the held-out standard-library modules, disjoint windows of 2048 tokens, what compress.json
@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, Record, add_out_argument, git_state, load_average, run_child
+from common import RESULTS, Record, SCRATCH, add_out_argument, git_state, load_average, run_child
 
-SCRATCH = Path("/tmp/b18s2")
 MODEL = "smollm2-135m-instruct"
 CALIB_SAMPLES, CALIB_LEN, CALIB_SEED = 128, 512, 0
 QUICK_CALIB = (8, 64)
@@ -131,10 +130,10 @@ def scratch(name: str, quick: bool) -> Path:
 def main_for(bench: str, configs: dict[str, Any], quick_configs: list[str], child, summarize, table,
              doc: str) -> None:
     """The command line both benchmarks share: positional configuration names (each run in its own process and
-    merged into benchmarks/results/<bench>.json), --quick (tiny random model, written under /tmp/b18s2), --table."""
+    merged into benchmarks/results/<bench>.json), --quick (tiny random model, written under the scratch folder (common.SCRATCH)), --table."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("configs", nargs="*", help=f"any of {list(configs)}")
-    ap.add_argument("--quick", action="store_true", help="a tiny random model (seconds); results under /tmp/b18s2")
+    ap.add_argument("--quick", action="store_true", help="a tiny random model (seconds); results under the scratch folder (common.SCRATCH)")
     ap.add_argument("--table", action="store_true", help="print the table of the results so far")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     add_out_argument(ap)
