@@ -126,20 +126,7 @@ def summary(configs: dict[str, dict]) -> dict[str, Any]:
     return {"dense": dense_from, "bpb_over_dense": ratio, "targets": t}
 
 
-def table(results: dict[str, dict]) -> str:
-    """A plain text table of the results so far (the docs' renderer lives in benchmarks/tables.py)."""
-    configs = results["compress_prune"]["result"].get("configs", {})
-    s = summary({k: r for k, r in configs.items() if "error" not in r})
-    lines = ["config | bpb | x dense | sparsity | layer min..max | N:M ok | reload | prune s"]
-    for name, r in configs.items():
-        if "error" in r:
-            lines.append(f"{name} | error: {r['error']}")
-            continue
-        lines.append(f"{name} | {r['bpb']:.4f} | {s['bpb_over_dense'].get(name, float('nan')):.3f} | "
-                     f"{r['sparsity']:.4f} | {r['layer_sparsity_min']:.4f}..{r['layer_sparsity_max']:.4f} | "
-                     f"{r.get('pattern_ok', '-')} | {r['reload_exact']} | {r.get('prune_s', '-')}")
-    return "\n".join(lines + [f"{k}: {v}" for k, v in s["targets"].items()])
-
-
 if __name__ == "__main__":
+    from tables import compress_prune as table  # the docs' own renderer
+
     main_for("compress_prune", CONFIGS, QUICK_CONFIGS, prune_child, summary, table, __doc__)

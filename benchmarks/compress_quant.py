@@ -254,21 +254,7 @@ def summary(configs: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def table(results: dict[str, dict]) -> str:
-    """A plain text table of the results so far (the docs' renderer lives in benchmarks/tables.py)."""
-    configs = results["compress_quant"]["result"].get("configs", {})
-    s = summary({k: r for k, r in configs.items() if "error" not in r})
-    lines = ["config | bpb | x bf16 | size MB | x fp32 | quantize s | reload exact"]
-    for name, r in configs.items():
-        if "error" in r:
-            lines.append(f"{name} | error: {r['error']}")
-            continue
-        lines.append(f"{name} | {r['bpb']:.4f} | {s['bpb_over_bf16'].get(name, float('nan')):.4f} | "
-                     f"{r['size_bytes'] / 1e6:.1f} | {s['size_over_fp32'].get(name, float('nan')):.3f} | "
-                     f"{r.get('quantize_s', '-')} | {r.get('reload_exact', '-')}")
-    lines += [f"{k}: {v:.3f}" for k, v in s["gap_closed"].items()] + [f"{k}: {v}" for k, v in s["targets"].items()]
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
+    from tables import compress_quant as table  # the docs' own renderer
+
     main_for("compress_quant", CONFIGS, QUICK_CONFIGS, quant_child, summary, table, __doc__)
