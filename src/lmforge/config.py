@@ -4,6 +4,8 @@ A config is a (possibly nested) ``@dataclass`` whose fields each carry a one-lin
 docstring (a string statement right after the field); those docstrings double as ``--help``.
 Precedence is defaults < YAML file < overrides. Errors name the dotted key, the value found,
 what was expected and where the value came from (file and line, or the command line).
+A section class with a ``SHORTHAND`` class attribute also takes a plain value, meaning that one field
+(``parallel: fsdp`` is ``parallel: {dp: fsdp}``).
 """
 
 from __future__ import annotations
@@ -338,6 +340,8 @@ def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx, base: Any = None) -> Any:
     if _is_dc(tp):
         if isinstance(value, tp):
             return value
+        if not isinstance(value, Mapping) and getattr(tp, "SHORTHAND", None):
+            value = {tp.SHORTHAND: value}  # a section with a SHORTHAND field takes a scalar for that field
         if not isinstance(value, Mapping):
             raise bad(f"a mapping of {tp.__name__} fields")
         return _build(tp, value, key + ".", ctx, base if isinstance(base, tp) else None)

@@ -1,5 +1,5 @@
-"""DDP and FSDP2 on 2 gloo ranks (CPU) match one process with the same global batch; checkpoints move between
-world sizes."""
+"""DDP, ZeRO-1, ZeRO-2, FSDP2 (ZeRO-3) and tensor parallelism on 2 gloo ranks (CPU) match one process with the same
+global batch; checkpoints move between world sizes and layouts."""
 
 from __future__ import annotations
 
@@ -71,10 +71,12 @@ def single(config, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "zero1", "zero2", "fsdp", "tp"])
 def test_two_ranks_match_one_process_and_resume_on_one(parallel, config, single, tmp_path):
     run = tmp_path / parallel
-    _torchrun(config, run, f"train.parallel={parallel}")  # 6 steps, global batch 8 = 4 x 2 ranks
+    # 6 steps, global batch 8 = 4 x 2 ranks; under tp the two ranks hold one replica: 4 x 2 accumulated
+    layout = ["train.parallel.tp=2", "train.grad_accum=2"] if parallel == "tp" else [f"train.parallel={parallel}"]
+    _torchrun(config, run, *layout)
     ref, got = _losses(single), _losses(run)
     for step in range(1, 7):
         assert abs(got[step]["loss"] - ref[step]["loss"]) <= 1e-5, (step, got[step]["loss"], ref[step]["loss"])

@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 import math
 import warnings
-import weakref
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from lmforge.cli import main as cli
@@ -31,6 +28,7 @@ from lmforge.plan.flops import (
     chinchilla_table,
     flops_per_token,
 )
+from lmforge.plan.live import LiveTensors
 from lmforge.plan.memory import TrainSetup, inference_memory, training_memory
 from lmforge.precision import autocast
 
@@ -251,32 +249,6 @@ def test_weights_gradients_optimizer_equal_what_one_adamw_step_holds(method):
     assert mem.optimizer == _tensor_bytes(states)
 
 
-class LiveTensors(TorchDispatchMode):
-    """High-water mark of the bytes of tensor storages created under the mode (what the planner models, without
-    the allocator's and the runtime's own overhead that a process's RSS adds)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.sizes: dict[int, int] = {}
-
-    def _free(self, ptr: int) -> None:
-        self.live -= self.sizes.pop(ptr, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr not in self.sizes and storage.nbytes():
-                    self.sizes[ptr] = storage.nbytes()
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, ptr)
-        return out
-
-
 MID_GPT2 = {"hidden_size": 256, "num_layers": 3, "intermediate_size": 1024, "vocab_size": 8192}
 
 
@@ -355,7 +327,11 @@ def test_plan_cli_prints_writes_json_and_reads_folders(tmp_path, capsys):
 @pytest.mark.parametrize("args,expected", [(["llama-tinyy"], "did you mean the preset 'llama-tiny'"),
                                            (["llama-tiny", "--tokens", "1", "--flops", "2"], "one of tokens, flops"),
                                            (["llama-tiny", "--hours", "2"], "tokens_per_s"),
-                                           (["llama-tiny", "--devices", "4"], "parallel ddp or fsdp")])
+                                           (["llama-tiny", "--devices", "4"], "parallel ddp, zero1, zero2 or fsdp"),
+                                           (["llama-tiny", "--parallel", "zero1", "--devices", "4", "--tp", "2"],
+                                            "tensor parallelism runs alone"),
+                                           (["llama-tiny", "--parallel", "fsdp", "--devices", "4", "--tp", "3"],
+                                            "tp: 3 does not divide devices 4")])
 def test_plan_cli_bad_input_is_one_line(args, expected, capsys, tmp_path):
     assert cli(["plan", *args, f"output={tmp_path / 'p.json'}"]) == 2
     err = capsys.readouterr().err.strip()

@@ -62,20 +62,22 @@ class OptimConfig:
             raise ValueError("momentum: nesterov needs momentum > 0, found 0")
 
 
-def param_groups(model: nn.Module, weight_decay: float,
-                 decay_embeddings: bool = False) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
+                 only: set[str] | None = None) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed group and a non-decayed one.
 
     Decayed: matrices (``p.ndim >= 2``) that are not embeddings. Not decayed: biases, norm weights
     and other 1-D (or 0-D) tensors, and ``nn.Embedding`` weights (found by module type, so a head
     tied to the embedding counts as one) unless ``decay_embeddings``. Order follows
-    ``model.named_parameters()``; empty groups are dropped; each group has a ``"names"`` list.
+    ``model.named_parameters()``; empty groups are dropped; each group has a ``"names"`` list. ``only``: keep
+    just these parameter names (a ZeRO process's share) and keep both groups even when empty, so group i means
+    the same on every process.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay: tuple[list[str], list[nn.Parameter]] = ([], [])
     no_decay: tuple[list[str], list[nn.Parameter]] = ([], [])
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (only is not None and name not in only):
             continue
         is_embedding = id(p) in embeddings
         wants = p.ndim >= 2 and (decay_embeddings or not is_embedding)
@@ -84,7 +86,7 @@ def param_groups(model: nn.Module, weight_decay: float,
         params.append(p)
     groups = []
     for (names, params), wd in ((decay, weight_decay), (no_decay, 0.0)):
-        if params:
+        if params or only is not None:
             groups.append({"params": params, "weight_decay": wd, "names": names})
     return groups
 
@@ -101,7 +103,7 @@ def _kernel_kwargs(cfg: OptimConfig, groups: list[dict[str, Any]]) -> dict[str, 
     return {}  # torch's default: foreach on accelerators, a plain loop on CPU
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, only: set[str] | None = None) -> torch.optim.Optimizer:
     """Build the optimizer named by ``cfg`` over ``param_groups(model, ...)``.
 
     Weight decay differs by family: ``sgd``/``momentum``/``nesterov``/``adam`` use torch's L2
@@ -111,8 +113,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     before its trust ratio). Either way only the matrix group decays.
     """
     cfg.validate()
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
-    if not groups:
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, only)
+    if not any(g["params"] for g in groups) and only is None:
         raise ValueError("build_optimizer: the model has no trainable parameters (requires_grad=True)")
     if cfg.name == "lamb":
         return LAMB(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)

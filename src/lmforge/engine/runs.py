@@ -21,7 +21,7 @@ def start(cfg):
     if warmup > steps:
         raise ConfigError(f"train.schedule.warmup_steps: found {warmup}, more than train.steps {steps}; expected at "
                           f"most train.steps (the warmup would never end)")
-    world = D.init(cfg.train.device)
+    world = D.init(cfg.train.device, cfg.train.parallel.tp)
     run = Path(cfg.run_dir)
     if world.main:
         save_config(cfg, run / "config.yaml")
@@ -39,7 +39,7 @@ def fit(trainer, load_full: bool = True) -> tuple[dict[str, Any], dict[str, Any]
             print(str(e))
         return None
     full = None
-    if trainer.cfg.parallel == "fsdp" and trainer.world.world > 1:
+    if trainer.sharded:
         full = trainer.export_state_dict()
         if trainer.world.main and load_full:
             trainer.model.load_state_dict(full, strict=False)

@@ -8,6 +8,7 @@ is exact: model, optimizer, scheduler, grad scaler, RNG states, data position an
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .metrics import MetricsSink
 from .optim import OptimConfig, build_optimizer
+from .zero import ZeroSharding
 from .. import precision
 from ..progress import progress
 from .schedule import ScheduleConfig, build_scheduler
@@ -51,8 +53,8 @@ class TrainConfig:
     """Recompute block activations in backward to save memory."""
     compile: bool = False
     """Compile each block with torch.compile."""
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    """Parallelism under torchrun: DDP (replicated) or FSDP2 (sharded parameters, gradients, optimizer state)."""
+    parallel: D.ParallelConfig = field(default_factory=D.ParallelConfig)
+    """Parallelism under torchrun: dp (ddp | zero1 | zero2 | fsdp) and tp; `parallel: fsdp` sets dp alone."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
     seed: int = 0
@@ -107,6 +109,24 @@ class TrainConfig:
             raise ValueError(f"clip_grad must be > 0 or null, found {self.clip_grad}")
 
 
+EvaluationObserver = Callable[[int, dict[str, Any]], bool]
+"""Called on the main process with (step, metrics) after each evaluation; True asks the run to stop there (saved
+and resumable, as an early stop). `lmforge tune` prunes trials this way."""
+
+_OBSERVERS: contextvars.ContextVar[tuple[EvaluationObserver, ...]] = contextvars.ContextVar(
+    "lmforge_evaluation_observers", default=())
+
+
+@contextlib.contextmanager
+def observe_evaluations(observer: EvaluationObserver):
+    """Within this block every `Trainer.fit` (whichever stage builds it) reports its evaluations to `observer`."""
+    token = _OBSERVERS.set(_OBSERVERS.get() + (observer,))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
+
+
 @dataclass
 class EvalSet:
     """A named validation set: fresh batches on each call; `bytes_per_token` enables bits per byte."""
@@ -148,7 +168,14 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model.to(self.world.device)
         self.wrapped = D.wrap(self.model, cfg.parallel, self.world, cfg.activation_checkpointing, cfg.compile)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.sharded = D.sharded(cfg.parallel, self.world)  # no process holds the whole model
+        self.zero = None
+        if cfg.parallel.zero_stage in (1, 2) and self.world.distributed:
+            if cfg.precision == "fp16" and self.world.device.type == "cuda":
+                raise ValueError("train.parallel: zero1/zero2 with fp16 would let processes disagree on skipped "
+                                 "steps; use bf16 (or ddp/fsdp)")
+            self.zero = ZeroSharding(self.model, self.world, cfg.parallel.zero_stage)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.zero.owned if self.zero else None)
         self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.schedule)
         use_scaler = cfg.precision == "fp16" and self.world.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -166,11 +193,14 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         params = dict(self.model.named_parameters())
         trainable = {n: p for n, p in params.items() if p.requires_grad}
+        if self.zero is not None:  # every process holds the whole model; the optimizer state is gathered
+            return {n: p.detach().cpu() for n, p in trainable.items()}, self.zero.gather_optimizer_state(
+                self.optimizer)
         if len(trainable) == len(params):
             return get_state_dict(self.model, self.optimizer, options=opts)
         # frozen weights (maybe quantized) come back from the parent model: save only the trainable ones
         osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        if self.cfg.parallel == "fsdp" and self.world.world > 1:
+        if self.sharded:
             msd = get_model_state_dict(self.model, options=opts)
             return {k: v for k, v in msd.items() if k in trainable}, osd
         return {n: p.detach().cpu() for n, p in trainable.items()}, osd
@@ -208,12 +238,16 @@ class Trainer:
             return
         step, path, (msd, osd, st) = found
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-        if frozen and not (self.cfg.parallel == "fsdp" and self.world.world > 1):
+        if (frozen and not self.sharded) or self.zero is not None:
             with torch.no_grad():
                 params = dict(self.model.named_parameters())
                 for k, v in msd.items():
                     params[k].copy_(v)
-            set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
+            if self.zero is not None:
+                self.zero.load_optimizer_state(self.optimizer, osd)
+            else:
+                set_optimizer_state_dict(self.model, self.optimizer, osd,
+                                         options=StateDictOptions(full_state_dict=True))
         else:
             set_state_dict(self.model, self.optimizer, model_state_dict=msd, optim_state_dict=osd,
                            options=StateDictOptions(full_state_dict=True, strict=not frozen))
@@ -262,7 +296,7 @@ class Trainer:
                     val = torch.as_tensor(v, dtype=torch.float64).cpu()
                     sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + (val if k == "tokens" else val * n)
             keys = sorted(sums)
-            vec = D.all_reduce_sum(torch.stack([sums[k] for k in keys]), self.world)
+            vec = D.all_reduce_sum(torch.stack([sums[k] for k in keys]), self.world, self.world.dp_group)
             total = dict(zip(keys, vec.tolist()))
             prefix = "val_" if es.name == "validation" else f"val_{es.name}_"
             count = max(total["tokens"], 1.0)
@@ -283,8 +317,8 @@ class Trainer:
         the results, so decisions that depend on them (best checkpoint, early stop) agree."""
         if not self.evaluators:
             return {}
-        if self.world.distributed and self.cfg.parallel == "fsdp":
-            log.warning("evaluators skipped: under FSDP no process holds the whole model")
+        if self.sharded:
+            log.warning("evaluators skipped: under FSDP or tensor parallelism no process holds the whole model")
             return {}
         out: dict[str, float] = {}
         if self.world.main:
@@ -322,6 +356,7 @@ class Trainer:
                                            or self.step == cfg.steps):
                         row.update(self.evaluate())
                         stop = self._track_best(row)
+                        stop = self._observers_stop(row) or stop
                     if row:
                         last = self.sink.log(self.step, row)
                         self.history.append(last)
@@ -365,13 +400,15 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.clip_grad if cfg.clip_grad is not None else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if hasattr(gnorm, "full_tensor"):
-            gnorm = gnorm.full_tensor()
+        if self.zero is not None:
+            self.zero.finish_gradients()
+            gnorm = self.zero.clip_grad_norm(clip)
+        else:
+            gnorm = D.clip_grad_norm(self.model.parameters(), clip)
         keys = sorted(sums)
         vec = torch.stack([sums[k].cpu() for k in keys] + [tokens.cpu()])
-        vec = D.all_reduce_sum(vec, self.world)
-        metrics = {k: vec[i].item() / self.world.world for i, k in enumerate(keys)}
+        vec = D.all_reduce_sum(vec, self.world, self.world.dp_group)  # tensor-parallel ranks share their batch
+        metrics = {k: vec[i].item() / self.world.data_world for i, k in enumerate(keys)}
         self.tokens += int(vec[-1].item())
         metrics["grad_norm"] = float(gnorm)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -395,6 +432,8 @@ class Trainer:
         else:
             self.bad_steps = 0
             self.optimizer.step()
+            if self.zero is not None:
+                self.zero.broadcast_parameters()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
@@ -428,6 +467,17 @@ class Trainer:
                      self.step, self.cfg.best_metric, patience, self.best, self.best_step)
             return True
         return False
+
+    def _observers_stop(self, row: dict[str, Any]) -> bool:
+        """Report an evaluation to the active observers (main process); every process gets their verdict."""
+        observers = _OBSERVERS.get()
+        if not observers:
+            return False
+        stop = False
+        if self.world.main:
+            for observer in observers:
+                stop = bool(observer(self.step, dict(row))) or stop
+        return bool(D.broadcast_object(stop, self.world))
 
     # ---- interruption
     def _install_signals(self):

@@ -301,9 +301,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         cfg = self.cfg
         q, k, v = self.project_qkv(x)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
-        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
+        # heads from the projections' widths: under tensor parallelism a process holds H / tp and K / tp of them
+        q = q.view(b, t, -1, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, -1, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(b, t, -1, cfg.head_dim).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -313,7 +314,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                                enable_gqa=cfg.num_kv_heads != cfg.num_heads)
-        y = y.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)  # (B, T, H*D)
+        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
         return self.o(y)
 
 

@@ -11,6 +11,13 @@ and the KV cache), from a `ModelConfig` alone, as lmforge's trainer actually kee
   on CPU, 4096 on accelerators) and the gradients of the head and of the hidden states are computed in the forward
   and held until backward.
 
+Parallelism (`engine.distributed`): DDP keeps a second fp32 gradient copy in its buckets; ZeRO-1 shards the
+optimizer states over the P / tp data-parallel processes (gradients are all-reduced whole, then only the owned ones
+are kept for the step); ZeRO-2 also shards the gradients (each is reduced to its owner as backward makes it, so one
+other-owned gradient at most is alive); FSDP2 (ZeRO-3) also shards the weights. Tensor parallelism (tp) splits each
+block's q/k/v/gate/up by output and o/down by input columns, and with them the heads and MLP width of the
+activations; embeddings, norms and the head stay whole on every process.
+
 Activations are the tensors autograd saves for backward, counted per token from what each op of our blocks saves
 (checked against `saved_tensors_hooks` in tests/unit/test_plan.py): with activation checkpointing a block keeps only
 its input, and one block is recomputed at a time. Sizes are bytes; B = micro batch, T = sequence length.
@@ -58,10 +65,13 @@ class TrainSetup:
     """B: sequences per micro batch on each device."""
     seq_len: int = 1024
     """T: tokens per sequence."""
-    parallel: Literal["single", "ddp", "fsdp"] = "single"
-    """One process, DDP (replicated) or FSDP2 (parameters, gradients and optimizer state sharded over devices)."""
+    parallel: Literal["single", "ddp", "zero1", "zero2", "fsdp"] = "single"
+    """One process, DDP (replicated), ZeRO-1 (optimizer states sharded), ZeRO-2 (and gradients) or FSDP2 (ZeRO-3:
+    and parameters), over the P / tp data-parallel processes."""
     devices: int = 1
     """P: processes (devices) taking part."""
+    tp: int = 1
+    """Tensor-parallel degree: block linears, heads and MLP width split over tp processes."""
     method: Literal["full", "lora", "qlora"] = "full"
     """Train every parameter, LoRA adapters on a frozen base, or QLoRA (adapters on an NF4 base)."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -83,13 +93,22 @@ class TrainSetup:
 
     def validate(self) -> None:
         """ValueError naming the field that is out of range."""
-        for name in ("micro_batch", "seq_len", "devices", "lora_rank", "quant_block_size"):
+        for name in ("micro_batch", "seq_len", "devices", "tp", "lora_rank", "quant_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, found {getattr(self, name)}")
-        if self.parallel not in ("single", "ddp", "fsdp"):
-            raise ValueError(f"parallel: expected single, ddp or fsdp, found {self.parallel!r}")
+        if self.parallel not in ("single", "ddp", "zero1", "zero2", "fsdp"):
+            raise ValueError(f"parallel: expected single, ddp, zero1, zero2 or fsdp, found {self.parallel!r}")
         if self.parallel == "single" and self.devices != 1:
-            raise ValueError(f"devices: a single process uses 1 device, found {self.devices}; set parallel ddp|fsdp")
+            raise ValueError(f"devices: a single process uses 1 device, found {self.devices}; set parallel "
+                             "ddp|zero1|zero2|fsdp")
+        if self.devices % self.tp:
+            raise ValueError(f"tp: {self.tp} does not divide devices {self.devices}")
+        if self.tp > 1 and (self.parallel in ("single", "zero1", "zero2")
+                            or (self.parallel == "ddp" and self.devices != self.tp)):
+            raise ValueError(f"tp {self.tp}: tensor parallelism runs alone (parallel ddp, devices = tp) or with fsdp "
+                             f"on the data dimension, found parallel {self.parallel} on {self.devices} devices")
+        if self.tp > 1 and self.method != "full":
+            raise ValueError(f"tp {self.tp}: tensor parallelism splits plain linears; method {self.method} wraps them")
         if self.method not in ("full", "lora", "qlora"):
             raise ValueError(f"method: expected full, lora or qlora, found {self.method!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -105,9 +124,12 @@ class TrainMemory:
     weights: int
     """Parameters as stored on this device: fp32 trainable, frozen in the autocast dtype, NF4 codes (÷P FSDP)."""
     gradients: int
-    """float32 gradients of the trainable parameters (÷P under FSDP)."""
+    """float32 gradients of the trainable parameters alive at the end of backward (÷P under FSDP; ZeRO-2: the
+    owned ones plus the largest other-owned one on its way to its owner)."""
+    step_gradients: int
+    """float32 gradients alive during the optimizer step (ZeRO-1: only the owned share; otherwise `gradients`)."""
     optimizer: int
-    """Optimizer states: states × 4 bytes × trainable parameters (÷P under FSDP)."""
+    """Optimizer states: states × 4 bytes × trainable parameters (÷P under FSDP, ZeRO-1 and ZeRO-2)."""
     master_weights: int
     """Separate fp32 master copies: 0, lmforge's parameters are themselves fp32 (autocast computes in bf16)."""
     autocast_copies: int
@@ -152,8 +174,8 @@ class TrainMemory:
 
     @property
     def step(self) -> int:
-        """Transient memory during the optimizer step: every gradient and the step's temporaries."""
-        return self.gradients + self.optimizer_step
+        """Transient memory during the optimizer step: the gradients it uses and the step's temporaries."""
+        return self.step_gradients + self.optimizer_step
 
     @property
     def peak(self) -> int:
@@ -163,7 +185,7 @@ class TrainMemory:
     @property
     def total(self) -> int:
         """Sum of every term (an upper bound on the peak)."""
-        return (self.persistent + self.gradients + self.autocast_copies + self.fsdp_gathered + self.activations
+        return (self.persistent + max(self.gradients, self.step_gradients) + self.autocast_copies + self.fsdp_gathered + self.activations
                 + self.recompute + self.loss_head + self.head_grad + self.optimizer_step)
 
     def to_dict(self) -> dict[str, int]:
@@ -207,7 +229,8 @@ def activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> tuple[int, int, int
     checkpointing. Global: embedding indices, RoPE cos/sin, the final norm and a masked-LM head; per sequence:
     the boolean causal mask of the matmul attention path."""
     c, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv, h = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_heads
+    tp = setup.tp  # heads and MLP width per process
+    q, kv, h, f = cfg.num_heads * d // tp, cfg.num_kv_heads * d // tp, cfg.num_heads // tp, f // tp
     e = DTYPE_BYTES[setup.precision]  # compute dtype
     r = _stream_bytes(setup)  # residual stream dtype
     casts = e != r  # autocast casts a linear's input once per linear
@@ -254,10 +277,11 @@ def training_memory(cfg: ModelConfig, setup: TrainSetup | None = None) -> TrainM
     """Training memory of one device for `setup` (see the module docstring for what each term holds)."""
     s = setup or TrainSetup()
     s.validate()
-    p = s.devices
+    p = s.devices // s.tp  # data-parallel processes
     e = DTYPE_BYTES[s.precision]
     shapes = parameter_shapes(cfg)
-    numel = {n: _prod(sh) for n, sh in shapes.items()}
+    split = _tp_split(cfg, shapes, s.tp)
+    numel = {n: _prod(sh) // split[n] for n, sh in shapes.items()}
     tc = trainable_parameters(cfg, s.method, s.lora_rank, s.lora_targets, block_size=s.quant_block_size,
                               double_quant=s.double_quant)
     linears = linear_layers(cfg)
@@ -269,11 +293,17 @@ def training_memory(cfg: ModelConfig, setup: TrainSetup | None = None) -> TrainM
               for n, k in numel.items()}
     adapters = 4 * tc.adapters  # fp32 A and B
     shard = p if s.parallel == "fsdp" else 1
+    trainable = 4 * (sum(numel[n] for n in trains) + tc.adapters)  # bytes of fp32 trainable values on a process
     weights = -(-(sum(stored.values()) + adapters) // shard)
-    grads = -(-(4 * tc.trainable) // shard)
-    optimizer = -(-(4 * s.optimizer_states * tc.trainable) // shard)
+    grads = step_grads = -(-trainable // shard)
+    optimizer = -(-(s.optimizer_states * trainable) // shard)
+    if s.parallel in ("zero1", "zero2") and p > 1:
+        optimizer = -(-(s.optimizer_states * trainable) // p)
+        step_grads = -(-trainable // p)
+        # ZeRO-2: each gradient goes to its owner as backward makes it; one other-owned one at most is alive
+        grads = step_grads + 4 * max((numel[n] for n in trains), default=0) if s.parallel == "zero2" else grads
     tokens = s.micro_batch * s.seq_len
-    block_mm = sum(i * o for n, (i, o, _) in linears.items() if n.startswith("blocks."))
+    block_mm = sum(i * o for n, (i, o, _) in linears.items() if n.startswith("blocks.")) // s.tp
     copies = block_copies = 0
     if s.precision != "fp32":
         copies = e * (block_mm if s.method == "full" else tc.adapters)
@@ -282,7 +312,7 @@ def training_memory(cfg: ModelConfig, setup: TrainSetup | None = None) -> TrainM
             copies += e * sum(i * o for n, (i, o, _) in linears.items() if not n.startswith("blocks.")
                               and n != "lm_head")
             copies += e * cfg.vocab_size * cfg.hidden_size if cfg.head in ("mlm", "pretraining") else 0
-    ddp = 4 * tc.trainable if s.parallel == "ddp" and p > 1 else 0
+    ddp = trainable if s.parallel in ("ddp", "zero1") and p > 1 else 0
     gathered = 0
     if s.parallel == "fsdp" and p > 1:
         root = sum(b for n, b in stored.items() if not n.startswith("blocks."))
@@ -302,8 +332,16 @@ def training_memory(cfg: ModelConfig, setup: TrainSetup | None = None) -> TrainM
     head_grad = 4 * cfg.vocab_size * cfg.hidden_size if head_trains else 0
     sizes = [numel[n] for n in trains] + [s.lora_rank * max(linears[n][:2]) for n in tc.adapted_layers]
     step = 2 * 4 * -(-max(sizes, default=0) // shard) if s.device == "cpu" and s.optimizer_states else 0
-    return TrainMemory(weights, grads, optimizer, 0, copies, ddp, gathered, acts, recompute,
+    return TrainMemory(weights, grads, step_grads, optimizer, 0, copies, ddp, gathered, acts, recompute,
                        _loss_head(cfg, s, head_trains), step, head_grad, tokens)
+
+
+def _tp_split(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], tp: int) -> dict[str, int]:
+    """Parameter name -> how many processes share it: block linears (and column-split biases) over tp."""
+    cols = ("attn.q.", "attn.k.", "attn.v.", "mlp.gate.", "mlp.up.")
+    rows = ("attn.o.weight", "mlp.down.weight")
+    return {n: tp if n.startswith("blocks.") and (any(c in n for c in cols) or n.endswith(rows)) else 1
+            for n in shapes}
 
 
 def _loss_head(cfg: ModelConfig, s: TrainSetup, head_trains: bool) -> int:

@@ -116,7 +116,8 @@ def format_plan(p: dict[str, Any], name: str = "") -> str:
                   (f"D = {human(ch['for_budget']['tokens'])} for C = {ch['for_budget']['flops']:.3g} (--flops, "
                    f"else 6·N·D of this run)"))]
     lines += _rows("run", run_rows)
-    par = s["parallel"] + (f" × {s['devices']}" if s["parallel"] != "single" else "")
+    par = s["parallel"] + (f" × {s['devices']}" if s["parallel"] != "single" else "") + (
+        f", tp {s['tp']}" if s.get("tp", 1) > 1 else "")
     lines += _rows(f"training memory per device ({par}, {s['method']}, {s['precision']}, B = {s['micro_batch']}, "
                    f"T = {s['seq_len']}, checkpointing {'on' if s['activation_checkpointing'] else 'off'})", [
         ("weights", human(m["weights"], "B"), "fp32 trainable; frozen in the autocast dtype; NF4"),

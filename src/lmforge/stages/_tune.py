@@ -55,8 +55,9 @@ def example_trainer(cfg, t: Tuning, model, objective, train: Sequence[Any], val:
 
     mb, world = cfg.train.micro_batch, t.world
     if data is None:
-        data = ExampleLoader(train, mb, collate, seed=cfg.train.seed, rank=world.rank, world=world.world)
-    validation = EvalSet("validation", lambda: fixed_batches(val, mb, val_collate or collate, rank=world.rank,
-                                                             world=world.world, max_batches=cfg.train.eval_batches))
+        data = ExampleLoader(train, mb, collate, seed=cfg.train.seed, rank=world.data_rank, world=world.data_world)
+    validation = EvalSet("validation", lambda: fixed_batches(
+        val, mb, val_collate or collate, rank=world.data_rank, world=world.data_world,
+        max_batches=cfg.train.eval_batches))
     return Trainer(model, objective, data, cfg.train, t.run, [validation, *evals], world,
                    evaluators=training_evaluators(cfg.train, t.tok))

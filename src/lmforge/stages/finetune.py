@@ -175,13 +175,13 @@ def _replay(cfg: Config, t, train, collate, objective):
                              f"tokenizer")
     data = None
     if rep.fraction > 0:
-        examples = ExampleLoader(train, mb, collate, seed=seed, rank=world.rank, world=world.world)
-        replay = PackedLoader(sources, rep.seq_len, max(1, round(rep.fraction * mb)), seed=seed, rank=world.rank,
-                              world=world.world)
+        examples = ExampleLoader(train, mb, collate, seed=seed, rank=world.data_rank, world=world.data_world)
+        replay = PackedLoader(sources, rep.seq_len, max(1, round(rep.fraction * mb)), seed=seed, rank=world.data_rank,
+                              world=world.data_world)
         data = ReplayMix(examples, replay)
         objective = WithReplay(objective, rep.weight)
     evals = [EvalSet("pretrain", lambda: eval_batches(sources[:1], rep.seq_len, mb, max_batches=cfg.train.eval_batches,
-                                                      rank=world.rank, world=world.world, seed=seed))]
+                                                      rank=world.data_rank, world=world.data_world, seed=seed))]
     return data, objective, evals
 
 

@@ -75,7 +75,7 @@ class Config:
                              f"steps of train.micro_batch x train.grad_accum = {step} rows")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, found {self.beta}")
-        if self.train.parallel == "fsdp":
+        if self.train.parallel.dp == "fsdp" or self.train.parallel.tp > 1:
             raise ValueError("train.parallel: grpo samples with the whole model on each process; use ddp")
 
 
@@ -98,7 +98,7 @@ def main(cfg: Config) -> int:
     data = GRPOBatches(r.model, r.tok, r.train_ids, r.train_records, r.rewards, group_size=cfg.group_size,
                        prompts_per_round=cfg.prompts_per_round, num_iterations=cfg.num_iterations,
                        micro_batch=t.micro_batch, grad_accum=t.grad_accum, sampling=cfg.sampling, beta=cfg.beta,
-                       scale_rewards=cfg.scale_rewards, seed=t.seed, rank=world.rank, world=world.world,
+                       scale_rewards=cfg.scale_rewards, seed=t.seed, rank=world.data_rank, world=world.data_world,
                        autocast=partial(autocast, t.precision, world.device), ref_model=r.ref_model)
     objective = GRPOObjective(cfg.beta, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_type, cfg.sampling.temperature,
                               cfg.sampling.max_new_tokens, ref_model=r.ref_model)

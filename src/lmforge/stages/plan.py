@@ -1,5 +1,6 @@
 """`lmforge plan --model PRESET|CONFIG|PATH [--tokens N | --flops C | --hours H --tokens-per-s R]
-[--parallel single|ddp|fsdp] [--devices P] [--method full|lora|qlora] [--micro-batch B --seq-len T]`:
+[--parallel single|ddp|zero1|zero2|fsdp] [--devices P] [--tp N] [--method full|lora|qlora]
+[--micro-batch B --seq-len T]`:
 exact parameter counts, FLOPs per token and for a run, Chinchilla sizing, training memory per device and inference
 memory, printed as a table and written as JSON. Reads a model's config only (a preset builds no weights, a folder
 reads config.json, a .gguf its metadata). `--chinchilla` prints Chinchilla's compute-optimal table. See
@@ -28,10 +29,12 @@ class Config:
     """Wall-clock budget of the run, with tokens_per_s: D = hours × 3600 × tokens_per_s."""
     tokens_per_s: float | None = None
     """Measured training throughput (all devices), for the time to train."""
-    parallel: Literal["single", "ddp", "fsdp"] = "single"
-    """One process, DDP, or FSDP2 over `devices`."""
+    parallel: Literal["single", "ddp", "zero1", "zero2", "fsdp"] = "single"
+    """One process, DDP, ZeRO-1, ZeRO-2 or FSDP2 (ZeRO-3) over the devices / tp data-parallel processes."""
     devices: int = 1
     """P: devices (processes) the run uses."""
+    tp: int = 1
+    """Tensor-parallel degree (train.parallel.tp): block linears, heads and MLP width split over tp devices."""
     method: Literal["full", "lora", "qlora"] = "full"
     """Full training, LoRA on a frozen base, or QLoRA (NF4 base)."""
     micro_batch: int = 8
@@ -74,13 +77,16 @@ class Config:
         if self.hours is not None and self.tokens_per_s is None:
             raise ValueError("hours: needs tokens_per_s (a measured throughput) to turn time into tokens")
         if self.parallel == "single" and self.devices != 1:
-            raise ValueError(f"devices: {self.devices} needs parallel ddp or fsdp (single uses 1)")
-        for name in ("devices", "micro_batch", "lora_rank", "inference_batch"):
+            raise ValueError(f"devices: {self.devices} needs parallel ddp, zero1, zero2 or fsdp (single uses 1)")
+        for name in ("devices", "tp", "micro_batch", "lora_rank", "inference_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, found {getattr(self, name)}")
         for name in ("seq_len", "context"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, found {getattr(self, name)}")
+        from ..plan.memory import TrainSetup
+
+        TrainSetup(parallel=self.parallel, devices=self.devices, tp=self.tp, method=self.method).validate()
 
 
 def main(cfg: Config) -> int:
@@ -99,7 +105,7 @@ def main(cfg: Config) -> int:
         mc = model_config(cfg.model)
         seq = cfg.seq_len or min(mc.max_position_embeddings, 2048)
         setup = TrainSetup(micro_batch=cfg.micro_batch, seq_len=seq, parallel=cfg.parallel, devices=cfg.devices,
-                           method=cfg.method, precision=cfg.precision,
+                           tp=cfg.tp, method=cfg.method, precision=cfg.precision,
                            activation_checkpointing=cfg.activation_checkpointing,
                            optimizer_states=cfg.optimizer_states, lora_rank=cfg.lora_rank,
                            lora_targets=list(cfg.lora_targets), device=cfg.device)

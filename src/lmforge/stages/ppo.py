@@ -80,7 +80,7 @@ class Config:
         if self.ppo_epochs < 1 or self.beta < 0 or not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
             raise ValueError(f"need ppo_epochs >= 1, beta >= 0, 0 <= lam <= 1, 0 < gamma <= 1; found {self.ppo_epochs}, "
                              f"{self.beta}, {self.lam}, {self.gamma}")
-        if self.train.parallel == "fsdp":
+        if self.train.parallel.dp == "fsdp" or self.train.parallel.tp > 1:
             raise ValueError("train.parallel: ppo samples with the whole model on each process; use ddp")
 
 
@@ -102,8 +102,9 @@ def main(cfg: Config) -> int:
     data = PPOBatches(r.model, r.tok, r.train_ids, r.train_records, r.rewards, prompts_per_round=cfg.prompts_per_round,
                       ppo_epochs=cfg.ppo_epochs, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
                       sampling=cfg.sampling, beta=cfg.beta, kl_target=cfg.kl_target, kl_horizon=cfg.kl_horizon,
-                      gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, seed=t.seed, rank=world.rank,
-                      world=world.world, autocast=partial(autocast, t.precision, world.device), ref_model=r.ref_model)
+                      gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, seed=t.seed,
+                      rank=world.data_rank, world=world.data_world,
+                      autocast=partial(autocast, t.precision, world.device), ref_model=r.ref_model)
     objective = PPOObjective(cfg.clip_eps, cfg.vf_coef, cfg.vf_clip, cfg.entropy_coef, cfg.sampling.temperature)
     trainer = Trainer(r.model, objective, data, t, r.run, [], world, evaluators=r.evaluators(cfg))
 

@@ -163,13 +163,13 @@ def token_batches(cfg, world, bits_per_byte: bool = True, **kw: Any) -> tuple[An
     from ..engine.trainer import EvalSet
 
     sources = [SourceSpec(p, w) for p, w in zip(cfg.data.train, cfg.data.weights or [1.0] * len(cfg.data.train))]
-    loader = PackedLoader(sources, cfg.data.seq_len, cfg.train.micro_batch, seed=cfg.train.seed, rank=world.rank,
-                          world=world.world, **kw)
+    loader = PackedLoader(sources, cfg.data.seq_len, cfg.train.micro_batch, seed=cfg.train.seed, rank=world.data_rank,
+                          world=world.data_world, **kw)
     bpt = _bytes_per_token(read_index(cfg.data.train[0]), "validation") if bits_per_byte else None
 
     def validation():
         return eval_batches(sources[:1], cfg.data.seq_len, cfg.train.micro_batch, max_batches=cfg.train.eval_batches,
-                            rank=world.rank, world=world.world, seed=cfg.train.seed, **kw)
+                            rank=world.data_rank, world=world.data_world, seed=cfg.train.seed, **kw)
 
     return loader, [EvalSet("validation", validation, bytes_per_token=bpt)] if _has_validation(validation, cfg) else []
 
