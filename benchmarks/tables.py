@@ -647,11 +647,50 @@ def plan_memory(results: dict[str, dict]) -> str:
                      rows) + "\n\n" + provenance(rec))
 
 
+def plan_tune(results: dict[str, dict]) -> str:
+    rec = results.get("plan_tune")
+    if rec is None or "study" not in rec.get("result", {}):
+        return _missing("plan_tune")
+    r = rec["result"]
+    s = r["study"]
+    c = s["counts"]
+    best = s.get("best") or {}
+    bp = best.get("params", {})
+    parts = [f"`lmforge tune --config recipes/tune/stdlib-lr.yaml`: {len(s['trials'])} of {s['trials_wanted']} "
+             f"trials ({c['complete']} complete, {c['pruned']} pruned by the median rule, {c['fail']} diverged) in "
+             f"{_n(s['wall_s_total'] / 60, 1)} min over {s['invocations']} invocation(s)"
+             + (f" (trial(s) {', '.join(map(str, s['retried']))} stopped by Ctrl-C and resumed from the checkpoint "
+                f"by a retry)" if s.get("retried") else "") + "; best trial "
+             f"{best.get('number', '–')}: val_loss {_n(best.get('value'), 4)} at lr "
+             f"{bp.get('train.optimizer.lr', float('nan')):.3g}, weight decay "
+             f"{bp.get('train.optimizer.weight_decay', float('nan')):.3g}."]
+    cmp = r.get("compare")
+    if cmp:
+        arms = cmp["arms"]
+        tuned = arms.get("tuned (best trial)", {}).get("val_loss")
+        rows = [[name, f"{a['lr']:.3g}", f"{a['weight_decay']:.3g}", str(a["steps"]), _n(a["val_loss"], 4),
+                 _n(a["val_bpb"], 4), _r(a["val_loss"], tuned, 3) if name != "tuned (best trial)" else "1.000×",
+                 _n(a["seconds"], 1)] for name, a in arms.items()]
+        parts.append("Each a fresh `lmforge pretrain` run of the trials' config (same steps, seed and data):\n\n"
+                     + _table(["run", "lr", "weight decay", "steps", "val_loss", "val_bpb", "loss / tuned", "s"],
+                              rows))
+    w = r.get("workers")
+    if w:
+        rows = [[str(w["trials_wanted"]), str(w["trials_counted"]), str(w["unique_numbers"]),
+                 str(w["journal_trials"]), str(len(w["surplus"])), str(w["left_running_or_waiting"]),
+                 "yes" if w["folders_match_trials"] else "no", " + ".join(map(str, w["per_worker"])),
+                 _n(w["wall_s"], 1)]]
+        parts.append("Two `lmforge tune` processes on one journal file (one thread each):\n\n"
+                     + _table(["trials wanted", "counted", "unique numbers", "in the journal", "surplus",
+                               "left running", "one folder per trial", "per worker", "s"], rows))
+    return "\n\n".join(parts) + "\n\n" + provenance(rec)
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     f.__name__: f for f in (inference, eval_throughput, eval_parity, finetune_lora, train_throughput,
                             prepare_throughput, pretrain_quality, sentiment_baselines, align, curate_dedup,
                             curate_throughput, curate_pretrain, compress_quant, compress_prune,
-                            compress_distill, compress_gguf, compress_onnx, plan_memory,
+                            compress_distill, compress_gguf, compress_onnx, plan_memory, plan_tune,
                             summary)}
 
 

@@ -28,7 +28,7 @@ from lmforge.models.transformer import Transformer
 
 world = D.init("cpu", tp=int(os.environ["TP"]))
 torch.manual_seed(0)
-cfg = preset("llama-tiny")
+cfg = preset("llama-tiny", tie_embeddings=os.environ.get("TIE", "1") == "1")
 ref = Transformer(cfg)
 model = Transformer(cfg)
 model.load_state_dict(ref.state_dict())
@@ -55,6 +55,9 @@ if os.environ["MODE"] == "tp":
     out["replicated_identical"] = all(torch.equal(gathered[0][k], g[k]) for g in gathered for k in rep)
     out["replicated_grad_diff"] = max((v - ref_grads[k].grad).abs().max().item() for k, v in rep.items())
     out["local_q_rows"] = model.blocks[0].attn.q.weight.to_local().shape[0]
+    out["local_vocab_rows"] = model.embed.tokens.weight.to_local().shape[0]
+    if not cfg.tie_embeddings:
+        assert model.lm_head.weight.to_local().shape[0] == out["local_vocab_rows"]
     out["q_rows"] = ref.blocks[0].attn.q.weight.shape[0]
 else:
     from lmforge.plan.live import LiveTensors
@@ -94,24 +97,26 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path: Path, mode: str, tp: int = 1, nproc: int = 2) -> list[dict]:
+def _launch(tmp_path: Path, mode: str, tp: int = 1, nproc: int = 2, tie: bool = True) -> list[dict]:
     script = tmp_path / "check.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
            "--master_addr=127.0.0.1", str(script), str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TP=str(tp), MODE=mode)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TP=str(tp), MODE=mode, TIE="1" if tie else "0")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-def test_tp2_matches_one_process_and_replicated_gradients_agree(tmp_path):
-    ranks = _launch(tmp_path, "tp", tp=2)
+@pytest.mark.parametrize("tie", [True, False])
+def test_tp2_matches_one_process_and_replicated_gradients_agree(tmp_path, tie):
+    ranks = _launch(tmp_path, "tp", tp=2, tie=tie)
     for r in ranks:
         assert r["logits_diff"] <= 1e-5
         assert r["sharded_grad_diff"] <= 1e-6 and r["replicated_grad_diff"] <= 1e-6
         assert r["replicated_identical"] and r["replicated"] > 0  # embedding and norms stay whole, bit-identical
         assert r["local_q_rows"] * 2 == r["q_rows"]  # each process computes half of the heads
+        assert r["local_vocab_rows"] * 2 == 512  # and half of the embedding's vocabulary rows (the head's, untied)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -331,8 +331,21 @@ def test_plan_cli_prints_writes_json_and_reads_folders(tmp_path, capsys):
                                            (["llama-tiny", "--parallel", "zero1", "--devices", "4", "--tp", "2"],
                                             "tensor parallelism runs alone"),
                                            (["llama-tiny", "--parallel", "fsdp", "--devices", "4", "--tp", "3"],
-                                            "tp: 3 does not divide devices 4")])
+                                            "tp: 3 does not divide devices 4"),
+                                           (["smollm2-360m", "--parallel", "fsdp", "--devices", "4", "--tp", "2"],
+                                            "does not divide the model's num_heads (15)")])
 def test_plan_cli_bad_input_is_one_line(args, expected, capsys, tmp_path):
     assert cli(["plan", *args, f"output={tmp_path / 'p.json'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and "\n" not in err and "Traceback" not in err
+
+
+def test_plan_probe_measures_the_trainer_and_times_the_run(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert cli(["plan", "llama-tiny", "--probe-steps", "3", "--micro-batch", "2", "--seq-len", "32",
+                "--tokens", "1e6", "--devices", "2", "--parallel", "ddp", f"output={out}"]) == 0
+    plan = json.loads(out.read_text())
+    rate = plan["probe"]["tokens_per_s"]
+    assert rate > 0 and plan["probe"]["steps"] == 3
+    assert plan["run"]["hours"] == pytest.approx(1e6 / (2 * rate) / 3600)  # two devices, ideal scaling
+    assert "probe:" in capsys.readouterr().out

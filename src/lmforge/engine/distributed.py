@@ -104,7 +104,11 @@ def init(device: str = "auto", tp: int = 1) -> World:
 def tensor_parallel(model: nn.Module, world: World) -> None:
     """Megatron-style tensor parallelism over the mesh's tp dimension (Shoeybi et al. 2019): in each block q/k/v
     and gate/up are split by output columns, o and down by input rows, so one all-reduce closes attention and one
-    the MLP. Embeddings, norms and the head stay replicated. Attention sees num_heads / tp heads per process."""
+    the MLP; attention sees num_heads / tp heads per process. A causal LM's token embedding (and an untied head) is
+    split by vocabulary rows when tp divides the vocabulary: the lookup is completed with an all-reduce and the loss
+    is `models.cross_entropy.linear_cross_entropy`'s vocabulary-parallel form. Norms (and position embeddings) stay
+    whole on every process."""
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     cfg, tp = model.cfg, world.tp
@@ -123,6 +127,11 @@ def tensor_parallel(model: nn.Module, world: World) -> None:
                 raise ValueError(f"train.parallel.tp: blocks.{i}.{name} is a {type(layer).__name__}; tensor "
                                  "parallelism splits plain linear layers (not LoRA, adapters or quantized ones)")
         parallelize_module(block, world.mesh["tp"], plan)
+    if cfg.head == "lm" and cfg.vocab_size % tp == 0 and type(model.embed.tokens) is nn.Embedding:
+        vocab = {"embed.tokens": RowwiseParallel(input_layouts=Replicate())}
+        if not cfg.tie_embeddings and type(model.lm_head) is nn.Linear:
+            vocab["lm_head"] = ColwiseParallel(use_local_output=False)  # only its weight is used: split by rows
+        parallelize_module(model, world.mesh["tp"], vocab)
 
 
 def wrap(model: nn.Module, parallel: ParallelConfig, world: World,

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from .cross_entropy import distributed, linear_cross_entropy
+
 
 @dataclass
 class ModelConfig:
@@ -217,53 +219,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate halves of x (B, H, T, D) by cos/sin (B, 1, T, D) — the Hugging Face (non-interleaved) layout."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Σ cross-entropy(h Wᵀ, labels) over chunks of tokens, with gradients computed in the same pass, so the
-    full (N, V) logits and their fp32 copy are never stored (labels of -100 are skipped)."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen (e.g. LoRA) head needs no grad_w
-        rows = (labels != -100).nonzero().squeeze(1)  # only labelled tokens cost anything (SFT masks prompts)
-        hc, wc, y = h[rows].to(dtype), w.to(dtype), labels[rows]  # (M, C), (V, C), (M,)
-        grad_h = torch.zeros(h.shape, dtype=dtype, device=h.device) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for a in range(0, hc.shape[0], chunk):
-            b = min(a + chunk, hc.shape[0])
-            logp = torch.log_softmax(hc[a:b] @ wc.t(), -1, dtype=torch.float32)  # (n, V), one fused pass
-            picked = torch.arange(b - a, device=h.device), y[a:b]
-            total -= logp[picked].sum()
-            if need_h or need_w:
-                g = logp.exp_()  # softmax, in place
-                g[picked] -= 1.0
-                g = g.to(dtype)  # (n, V): d loss / d logits
-                if need_h:
-                    grad_h[rows[a:b]] = g @ wc
-                if need_w:
-                    grad_w += (g.t() @ hc[a:b]).float()
-        ctx.grads = (grad_h, grad_w)  # not save_for_backward: they are outputs of this pass, not its inputs
-        ctx.input_dtypes = (h.dtype, w.dtype)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w = ctx.grads
-        ctx.grads = None
-        return (None if grad_h is None else grad_h.to(ctx.input_dtypes[0]) * grad_out,
-                None if grad_w is None else grad_w.to(ctx.input_dtypes[1]) * grad_out, None, None, None)
-
-
-def linear_cross_entropy(h: Tensor, w: Tensor, labels: Tensor, chunk: int | None = None) -> Tensor:
-    """Summed next-token cross-entropy of logits h Wᵀ (h (N, C), w (V, C), labels (N,)), chunked (default: 256
-    tokens on CPU, where a chunk's logits then stay in cache, 4096 on accelerators)."""
-    dev = h.device.type
-    chunk = chunk or (256 if dev == "cpu" else 4096)
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    with torch.autocast(dev, enabled=False):
-        return _LinearCrossEntropy.apply(h, w, labels, chunk, dtype)
 
 
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -528,9 +483,17 @@ class Transformer(nn.Module):
         return out
 
     def project(self, h: Tensor) -> Tensor:
-        """LM logits (..., V) of hidden states h (..., C): the output embedding (tied or lm_head)."""
+        """LM logits (..., V) of hidden states h (..., C): the output embedding (tied or lm_head); gathered from the
+        processes when tensor parallelism splits it by vocabulary rows."""
         w = self.embed.tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
-        return F.linear(h, w)
+        if not distributed():
+            return F.linear(h, w)
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if not isinstance(w, DTensor):
+            return F.linear(h, w)
+        h = DTensor.from_local(h, w.device_mesh, [Replicate()])  # h's gradient is then summed over the processes
+        return F.linear(h, w).full_tensor()  # (..., V) from each process's (..., V / P)
 
     def pool(self, h: Tensor, attention_mask: Tensor | None, input_ids: Tensor | None) -> Tensor:
         """Sequence summary (B, C): pooled first token for encoders, last real token for decoders."""

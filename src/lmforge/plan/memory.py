@@ -7,7 +7,7 @@ and the KV cache), from a `ModelConfig` alone, as lmforge's trainer actually kee
 - AdamW keeps two float32 states per trainable parameter (exp_avg, exp_avg_sq);
 - LoRA / QLoRA (`transforms.methods.build_model`) keep frozen weights in the autocast dtype, adapters in float32,
   and QLoRA's block linears in NF4;
-- the LM loss is `models.transformer.linear_cross_entropy`: logits exist one chunk of tokens at a time (256 tokens
+- the LM loss is `models.cross_entropy.linear_cross_entropy`: logits exist one chunk of tokens at a time (256 tokens
   on CPU, 4096 on accelerators) and the gradients of the head and of the hidden states are computed in the forward
   and held until backward.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from ..errors import InputError
 from ..models.transformer import ModelConfig
 from .counts import (
     DEFAULT_LORA_TARGETS,
@@ -47,6 +48,7 @@ __all__ = [
     "inference_memory",
     "loss_chunk",
     "training_memory",
+    "vocab_split",
 ]
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
@@ -277,6 +279,11 @@ def training_memory(cfg: ModelConfig, setup: TrainSetup | None = None) -> TrainM
     """Training memory of one device for `setup` (see the module docstring for what each term holds)."""
     s = setup or TrainSetup()
     s.validate()
+    for what, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
+                    ("intermediate_size", cfg.intermediate_size)):
+        if n % s.tp:
+            raise InputError(f"tp: {s.tp} does not divide the model's {what} ({n}); tensor parallelism splits "
+                             "heads and the MLP width evenly")
     p = s.devices // s.tp  # data-parallel processes
     e = DTYPE_BYTES[s.precision]
     shapes = parameter_shapes(cfg)
@@ -329,25 +336,33 @@ def training_memory(cfg: ModelConfig, setup: TrainSetup | None = None) -> TrainM
         acts = tokens * (cfg.num_layers * block + glob) + s.micro_batch * per_seq
         recompute = 0
     head_trains = s.method == "full" and cfg.head == "lm"
-    head_grad = 4 * cfg.vocab_size * cfg.hidden_size if head_trains else 0
+    head_grad = 4 * cfg.vocab_size // vocab_split(cfg, s.tp) * cfg.hidden_size if head_trains else 0
     sizes = [numel[n] for n in trains] + [s.lora_rank * max(linears[n][:2]) for n in tc.adapted_layers]
     step = 2 * 4 * -(-max(sizes, default=0) // shard) if s.device == "cpu" and s.optimizer_states else 0
     return TrainMemory(weights, grads, step_grads, optimizer, 0, copies, ddp, gathered, acts, recompute,
                        _loss_head(cfg, s, head_trains), step, head_grad, tokens)
 
 
+def vocab_split(cfg: ModelConfig, tp: int) -> int:
+    """Processes a causal LM's token embedding and head are split over by vocabulary rows: tp when it divides the
+    vocabulary (as `engine.distributed.tensor_parallel` does), else 1."""
+    return tp if cfg.head == "lm" and cfg.vocab_size % tp == 0 else 1
+
+
 def _tp_split(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], tp: int) -> dict[str, int]:
-    """Parameter name -> how many processes share it: block linears (and column-split biases) over tp."""
+    """Parameter name -> how many processes share it: block linears (and column-split biases) over tp, and the
+    vocabulary rows of a causal LM's embedding and head."""
     cols = ("attn.q.", "attn.k.", "attn.v.", "mlp.gate.", "mlp.up.")
     rows = ("attn.o.weight", "mlp.down.weight")
-    return {n: tp if n.startswith("blocks.") and (any(c in n for c in cols) or n.endswith(rows)) else 1
-            for n in shapes}
+    vocab = ("embed.tokens.weight", "lm_head.weight")
+    return {n: tp if n.startswith("blocks.") and (any(c in n for c in cols) or n.endswith(rows))
+            else vocab_split(cfg, tp) if n in vocab else 1 for n in shapes}
 
 
 def _loss_head(cfg: ModelConfig, s: TrainSetup, head_trains: bool) -> int:
     """Bytes the loss keeps: see `TrainMemory.loss_head`."""
     tokens = s.micro_batch * s.seq_len
-    c, v = cfg.hidden_size, cfg.vocab_size
+    c, v = cfg.hidden_size, cfg.vocab_size // vocab_split(cfg, s.tp)  # a process's vocabulary rows
     e = DTYPE_BYTES[s.precision]
     if cfg.head in ("mlm", "pretraining"):
         return tokens * v * (e + 4)  # logits in the compute dtype and the float32 log-softmax of the loss

@@ -29,6 +29,9 @@ class Config:
     """Wall-clock budget of the run, with tokens_per_s: D = hours × 3600 × tokens_per_s."""
     tokens_per_s: float | None = None
     """Measured training throughput (all devices), for the time to train."""
+    probe_steps: int = 0
+    """Measure tokens_per_s here first: N steps of lmforge's trainer on the model (random weights and tokens, one
+    process, this plan's batch, length and precision); times the devices (ideal scaling) for the run. 0 = off."""
     parallel: Literal["single", "ddp", "zero1", "zero2", "fsdp"] = "single"
     """One process, DDP, ZeRO-1, ZeRO-2 or FSDP2 (ZeRO-3) over the devices / tp data-parallel processes."""
     devices: int = 1
@@ -74,7 +77,10 @@ class Config:
         given = [n for n in ("tokens", "flops", "hours") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"size the run by one of tokens, flops or hours; found {', '.join(given)}")
-        if self.hours is not None and self.tokens_per_s is None:
+        if self.probe_steps and (self.probe_steps < 2 or self.tokens_per_s is not None):
+            raise ValueError(f"probe_steps: expected 0 or >= 2 and no tokens_per_s beside it, found {self.probe_steps}"
+                             f" with tokens_per_s {self.tokens_per_s}")
+        if self.hours is not None and self.tokens_per_s is None and not self.probe_steps:
             raise ValueError("hours: needs tokens_per_s (a measured throughput) to turn time into tokens")
         if self.parallel == "single" and self.devices != 1:
             raise ValueError(f"devices: {self.devices} needs parallel ddp, zero1, zero2 or fsdp (single uses 1)")
@@ -109,8 +115,19 @@ def main(cfg: Config) -> int:
                            activation_checkpointing=cfg.activation_checkpointing,
                            optimizer_states=cfg.optimizer_states, lora_rank=cfg.lora_rank,
                            lora_targets=list(cfg.lora_targets), device=cfg.device)
+        rate = cfg.tokens_per_s
+        if cfg.probe_steps:
+            from ._probe import training_tokens_per_s
+
+            probe = training_tokens_per_s(mc, cfg.micro_batch, seq, cfg.precision, cfg.probe_steps,
+                                          cfg.activation_checkpointing)
+            rate = probe["tokens_per_s"] * cfg.devices
+            print(f"probe: {probe['tokens_per_s']:,.0f} tokens/s on one {probe['device']} process "
+                  f"({cfg.probe_steps} steps of lmforge's trainer)" + (f"; × {cfg.devices} devices" if cfg.devices > 1
+                                                                         else ""))
+            out["probe"] = probe
         plan = make_plan(mc, setup, tokens=cfg.tokens, flops=cfg.flops, hours=cfg.hours,
-                         tokens_per_s=cfg.tokens_per_s, inference_batch=cfg.inference_batch, context=cfg.context,
+                         tokens_per_s=rate, inference_batch=cfg.inference_batch, context=cfg.context,
                          inference_dtype=cfg.inference_dtype)
         print(format_plan(plan, cfg.model))
         out = {"model": cfg.model, **plan, **out}
