@@ -107,3 +107,17 @@ def test_continued_pretraining_starts_from_the_trained_model(config, single, tmp
     assert val["val_bpb"] == pytest.approx(val["val_loss"] / math.log(2) / (split["bytes"] / split["tokens"]))
     lineage = json.loads((run / "lmforge.json").read_text())
     assert lineage["parent"] == str(single / "final") and lineage["data"][0]["tokenizer"]
+
+
+@pytest.mark.parametrize("parallel", ["zero2", "tp"])
+def test_one_process_checkpoint_resumes_under_zero_and_tensor_parallel(parallel, config, single, tmp_path):
+    """The other direction: a one-process checkpoint (step 6 of 12) continues on 2 ranks as if uninterrupted."""
+    run = tmp_path / f"from-one-{parallel}"
+    assert cli.main(["pretrain", "--config", str(config), f"run_dir={run}", "train.grad_accum=2",
+                     "train.steps=6", "train.save_every=6"]) == 0
+    layout = ["train.parallel.tp=2", "train.grad_accum=2"] if parallel == "tp" else [f"train.parallel={parallel}"]
+    _torchrun(config, run, "train.steps=12", "train.save_every=6", *layout)
+    ref, got = _losses(single), _losses(run)
+    assert sorted(got) == sorted(ref)
+    for step in range(7, 13):
+        assert abs(got[step]["loss"] - ref[step]["loss"]) <= 1e-5, (step, got[step]["loss"], ref[step]["loss"])
