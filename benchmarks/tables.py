@@ -686,11 +686,67 @@ def plan_tune(results: dict[str, dict]) -> str:
     return "\n\n".join(parts) + "\n\n" + provenance(rec)
 
 
+def plan_scale(results: dict[str, dict]) -> str:
+    """Scaling-law fits: synthetic recovery over seeds, then the real grid's law, its intervals and the held-out
+    run's prediction (benchmarks/plan_scale.py)."""
+    rec = results.get("plan_scale")
+    if rec is None:
+        return _missing("plan_scale")
+    r, out = rec["result"], []
+    s = r.get("synthetic")
+    if s:
+        t = s["truth"]
+        rows = [[kind, f"{s[kind]['alpha_max']:.3f} / {s[kind]['alpha_mean']:.3f}",
+                 f"{s[kind]['beta_max']:.3f} / {s[kind]['beta_mean']:.3f}", f"{s[kind]['E_rel_max']:.1%}",
+                 f"{s[kind]['within_0.03']}/{s['seeds']}", f"{1000 * s[kind]['seconds_per_fit']:.0f} ms"]
+                for kind in ("uniform", "gaussian")]
+        out.append(f"Recovery of L = {t['E']} + {t['A']}/N^{t['alpha']} + {t['B']}/D^{t['beta']} (Hoffmann et al.'s "
+                   f"fit) from a 4×5 grid (N {s['N'][0]:.0e}…{s['N'][-1]:.0e}, D {s['D'][0]:.0e}…{s['D'][-1]:.0e}) "
+                   f"with {s['noise']:.0%} multiplicative noise (uniform in ±2%, or Gaussian with σ = 2%), "
+                   f"{s['seeds']} seeds; target: α and β within ±0.03:\n\n"
+                   + _table(["noise", "Δα max / mean (absolute)", "Δβ max / mean (absolute)", "E max rel. error",
+                             "within 0.03", "time per fit"], rows))
+    g = r.get("grid")
+    if g:
+        pts = sorted(g["points"], key=lambda p: (p["N"], p["D"]))
+        rows = [[p["name"], f"{p['N']:,}", f"{p['N_total']:,}", f"{p['D']:,}", f"{p['loss']:.4f}",
+                 _n(p.get("seconds"), 0)] for p in pts]
+        h = g.get("holdout")
+        if h:
+            rows.append([f"**{h['name']}** (held out)", f"{h['N']:,}", f"{h['N_total']:,}", f"{h['D']:,}",
+                         f"{h['loss']:.4f}", _n(h.get("seconds"), 0)])
+        out.append(f"The real grid ({len(pts)} tiny stdlib runs of `{g['recipe']}`, "
+                   f"{_n(sum(p.get('seconds', 0) for p in pts) / 60, 1)} min of training for the grid):\n\n"
+                   + _table(["run", "N (non-embedding)", "N (all)", "D tokens", "val loss", "seconds"], rows))
+        rows = []
+        for which, entry in g["fits"].items():
+            f, ci = entry["fit"], entry["fit"].get("ci", {})
+
+            def cell(k: str, digits: int = 3) -> str:
+                def num(x: float) -> str:  # an E pinned at its bound prints as 1e-40: say 0
+                    return "0" if abs(x) < 1e-9 else f"{x:.{digits}g}"
+
+                lo, hi = ci.get(k, (None, None))
+                return num(f[k]) + (f" [{num(lo)}, {num(hi)}]" if lo is not None else "")
+
+            hh = entry.get("holdout", {})
+            rows.append([which.replace("_", "-") + (" (used)" if which == g["params"] else ""), cell("E"),
+                         cell("A"), cell("B"), cell("alpha"), cell("beta"), f"{f['rms_log_error']:.4f}",
+                         f"{hh.get('predicted', float('nan')):.4f} [{hh['interval'][0]:.4f}, {hh['interval'][1]:.4f}]"
+                         if hh else "–", f"{hh['error_pct']:+.2f}%" if hh else "–"])
+        out.append("Fitted law L(N, D) = E + A/N^α + B/D^β (Huber δ = 1e-3 on log L, L-BFGS-B from the best of a "
+                   "grid of initialisations; 95% bootstrap intervals) with either count of N, and its prediction of "
+                   "the held-out run (target ±3%):\n\n"
+                   + _table(["N counts", "E", "A", "B", "α", "β", "rms log error", "held-out prediction",
+                             "error"], rows))
+    return "\n\n".join(out) + "\n\n" + provenance(rec)
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     f.__name__: f for f in (inference, eval_throughput, eval_parity, finetune_lora, train_throughput,
                             prepare_throughput, pretrain_quality, sentiment_baselines, align, curate_dedup,
                             curate_throughput, curate_pretrain, compress_quant, compress_prune,
-                            compress_distill, compress_gguf, compress_onnx, plan_memory, plan_tune,
+                            compress_distill, compress_gguf, compress_onnx, plan_memory, plan_tune, plan_scale,
                             summary)}
 
 

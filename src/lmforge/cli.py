@@ -51,6 +51,7 @@ VERBS: dict[str, str] = {
     "pipeline": "Run several verbs in order in one run directory (skips finished stages; --from STAGE re-runs)",
     "report": "Write a self-contained HTML report of a run or pipeline (curves, evaluations, lineage, configs)",
     "plan": "Plan a run from a model config: parameters, FLOPs, Chinchilla sizing, memory per device (DDP/FSDP/LoRA)",
+    "scale": "Run a grid of small pretraining runs and fit the scaling law L(N, D) = E + A/N^a + B/D^b",
     "tune": "Search hyperparameters of any training verb with Optuna (TPE, pruning; workers share one storage)",
 }
 """Verb name -> one-line description; verb ``foo-bar`` runs module ``lmforge.stages.foo_bar``."""

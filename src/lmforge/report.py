@@ -10,7 +10,8 @@ config hash, data fingerprints, lmforge version, from stage.json / lmforge.json)
 (curate.json) shows its funnel (documents kept and removed per step, with the reasons) and the first removed
 documents of each reason. Compress stages (quantize, prune, distill, export: compress.json) are put on one size /
 quality plot — size on disk against held-out bits per byte, each point labelled with its decode tokens/s — with
-their before -> after table.
+their before -> after table. A scale run (scale.json) shows its points, the fitted law's curves, the held-out run
+and the compute-optimal frontier, with the law's bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["StageRun", "read_run", "render_html", "text_summary", "write_report", "funnel_rows",
-           "compress_rows"]
+           "compress_rows", "scale_rows"]
 
 CURVES = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
           ("tokens / s", ("tokens_per_s",)))
@@ -51,6 +52,8 @@ class StageRun:
     """A curation stage's first removed documents per `step: reason` (excerpts)."""
     compress: dict[str, Any] | None = None
     """compress.json of a compress stage (quantize, prune, distill, export): before, after."""
+    scale: dict[str, Any] | None = None
+    """scale.json of a `scale` run: the grid's points, the fitted law, the frontier, the held-out run."""
 
 
 def _json(path: Path) -> Any:
@@ -79,7 +82,8 @@ def _stage(name: str, verb: str, folder: Path, info: dict[str, Any]) -> StageRun
     curated = _json(folder / "curate.json")
     return StageRun(name, verb, folder, info.get("status", "done"), info.get("seconds"), metrics,
                     _json(folder / "eval.json"), lineage, config, curated,
-                    _removed_examples(folder / "removed") if curated else {}, _compress_json(folder))
+                    _removed_examples(folder / "removed") if curated else {}, _compress_json(folder),
+                    _json(folder / "scale.json"))
 
 
 def _compress_json(folder: Path) -> dict[str, Any] | None:
@@ -131,13 +135,15 @@ def read_run(run_dir: str | Path) -> list[StageRun]:
     info = _json(run / "lmforge.json") or {}
     if (run / "curate.json").exists():
         return [_stage(run.name, "curate", run, info)]
+    if (run / "scale.json").exists():
+        return [_stage(run.name, "scale", run, info)]
     found = _compress_json(run)
     if found is not None and not (run / "metrics.jsonl").exists():
         return [_stage(run.name, str(found.get("command", "compress")), run, info)]
     if not (run / "metrics.jsonl").exists() and not (run / "eval.json").exists():
         raise FileNotFoundError(f"{run}: neither a pipeline (pipeline.json) nor a run directory (metrics.jsonl, "
                                 "eval.json) nor a curation output (curate.json) nor a compress output "
-                                "(compress.json)")
+                                "(compress.json) nor a scale run (scale.json)")
     return [_stage(run.name, info.get("stage", "run"), run, info)]
 
 
@@ -352,6 +358,90 @@ def _tradeoff_png(stages: list[StageRun]) -> str | None:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def scale_rows(stage: StageRun) -> tuple[list[list[str]], list[list[str]]]:
+    """A scale run's (law rows: parameter, value, interval; point rows: run, N, D, C, loss, law, error)."""
+    sc = stage.scale or {}
+    fit = sc.get("fit")
+    if not fit:
+        return [], []
+    from .plan.fit import law_from_dict, predict
+
+    law, ci = law_from_dict(fit), fit.get("ci", {})
+    names = {"E": "E", "A": "A", "B": "B", "alpha": "α", "beta": "β", "a": "a (N_opt ∝ C^a)",
+             "b": "b (D_opt ∝ C^b)"}
+    values = {**{k: fit[k] for k in ("E", "A", "B", "alpha", "beta")}, "a": law.exponents[0], "b": law.exponents[1]}
+    law_rows = [[names[k], f"{v:.4g}", f"[{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "–"]
+                for k, v in values.items()]
+    points = [*sc.get("points", []), *([sc["holdout"]] if sc.get("holdout") else [])]
+    rows = []
+    for p in points:
+        pred = predict(law, p["N"], p["D"])
+        rows.append([p["name"], f"{p['N']:,}", f"{p['D']:,}", f"{p['C']:.3g}", f"{p['loss']:.4f}", f"{pred:.4f}",
+                     f"{100 * (pred - p['loss']) / p['loss']:+.2f}%"])
+    return law_rows, rows
+
+
+def _scale_png(stage: StageRun) -> str | None:
+    """A scale run: loss against tokens per size with the law's curves (the held-out run starred), loss against
+    compute with the compute-optimal frontier, and N_opt, D_opt against compute."""
+    sc = stage.scale or {}
+    if not sc.get("fit") or not sc.get("points"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .plan.fit import law_from_dict, predict
+
+    law, pts, hold, front = law_from_dict(sc["fit"]), sc["points"], sc.get("holdout"), sc.get("frontier") or []
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+    sizes = sorted({p["N"] for p in pts} | ({hold["N"]} if hold else set()))
+    d_all = [p["D"] for p in pts] + ([hold["D"]] if hold else [])
+    d_line = np.geomspace(min(d_all) / 1.5, max(d_all) * 1.5, 60)
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(sizes)))
+    for n, color in zip(sizes, colors):
+        mine = [p for p in pts if p["N"] == n]
+        axes[0].scatter([p["D"] for p in mine], [p["loss"] for p in mine], color=color, s=22, zorder=3)
+        axes[0].plot(d_line, predict(law, n, d_line), color=color, lw=1.2, label=f"N = {n:,}")
+        axes[1].scatter([p["C"] for p in mine], [p["loss"] for p in mine], color=color, s=22, zorder=3)
+    if hold:
+        for ax, x in ((axes[0], hold["D"]), (axes[1], hold["C"])):
+            ax.scatter([x], [hold["loss"]], marker="*", s=110, color="#c0392b", zorder=4, label="held out")
+            ax.scatter([x], [hold["predicted"]], marker="x", s=50, color="#c0392b", zorder=4, label="law")
+    if front:
+        c = [f["flops"] for f in front]
+        axes[1].plot(c, [f["loss"] for f in front], color="#333", lw=1.2, ls="--", label="compute-optimal")
+        axes[2].plot(c, [f["params"] for f in front], label="N_opt")
+        axes[2].plot(c, [f["tokens"] for f in front], label="D_opt")
+        axes[2].scatter([p["C"] for p in pts], [p["N"] for p in pts], s=12, color="#1f77b4", alpha=0.5)
+        axes[2].scatter([p["C"] for p in pts], [p["D"] for p in pts], s=12, color="#ff7f0e", alpha=0.5)
+    titles = (("tokens D", "validation loss", "loss against tokens, law per size"),
+              ("compute C = 6ND (FLOPs)", "validation loss", "loss against compute"),
+              ("compute C = 6ND (FLOPs)", "parameters / tokens", "compute-optimal N, D (dots: the grid)"))
+    for ax, (xl, yl, title) in zip(axes, titles):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels between decades
+        if ax is axes[2]:
+            ax.set_yscale("log")
+        ax.set(xlabel=xl, ylabel=yl)
+        ax.set_title(title, fontsize=10)
+        ax.xaxis.label.set_size(8)
+        ax.yaxis.label.set_size(8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{stage.name}: L(N, D) = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}"
+                 f" (N {sc.get('params', '')})", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 # ---- output
 
 
@@ -404,6 +494,13 @@ def render_html(stages: list[StageRun], title: str) -> str:
             for reason, texts in s.removed.items():
                 items = "".join(f"<li>{e(t)}</li>" for t in texts)
                 parts.append(f"<details><summary>removed by {e(reason)}</summary><ul>{items}</ul></details>")
+        law_rows, point_rows = scale_rows(s)
+        if law_rows:
+            plot = _scale_png(s)
+            parts.append("<h3>Scaling law</h3>" + (f"<img alt='scaling law' src='data:image/png;base64,{plot}'>"
+                                                   if plot else "")
+                         + _table(["parameter", "value", "95% interval (bootstrap)"], law_rows)
+                         + _table(["run", "N", "D", "C", "val loss", "law", "error"], point_rows))
         rows = eval_rows(s)
         if rows:
             head = ["task · metric", "value", "uncertainty"] if "tasks" in (s.eval or {}) else \
@@ -435,6 +532,10 @@ def text_summary(stages: list[StageRun]) -> str:
             lines.append(f"    {step}: {n_in} in, {kept} kept" + (f" ({why})" if why else ""))
         for _, command, size, bpb, task, speed in compress_rows([s]):
             lines.append(f"    {command}: size MB {size}, bits/byte {bpb}, decode tok/s {speed}")
+        law_rows, point_rows = scale_rows(s)
+        if law_rows:
+            lines.append("    law: " + ", ".join(f"{r[0].split()[0]} {r[1]} {r[2]}" for r in law_rows[:5]))
+            lines += [f"    {r[0]}: loss {r[4]}, law {r[5]} ({r[6]})" for r in point_rows if r[0].startswith("holdout")]
         for metric, a, b in eval_rows(s)[:8]:
             arrow = f"{a} -> {b}" if "tasks" not in (s.eval or {}) else f"{a} {b}".rstrip()
             lines.append(f"    {metric}: {arrow}")

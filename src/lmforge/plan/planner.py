@@ -3,6 +3,7 @@ device and inference memory, as a JSON-ready dict, and its text table (what `lmf
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -18,7 +19,7 @@ from .flops import (
 )
 from .memory import TrainSetup, inference_memory, training_memory
 
-__all__ = ["format_chinchilla", "format_plan", "human", "make_plan"]
+__all__ = ["format_chinchilla", "format_law", "format_plan", "human", "law_plan", "make_plan", "read_law"]
 
 
 def make_plan(cfg: ModelConfig, setup: TrainSetup, *, tokens: float | None = None, flops: float | None = None,
@@ -149,3 +150,47 @@ def format_chinchilla(rows: list | None = None) -> str:
     lines = ["Chinchilla compute-optimal (D = 20·N, C = 6·N·D)", f"  {'parameters':>10}  {'tokens':>10}  {'FLOPs':>9}"]
     lines += [f"  {human(r.params):>10}  {human(r.tokens):>10}  {r.flops:9.3g}" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def read_law(path: str) -> tuple[Any, str]:
+    """(LawFit, which N it counts: "non_embedding" or "total") from a scale.json written by `lmforge scale` (or any
+    JSON with a "fit" entry of E, A, B, alpha, beta); InputError naming the file otherwise."""
+    import json
+    from pathlib import Path
+
+    from ..errors import InputError
+    from .fit import law_from_dict
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return law_from_dict(data.get("fit", data)), str(data.get("params", "non_embedding"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"law: {path}: not a fitted law ({e}); expected the scale.json of `lmforge scale`") from None
+
+
+def law_plan(fit: Any, params: str, flops: float, model: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The fitted law's compute-optimal N, D and loss for a FLOP budget (C = 6·N·D, Hoffmann et al. 2022 eq. 4), and
+    with `model` = (N, D) of a planned run (N counted as the law counts it) the loss the law predicts for it."""
+    from .fit import compute_optimal, interval, predict
+
+    out: dict[str, Any] = {"params": params, "law": {k: getattr(fit, k) for k in ("E", "A", "B", "alpha", "beta")},
+                           "compute_optimal": compute_optimal(fit, flops).to_dict()}
+    if model is not None:
+        out["run"] = {"N": model[0], "D": model[1], "loss": predict(fit, *model), "interval": interval(fit, *model)}
+    return out
+
+
+def format_law(p: dict[str, Any]) -> str:
+    """A law plan (`law_plan`) as text."""
+    law, opt = p["law"], p["compute_optimal"]
+    e = f"{law['E']:.3g}" if law["E"] >= 1e-9 else "0"  # an E the fit pinned at its bound (1e-40) reads as 0
+    rows = [("law", f"L = {e} + {law['A']:.3g}/N^{law['alpha']:.3f} + {law['B']:.3g}/D^{law['beta']:.3f}",
+             f"N = {p['params'].replace('_', '-')} parameters"),
+            ("N_opt", human(opt["params"]), f"for C = {opt['flops']:.3g} (6·N·D)"),
+            ("D_opt", human(opt["tokens"]), f"{opt['tokens'] / opt['params']:.3g} tokens per parameter"),
+            ("loss at optimum", f"{opt['loss']:.4g}", "")]
+    if "run" in p:
+        lo, hi = p["run"]["interval"]
+        rows.append(("loss of this run", f"{p['run']['loss']:.4g}", f"N = {human(p['run']['N'])}, D = "
+                     f"{human(p['run']['D'])}" + (f"; 95% [{lo:.4g}, {hi:.4g}]" if not math.isnan(lo) else "")))
+    return "\n".join(_rows("fitted scaling law", rows)).rstrip() + "\n"

@@ -2,9 +2,9 @@
 [--parallel single|ddp|zero1|zero2|fsdp] [--devices P] [--tp N] [--method full|lora|qlora]
 [--micro-batch B --seq-len T]`:
 exact parameter counts, FLOPs per token and for a run, Chinchilla sizing, training memory per device and inference
-memory, printed as a table and written as JSON. Reads a model's config only (a preset builds no weights, a folder
-reads config.json, a .gguf its metadata). `--chinchilla` prints Chinchilla's compute-optimal table. See
-docs/scaling.md.
+memory, printed as a table and written as JSON; `--law RUN/scale.json` adds a fitted law's compute-optimal N, D.
+Reads a model's config only (a preset builds no weights, a folder reads config.json, a .gguf its metadata).
+`--chinchilla` prints Chinchilla's compute-optimal table. See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -62,14 +62,19 @@ class Config:
     """Tokens per served sequence (default: seq_len)."""
     inference_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """dtype of served weights and KV cache."""
+    law: str | None = None
+    """A fitted scaling law (RUN/scale.json of `lmforge scale`): its compute-optimal N, D and loss for --flops (else
+    for 6·N·D of the planned run), and the loss it predicts for the planned model."""
     chinchilla: bool = False
     """Also print Chinchilla's compute-optimal table (D = 20·N, C = 6·N·D) for Hoffmann et al.'s sizes."""
     output: str = "runs/plan.json"
     """Where to write the plan as JSON (empty: do not write)."""
 
     def validate(self) -> None:
-        if not self.model and not self.chinchilla:
-            raise ValueError("model: expected a preset, config file, model folder or .gguf (or --chinchilla)")
+        if not self.model and not self.chinchilla and not self.law:
+            raise ValueError("model: expected a preset, config file, model folder or .gguf (or --chinchilla, --law)")
+        if self.law and not self.model and self.flops is None:
+            raise ValueError("law: needs a FLOP budget (--flops C) or a model to plan a run for")
         for name in ("tokens", "flops", "hours", "tokens_per_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -131,6 +136,16 @@ def main(cfg: Config) -> int:
                          inference_dtype=cfg.inference_dtype)
         print(format_plan(plan, cfg.model))
         out = {"model": cfg.model, **plan, **out}
+    if cfg.law:
+        from ..plan.planner import format_law, law_plan, read_law
+
+        fit, which = read_law(cfg.law)
+        run = None
+        if cfg.model:
+            run = (float(out["parameters"]["total" if which == "total" else "non_embedding"]), out["run"]["tokens"])
+        budget = cfg.flops if cfg.flops is not None else 6.0 * run[0] * run[1]
+        out["law"] = {"path": cfg.law, **law_plan(fit, which, budget, run)}
+        print(format_law(out["law"]))
     if cfg.output:
         path = write_text(cfg.output, json.dumps(out, indent=2) + "\n")
         print(f"plan: {path}")
