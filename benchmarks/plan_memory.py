@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Record, add_out_argument  # noqa: E402
 
 LAYOUTS = {"single": ("single", 1, 1), "ddp": ("ddp", 2, 1), "zero1": ("zero1", 2, 1), "zero2": ("zero2", 2, 1),
-           "fsdp": ("fsdp", 2, 1), "tp2": ("ddp", 2, 2)}
-"""Name -> (parallel, processes, tp)."""
+           "fsdp": ("fsdp", 2, 1), "tp2": ("ddp", 2, 2), "tp2sp": ("ddp", 2, 2)}
+"""Name -> (parallel, processes, tp); tp2sp adds sequence parallelism."""
 MODEL = {"preset": "llama-30m", "vocab_size": 16384}
 BATCH, SEQ, STEPS = 4, 256, 3
 
 
-def worker(out: str, parallel: str, tp: int) -> None:
+def worker(out: str, parallel: str, tp: int, sequence: bool) -> None:
     import torch
 
     from lmforge.engine import distributed as D
@@ -55,7 +55,7 @@ def worker(out: str, parallel: str, tp: int) -> None:
     live = LiveTensors()
     with live:
         model = Transformer(cfg).train()
-        pc = D.ParallelConfig(dp=parallel if parallel != "single" else "ddp", tp=tp)
+        pc = D.ParallelConfig(dp=parallel if parallel != "single" else "ddp", tp=tp, sequence=sequence)
         wrapped = D.wrap(model, pc, world)
         zero = ZeroSharding(model, world, pc.zero_stage) if pc.zero_stage in (1, 2) and world.distributed else None
         opt = build_optimizer(model, OptimConfig(), zero.owned if zero else None)
@@ -104,7 +104,7 @@ def measure(name: str, tmp: Path) -> dict:
     out = tmp / name
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={_port()}",
-           "--master_addr=127.0.0.1", __file__, "--worker", str(out), parallel, str(tp)]
+           "--master_addr=127.0.0.1", __file__, "--worker", str(out), parallel, str(tp), str(name == "tp2sp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -112,7 +112,7 @@ def measure(name: str, tmp: Path) -> dict:
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(procs)]
     cfg = preset(MODEL["preset"], vocab_size=MODEL["vocab_size"])
     est = training_memory(cfg, TrainSetup(micro_batch=BATCH, seq_len=SEQ, parallel=parallel, devices=procs, tp=tp,
-                                          precision="bf16", device="cpu"))
+                                          sequence_parallel=name == "tp2sp", precision="bf16", device="cpu"))
     est_state = est.weights + est.step_gradients + est.optimizer + est.ddp_buckets
     state, peak = max(r["state"] for r in ranks), max(r["peak"] for r in ranks)
     return {"parallel": parallel, "processes": procs, "tp": tp, "measured_state": state, "estimated_state": est_state,
@@ -123,7 +123,7 @@ def measure(name: str, tmp: Path) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "True")
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("layouts", nargs="*", help=f"some of {', '.join(LAYOUTS)} (default: all)")

@@ -628,7 +628,7 @@ def plan_memory(results: dict[str, dict]) -> str:
     if rec is None:
         return _missing("plan_memory")
     names = {"single": "one process", "ddp": "DDP × 2", "zero1": "ZeRO-1 × 2", "zero2": "ZeRO-2 × 2",
-             "fsdp": "FSDP2 (ZeRO-3) × 2", "tp2": "TP = 2"}
+             "fsdp": "FSDP2 (ZeRO-3) × 2", "tp2": "TP = 2", "tp2sp": "TP = 2, sequence parallel"}
     mib = 2 ** 20
     rows = []
     for key, r in rec["result"]["layouts"].items():

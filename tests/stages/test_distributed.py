@@ -71,11 +71,13 @@ def single(config, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "zero1", "zero2", "fsdp", "tp"])
+@pytest.mark.parametrize("parallel", ["ddp", "zero1", "zero2", "fsdp", "tp", "tp-sequence"])
 def test_two_ranks_match_one_process_and_resume_on_one(parallel, config, single, tmp_path):
     run = tmp_path / parallel
     # 6 steps, global batch 8 = 4 x 2 ranks; under tp the two ranks hold one replica: 4 x 2 accumulated
-    layout = ["train.parallel.tp=2", "train.grad_accum=2"] if parallel == "tp" else [f"train.parallel={parallel}"]
+    layout = ["train.parallel.tp=2", "train.grad_accum=2"] if parallel.startswith("tp") else \
+        [f"train.parallel={parallel}"]
+    layout += ["train.parallel.sequence=true"] if parallel == "tp-sequence" else []
     _torchrun(config, run, *layout)
     ref, got = _losses(single), _losses(run)
     for step in range(1, 7):

@@ -35,7 +35,7 @@ model.load_state_dict(ref.state_dict())
 ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
 out = {"rank": world.rank}
 if os.environ["MODE"] == "tp":
-    D.wrap(model, D.ParallelConfig(tp=world.tp), world)
+    D.wrap(model, D.ParallelConfig(tp=world.tp, sequence=os.environ.get("SP") == "1"), world)
     logits_ref, logits = ref(ids).logits, model(ids).logits
     out["logits_diff"] = (logits - logits_ref).abs().max().item()
     logits_ref.float().square().mean().backward()
@@ -43,11 +43,12 @@ if os.environ["MODE"] == "tp":
     ref_grads = dict(ref.named_parameters())
     rep, shard = {}, 0.0
     for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            shard = max(shard, (p.grad.full_tensor() - ref_grads[name].grad).abs().max().item())
-            out.setdefault("local_q_rows", p.to_local().shape[0] if name.endswith("attn.q.weight") else None)
+        whole = not isinstance(p, DTensor) or all(pl.is_replicate() for pl in p.placements)
+        if whole:  # norms (DTensors replicated over the mesh under sequence parallelism), position embeddings
+            # (under sequence parallelism a norm's gradient is a partial sum over positions until reduced)
+            rep[name] = (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
         else:
-            rep[name] = p.grad.clone()
+            shard = max(shard, (p.grad.full_tensor() - ref_grads[name].grad).abs().max().item())
     out["sharded_grad_diff"] = shard
     out["replicated"] = len(rep)
     gathered = [None] * world.world
@@ -97,20 +98,21 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path: Path, mode: str, tp: int = 1, nproc: int = 2, tie: bool = True) -> list[dict]:
+def _launch(tmp_path: Path, mode: str, tp: int = 1, nproc: int = 2, tie: bool = True, sp: bool = False) -> list[dict]:
     script = tmp_path / "check.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
            "--master_addr=127.0.0.1", str(script), str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TP=str(tp), MODE=mode, TIE="1" if tie else "0")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TP=str(tp), MODE=mode, TIE="1" if tie else "0",
+               SP="1" if sp else "0")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_tp2_matches_one_process_and_replicated_gradients_agree(tmp_path, tie):
-    ranks = _launch(tmp_path, "tp", tp=2, tie=tie)
+@pytest.mark.parametrize("tie,sp", [(True, False), (False, False), (True, True)])
+def test_tp2_matches_one_process_and_replicated_gradients_agree(tmp_path, tie, sp):
+    ranks = _launch(tmp_path, "tp", tp=2, tie=tie, sp=sp)
     for r in ranks:
         assert r["logits_diff"] <= 1e-5
         assert r["sharded_grad_diff"] <= 1e-6 and r["replicated_grad_diff"] <= 1e-6

@@ -30,10 +30,15 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree: each block's attention heads and MLP columns split over tp processes (DTensor;
     q/k/v, gate/up column-wise, o/down row-wise). With dp > 1, dp must be fsdp."""
+    sequence: bool = False
+    """With tp > 1, sequence parallelism too: norms and the residual stream split by position over the tp
+    processes (all-gather before attention and the MLP, reduce-scatter after); T must divide by tp."""
 
     def validate(self) -> None:
         if self.tp < 1:
             raise ValueError(f"tp: expected an integer >= 1, found {self.tp}")
+        if self.sequence and self.tp == 1:
+            raise ValueError("sequence: sequence parallelism splits positions over tensor-parallel processes; set tp")
         if self.tp > 1 and self.dp in ("zero1", "zero2"):
             raise ValueError(f"tp {self.tp} with dp {self.dp!r}: tensor parallelism combines with fsdp on the data "
                              f"dimension (or runs alone, world = tp)")
@@ -101,13 +106,15 @@ def init(device: str = "auto", tp: int = 1) -> World:
     return World(rank=rank, world=world, local_rank=local, device=dev, tp=tp, mesh=mesh)
 
 
-def tensor_parallel(model: nn.Module, world: World) -> None:
+def tensor_parallel(model: nn.Module, world: World, sequence: bool = False) -> None:
     """Megatron-style tensor parallelism over the mesh's tp dimension (Shoeybi et al. 2019): in each block q/k/v
     and gate/up are split by output columns, o and down by input rows, so one all-reduce closes attention and one
     the MLP; attention sees num_heads / tp heads per process. A causal LM's token embedding (and an untied head) is
     split by vocabulary rows when tp divides the vocabulary: the lookup is completed with an all-reduce and the loss
     is `models.cross_entropy.linear_cross_entropy`'s vocabulary-parallel form. Norms (and position embeddings) stay
-    whole on every process."""
+    whole on every process, or with `sequence` (Korthikanti et al. 2022) the blocks' norms and residual stream hold
+    T / tp positions: each block gathers the sequence before attention and the MLP, o and down reduce-scatter back
+    to it; the first block takes its slice of the embeddings and the final norm gathers them again."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -126,12 +133,44 @@ def tensor_parallel(model: nn.Module, world: World) -> None:
             if type(layer) is not nn.Linear:
                 raise ValueError(f"train.parallel.tp: blocks.{i}.{name} is a {type(layer).__name__}; tensor "
                                  "parallelism splits plain linear layers (not LoRA, adapters or quantized ones)")
+    if sequence:
+        plan.update(sequence_plan(model, world.mesh["tp"]))
+    for block in model.blocks:
         parallelize_module(block, world.mesh["tp"], plan)
     if cfg.head == "lm" and cfg.vocab_size % tp == 0 and type(model.embed.tokens) is nn.Embedding:
         vocab = {"embed.tokens": RowwiseParallel(input_layouts=Replicate())}
         if not cfg.tie_embeddings and type(model.lm_head) is nn.Linear:
             vocab["lm_head"] = ColwiseParallel(use_local_output=False)  # only its weight is used: split by rows
         parallelize_module(model, world.mesh["tp"], vocab)
+
+
+def sequence_plan(model: nn.Module, mesh: Any) -> dict[str, Any]:
+    """A block's sequence-parallel styles (positions are dim 1 of (B, T, C)); also slices the sequence at the first
+    block and gathers it at the final norm, and refuses a sequence length the tp processes cannot split evenly."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (PrepareModuleInput, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+
+    if not model.cfg.final_norm:
+        raise ValueError("train.parallel.sequence: needs a model with a final norm (where the sequence is gathered)")
+    tp = mesh.size()
+
+    def check(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] % tp:
+            raise ValueError(f"train.parallel.sequence: a batch of {ids.shape[1]} positions does not split over tp "
+                             f"{tp}; use a sequence length divisible by tp")
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
+    rest = (None,) * 4  # Block(x, rope, mask, cache, is_causal) and Attention(...): only x changes layout
+    parallelize_module(model.blocks[0], mesh, PrepareModuleInput(  # whole embeddings -> this process's positions
+        input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest), use_local_output=True))
+    parallelize_module(model.norm, mesh, PrepareModuleInput(  # positions -> the whole sequence, for the head
+        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+    return {"attn_norm": SequenceParallel(use_local_output=True), "mlp_norm": SequenceParallel(use_local_output=True),
+            "attn": PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "attn.o": RowwiseParallel(output_layouts=Shard(1)), "mlp.down": RowwiseParallel(output_layouts=Shard(1))}
 
 
 def wrap(model: nn.Module, parallel: ParallelConfig, world: World,
@@ -143,7 +182,7 @@ def wrap(model: nn.Module, parallel: ParallelConfig, world: World,
             raise ValueError(f"train.parallel: {world.world} processes with tp {world.tp} make {world.data_world} "
                              f"replicas; with tensor parallelism the data dimension needs dp: fsdp, found "
                              f"{parallel.dp}")
-        tensor_parallel(model, world)
+        tensor_parallel(model, world, parallel.sequence)
     if activation_checkpointing:
         model.activation_checkpointing = True  # Transformer.forward recomputes each block in backward
     if compile:

@@ -74,6 +74,8 @@ class TrainSetup:
     """P: processes (devices) taking part."""
     tp: int = 1
     """Tensor-parallel degree: block linears, heads and MLP width split over tp processes."""
+    sequence_parallel: bool = False
+    """With tp > 1: norms and the residual stream split by position over the tp processes."""
     method: Literal["full", "lora", "qlora"] = "full"
     """Train every parameter, LoRA adapters on a frozen base, or QLoRA (adapters on an NF4 base)."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -109,6 +111,8 @@ class TrainSetup:
                             or (self.parallel == "ddp" and self.devices != self.tp)):
             raise ValueError(f"tp {self.tp}: tensor parallelism runs alone (parallel ddp, devices = tp) or with fsdp "
                              f"on the data dimension, found parallel {self.parallel} on {self.devices} devices")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel: splits positions over tensor-parallel processes; set tp > 1")
         if self.tp > 1 and self.method != "full":
             raise ValueError(f"tp {self.tp}: tensor parallelism splits plain linears; method {self.method} wraps them")
         if self.method not in ("full", "lora", "qlora"):
@@ -187,8 +191,8 @@ class TrainMemory:
     @property
     def total(self) -> int:
         """Sum of every term (an upper bound on the peak)."""
-        return (self.persistent + max(self.gradients, self.step_gradients) + self.autocast_copies + self.fsdp_gathered + self.activations
-                + self.recompute + self.loss_head + self.head_grad + self.optimizer_step)
+        return (self.persistent + max(self.gradients, self.step_gradients) + self.autocast_copies + self.fsdp_gathered
+                + self.activations + self.recompute + self.loss_head + self.head_grad + self.optimizer_step)
 
     def to_dict(self) -> dict[str, int]:
         return dict(asdict(self), persistent=self.persistent, forward_end=self.forward_end,
@@ -239,7 +243,8 @@ def activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> tuple[int, int, int
     gated = cfg.mlp == "gated"
     t = setup.seq_len
     trains = setup.method == "full"
-    block = 2 * _norm_saved(cfg, r, trains)
+    seq = tp if setup.sequence_parallel else 1  # sequence parallelism: a process keeps T / tp positions of norms
+    block = 2 * _norm_saved(cfg, r, trains) // seq
     block += ((3 if casts else 1) * c + q + ((2 if gated else 1) if casts else 1) * c + f) * e  # linear inputs
     block += (3 * f if gated else f) * e  # activation input, (gate product operands)
     if attention_kernel(cfg, setup) == "matmul":
@@ -330,7 +335,8 @@ def training_memory(cfg: ModelConfig, setup: TrainSetup | None = None) -> TrainM
     block, glob, per_seq = activation_bytes(cfg, s)
     if s.activation_checkpointing:
         r = _stream_bytes(s)
-        acts = tokens * (cfg.num_layers * cfg.hidden_size * r + glob) + s.micro_batch * per_seq
+        seq = s.tp if s.sequence_parallel else 1  # the blocks' inputs: T / tp positions each under sequence parallel
+        acts = tokens * (cfg.num_layers * cfg.hidden_size * r // seq + glob) + s.micro_batch * per_seq
         recompute, copies = tokens * block + block_copies, 0  # casts are saved only while a block recomputes
     else:
         acts = tokens * (cfg.num_layers * block + glob) + s.micro_batch * per_seq

@@ -38,6 +38,8 @@ class Config:
     """P: devices (processes) the run uses."""
     tp: int = 1
     """Tensor-parallel degree (train.parallel.tp): block linears, heads and MLP width split over tp devices."""
+    sequence_parallel: bool = False
+    """With tp: norms and the residual stream split by position too (train.parallel.sequence)."""
     method: Literal["full", "lora", "qlora"] = "full"
     """Full training, LoRA on a frozen base, or QLoRA (NF4 base)."""
     micro_batch: int = 8
@@ -97,7 +99,8 @@ class Config:
                 raise ValueError(f"{name}: expected an integer >= 1, found {getattr(self, name)}")
         from ..plan.memory import TrainSetup
 
-        TrainSetup(parallel=self.parallel, devices=self.devices, tp=self.tp, method=self.method).validate()
+        TrainSetup(parallel=self.parallel, devices=self.devices, tp=self.tp, method=self.method,
+                   sequence_parallel=self.sequence_parallel).validate()
 
 
 def main(cfg: Config) -> int:
@@ -116,7 +119,8 @@ def main(cfg: Config) -> int:
         mc = model_config(cfg.model)
         seq = cfg.seq_len or min(mc.max_position_embeddings, 2048)
         setup = TrainSetup(micro_batch=cfg.micro_batch, seq_len=seq, parallel=cfg.parallel, devices=cfg.devices,
-                           tp=cfg.tp, method=cfg.method, precision=cfg.precision,
+                           tp=cfg.tp, sequence_parallel=cfg.sequence_parallel, method=cfg.method,
+                           precision=cfg.precision,
                            activation_checkpointing=cfg.activation_checkpointing,
                            optimizer_states=cfg.optimizer_states, lora_rank=cfg.lora_rank,
                            lora_targets=list(cfg.lora_targets), device=cfg.device)
