@@ -22,6 +22,10 @@ merging its figures into benchmarks/results/compress_distill.json:
     flock /tmp/lmforge-bench.lock python benchmarks/compress_distill.py cls ce 0      # ARM: ce | kd, SEED
     python benchmarks/compress_distill.py --quick        # every part on tiny models and data (a smoke run, ~1 min)
 
+`--lm-steps N` trains an lm arm for N steps instead of the default 100 (warmup N/10, the same cosine schedule
+stretched); its rows are stored under the arm's name with the steps (`ce@300`, `kd@300`, compared with `ce@300`),
+its run directory is `lm-ARM-Nsteps-sSEED`, so the 100-step rows (`ce`, `kd`) stay as they were.
+
 On a loaded machine `--minutes M` pauses an lm / cls run after M minutes (the trainer checkpoints at the end of its
 step; exit code 3) and the same command resumes it exactly, so each invocation stays short.
 
@@ -203,16 +207,30 @@ def _quick_assets(b: Bench) -> None:
     Path(b.tweets).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def lm(b: Bench, arm: str, seed: int, minutes: float | None = None) -> dict[str, Any]:
-    """One LM arm at one seed: `lmforge distill` teacher -> llama-7m, then the student's held-out bits per byte."""
+def arm_key(arm: str, steps: int | None, default: int) -> str:
+    """The results' key of an lm arm: its name at the default steps (the 100-step rows), `ARM@STEPS` otherwise."""
+    return arm if steps is None or steps == default else f"{arm}@{steps}"
+
+
+def _ce_key(key: str) -> str:
+    """The CE arm an lm arm is compared with: the one trained for the same steps."""
+    return "ce" + (key[key.index("@"):] if "@" in key else "")
+
+
+def lm(b: Bench, arm: str, seed: int, minutes: float | None = None, steps: int | None = None) -> dict[str, Any]:
+    """One LM arm at one seed: `lmforge distill` teacher -> llama-7m, then the student's held-out bits per byte;
+    `steps` (default: the size's lm_steps) sets the training steps (warmup a tenth of them)."""
     import lmforge
 
-    s = b.sizes
+    s = dict(b.sizes)
+    name = f"lm-{arm}-s{seed}"
+    if steps is not None and steps != s["lm_steps"]:
+        s["lm_steps"], name = steps, f"lm-{arm}-{steps}steps-s{seed}"
     cfg = {"teacher": b.lm_teacher, "student": "llama-7m", "student_overrides": s["lm_student_overrides"],
            "task": "lm", **LM_ARMS[arm], "data": {"train": [str(b.shards)], "seq_len": s["lm_seq_len"]},
            "train": train_section(s["lm_steps"], s["lm_micro_batch"], seed, s["lm_lr"], max(1, s["lm_steps"] // 10)),
            "eval": {"enabled": False}}
-    run, seconds = run_verb(b, "distill", f"lm-{arm}-s{seed}", cfg, minutes)
+    run, seconds = run_verb(b, "distill", name, cfg, minutes)
     model, tok = lmforge.load(run / "final")
     ev = json.loads((run / "eval.json").read_text())
     return {"arm": arm, **LM_ARMS[arm], "seed": seed, "steps": s["lm_steps"], "micro_batch": s["lm_micro_batch"],
@@ -285,7 +303,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             vals = {seed: r[metric[0]][metric[1]] for seed, r in sorted(by_seed.items())}
             arms[arm] = {"per_seed": vals, "mean": round(statistics.mean(vals.values()), 4),
                          "range": _spread(list(vals.values()))}
-        pairs = {arm: _paired(runs["ce"], runs[arm], metric) for arm in runs if arm != "ce" and "ce" in runs}
+        # every arm minus the CE arm of the same steps (`kd@300` minus `ce@300`)
+        pairs = {arm: _paired(runs[_ce_key(arm)], runs[arm], metric) for arm in runs
+                 if _ce_key(arm) != arm and _ce_key(arm) in runs}
         out[task] = {"metric": ".".join(metric), "arms": arms, "kd_minus_ce": pairs.get("kd"),
                      "minus_ce": {arm: p for arm, p in pairs.items() if p}}
     return out
@@ -323,8 +343,12 @@ def run_part(b: Bench, part: str, args: list[str], out: Path, cli_args: argparse
         arms = LM_ARMS if part == "lm" else CLS_ARMS
         if len(args) != 2 or args[0] not in arms or not args[1].isdigit():
             raise SystemExit(f"{part} needs ARM SEED with ARM one of {', '.join(arms)}; found {' '.join(args)!r}")
-        entry = (lm if part == "lm" else cls)(b, args[0], int(args[1]), cli_args.minutes)
-        key: tuple[str, ...] = (part, args[0], args[1])
+        if part == "lm":
+            entry = lm(b, args[0], int(args[1]), cli_args.minutes, cli_args.lm_steps)
+            arm = arm_key(args[0], cli_args.lm_steps, b.sizes["lm_steps"])
+        else:
+            entry, arm = cls(b, args[0], int(args[1]), cli_args.minutes), args[0]
+        key: tuple[str, ...] = (part, arm, args[1])
     else:
         fn = {"prepare": prepare, "lm-teacher": lm_teacher, "cls-teacher": cls_teacher}[part]
         entry, key = fn(b), (part.replace("-", "_"),)
@@ -348,8 +372,12 @@ def main() -> None:
                     "<work>/quick/compress_distill.json unless --out")
     ap.add_argument("--minutes", type=float, help="lm / cls: pause the run after this many minutes (a checkpoint; "
                     "the same command continues it), so one invocation stays short on a loaded machine")
+    ap.add_argument("--lm-steps", type=int, help="lm: training steps of the arm (default 100, --quick 3); rows "
+                    "at other steps are stored as ARM@STEPS next to the default-steps rows")
     add_out_argument(ap)
     a = ap.parse_args()
+    if a.lm_steps is not None and a.lm_steps < 1:
+        ap.error(f"--lm-steps must be >= 1, found {a.lm_steps}")
     b = Bench(Path(a.work), a.quick)
     if a.quick and not a.out:
         a.out = str(b.work / f"{NAME}.json")

@@ -401,7 +401,8 @@ def compress_distill(results: dict[str, dict]) -> str:
         for arm, d in pairs.items():
             per = ", ".join(f"seed {s}: {v:+.{digits}f}" for s, v in d["per_seed"].items())
             se = f" ± {d['stderr']:.{digits}f} (standard error)" if d.get("stderr") is not None else ""
-            out += f" `{arm}` minus `ce`, {what}: **{d['mean']:+.{digits}f}**{se} ({per})."
+            ce = "ce" + (arm[arm.index("@"):] if "@" in arm else "")  # the CE arm of the same steps
+            out += f" `{arm}` minus `{ce}`, {what}: **{d['mean']:+.{digits}f}**{se} ({per})."
         return out
 
     def arm_label(arm: str, row: dict) -> str:
@@ -414,21 +415,33 @@ def compress_distill(results: dict[str, dict]) -> str:
     if lm or teacher:
         seeds = seeds_of("lm")
         rows = []
-        for arm, by_seed in lm.items():
+
+        def steps_of(arm: str) -> int:  # rows at other steps than the default are stored as ARM@STEPS
+            return next(iter(lm[arm].values())).get("steps", 0)
+
+        for arm in sorted(lm, key=steps_of):  # grouped by budget, each group in the order the arms were run
+            by_seed = lm[arm]
             first = next(iter(by_seed.values()))
             vals = [by_seed[s]["heldout"]["bits_per_byte"] if s in by_seed else None for s in seeds]
             mean = summ.get("lm", {}).get("arms", {}).get(arm, {}).get("mean")
             val = [x["validation"]["val_bpb"] for x in by_seed.values() if "val_bpb" in x.get("validation", {})]
             secs = [x["train_seconds"] for x in by_seed.values()]
-            rows.append([arm_label(arm, first), f"{first['student_parameters']:,}"] + [_n(v, 4) for v in vals]
+            rows.append([arm_label(arm, first), _n(first["steps"], 0), f"{first['student_parameters']:,}"]
+                        + [_n(v, 4) for v in vals]
                         + [_n(mean, 4), _n(sum(val) / len(val), 4) if val else "–", _n(sum(secs) / len(secs), 0)])
         if teacher:
-            rows.append([f"teacher `{st.get('lm_teacher', '?')}` ({teacher['dtype']})", f"{teacher['parameters']:,}"]
+            rows.append([f"teacher `{st.get('lm_teacher', '?')}` ({teacher['dtype']})", "–",
+                         f"{teacher['parameters']:,}"]
                         + ["" for _ in seeds] + [_n(teacher["heldout"]["bits_per_byte"], 4), "–", "–"])
         any_run = next((x for by_seed in lm.values() for x in by_seed.values()), None)
         h = (any_run or teacher)["heldout"]
-        budget = (f"{any_run['steps']} steps × {any_run['micro_batch']} × {any_run['seq_len']} tokens "
-                  f"({any_run['train_tokens']:,} tokens) per arm and seed, " if any_run else "")
+        steps = sorted({x["steps"] for by_seed in lm.values() for x in by_seed.values()})
+        per_step = any_run["micro_batch"] * any_run["seq_len"] if any_run else 0
+        tokens = ", ".join(f"{n * per_step:,}" for n in steps)
+        budget = (f"{' or '.join(str(n) for n in steps)} steps × {any_run['micro_batch']} × {any_run['seq_len']} "
+                  f"tokens ({tokens} "
+                  f"tokens) per arm and seed (warmup a tenth of the steps, cosine to 10%; arms at other steps than "
+                  f"100 are named `ARM@STEPS` and compared with the `ce` arm of the same steps), " if any_run else "")
         parts.append(
             f"Language model: `{st.get('lm_teacher', '?')}` (bf16) distilled into the `llama-7m` preset with its "
             f"tokenizer (randomly initialised), {budget}the same shards of the standard library, seed, batches and "
@@ -436,7 +449,7 @@ def compress_distill(results: dict[str, dict]) -> str:
             f"{h['documents']} module{'s' if h['documents'] != 1 else ''} no arm trained on, {h['tokens']:,} "
             f"tokens, {h['window']}-token windows; "
             f"lower is better).{diff_line('lm', 'held-out bits per byte', 4)}\n\n"
-            + _table(["arm", "parameters"] + [f"held-out bpb, seed {s}" for s in seeds]
+            + _table(["arm", "steps", "parameters"] + [f"held-out bpb, seed {s}" for s in seeds]
                      + ["held-out bpb, mean", "shard validation bpb", "train s"], rows))
     cls, ct = r.get("cls", {}), r.get("cls_teacher")
     if cls or ct:
