@@ -150,7 +150,7 @@ def rss_reset() -> None:
         pass
 
 
-def _status_mib(key: str) -> float | None:
+def status_mib(key: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -166,7 +166,7 @@ def peak_mib(dev: str = "cpu") -> float:
 
     if dev == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    hwm = _status_mib("VmHWM")
+    hwm = status_mib("VmHWM")
     if hwm is not None:
         return hwm
     import resource
@@ -196,7 +196,7 @@ def training_baseline(dev: str = "cpu", model=None) -> float:
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
     rss_reset()
-    return _status_mib("VmRSS") or 0.0
+    return status_mib("VmRSS") or 0.0
 
 
 def cpu_seconds() -> float:
@@ -228,6 +228,43 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict:
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class LlamaCppServer:
+    """llama.cpp's server (the xllamacpp wheel) on one GGUF file, its native /completion on 127.0.0.1 answering with
+    token ids: the peer of the GGUF benchmarks and of tests/unit/test_gguf_quant.py. `exact`: f32 KV cache and no
+    flash attention (whose f16 rounding would blur a comparison); else llama.cpp's defaults."""
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 2, exact: bool = True):
+        import xllamacpp
+
+        p = xllamacpp.CommonParams()
+        p.model.path = str(path)
+        p.n_parallel, p.n_ctx, p.warmup, p.verbosity = 1, n_ctx, False, -1
+        p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
+        if exact:
+            p.cache_type_k = p.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+            p.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.server = xllamacpp.Server(p)
+
+    def complete(self, prompt: list[int], n: int, **kw: Any) -> dict[str, Any]:
+        import urllib.request
+
+        body = {"prompt": prompt, "n_predict": n, "temperature": 0, "cache_prompt": False, "return_tokens": True,
+                **kw}
+        req = urllib.request.Request(self.server.listening_address + "/completion", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return json.loads(r.read())
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        return self.complete(prompt, n)["tokens"]
+
+    def top_logprobs(self, prompt: list[int], k: int = 5) -> dict[int, float]:
+        """Log-probabilities of the k most likely next tokens; empty when that token is an incomplete UTF-8
+        sequence (the server holds its text back, and its probabilities with it)."""
+        probs = self.complete(prompt, 1, n_probs=k).get("completion_probabilities") or [{"top_logprobs": []}]
+        return {c["id"]: c["logprob"] for c in probs[0]["top_logprobs"]}
 
 
 def random_batches(vocab: int, batch: int, seq: int, n: int):

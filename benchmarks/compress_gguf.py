@@ -36,11 +36,10 @@ import json
 import os
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, run_child
+from common import RESULTS, LlamaCppServer, run_child
 from compress_onnx import SCRATCH, TEXT, THREADS, Worker, interleaved, merge_part, serve
 
 MODEL = "smollm2-135m-instruct"
@@ -67,34 +66,9 @@ def gptq_folder(quick: bool) -> Path:
 
 # ---- llama.cpp, one process per file -----------------------------------------------------------------------------
 
-class LlamaServer:
-    """llama.cpp's server (xllamacpp) on one GGUF file, 2 threads, its native /completion on 127.0.0.1 answering
-    with token ids. `exact`: f32 KV cache and no flash attention (for comparisons); else llama.cpp's defaults."""
-
-    def __init__(self, path: str | Path, n_ctx: int, exact: bool):
-        import xllamacpp
-
-        p = xllamacpp.CommonParams()
-        p.model.path = str(path)
-        p.n_parallel, p.n_ctx, p.warmup, p.verbosity = 1, n_ctx, False, -1
-        p.cpuparams.n_threads = p.cpuparams_batch.n_threads = THREADS
-        if exact:
-            p.cache_type_k = p.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
-            p.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.server = xllamacpp.Server(p)
-
-    def complete(self, prompt: list[int], n: int, **kw: Any) -> dict[str, Any]:
-        body = {"prompt": prompt, "n_predict": n, "temperature": 0, "cache_prompt": False, "return_tokens": True,
-                **kw}
-        req = urllib.request.Request(self.server.listening_address + "/completion", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return json.loads(r.read())
-
-
 def llama_job(job: dict[str, Any]) -> dict[str, Any]:
     """In this process: greedy continuations of prompts, or the greedy next token after every prefix of texts."""
-    server = LlamaServer(job["path"], job["n_ctx"], exact=True)
+    server = LlamaCppServer(job["path"], job["n_ctx"], THREADS, exact=True)
     t = time.perf_counter()
     if job["mode"] == "greedy":
         out = [server.complete(p, job["n"])["tokens"] for p in job["prompts"]]
@@ -116,7 +90,7 @@ def run_llama(job: dict[str, Any], name: str) -> list[list[int]]:
 
 def speed_setup(path: str, prompt: list[int], n: int, n_ctx: int):
     """A worker timing llama.cpp's decode on one file (llama.cpp's defaults)."""
-    server = LlamaServer(path, n_ctx, exact=False)
+    server = LlamaCppServer(path, n_ctx, THREADS, exact=False)
 
     def run() -> dict[str, Any]:
         t = time.perf_counter()

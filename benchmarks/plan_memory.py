@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Record, add_out_argument  # noqa: E402
+from common import RESULTS, Record, add_out_argument, peak_mib, status_mib  # noqa: E402
 
 LAYOUTS = {"single": ("single", 1, 1), "ddp": ("ddp", 2, 1), "zero1": ("zero1", 2, 1), "zero2": ("zero2", 2, 1),
            "fsdp": ("fsdp", 2, 1), "tp2": ("ddp", 2, 2), "tp2sp": ("ddp", 2, 2)}
@@ -48,7 +48,7 @@ def worker(out: str, parallel: str, tp: int, sequence: bool) -> None:
     from lmforge.precision import autocast
 
     torch.set_num_threads(1)
-    rss0 = _rss("VmRSS")
+    rss0 = status_mib("VmRSS") or 0.0
     world = D.init("cpu", tp=tp)
     cfg = preset(MODEL["preset"], vocab_size=MODEL["vocab_size"])
     torch.manual_seed(0)
@@ -78,16 +78,9 @@ def worker(out: str, parallel: str, tp: int, sequence: bool) -> None:
                 zero.broadcast_parameters()
             state = live.live
             opt.zero_grad(set_to_none=True)
-    result = {"rank": world.rank, "state": state, "peak": live.peak, "rss_peak_mib": _rss("VmHWM") - rss0}
+    result = {"rank": world.rank, "state": state, "peak": live.peak, "rss_peak_mib": peak_mib() - rss0}
     Path(out, f"rank{world.rank}.json").write_text(json.dumps(result))
     D.shutdown()
-
-
-def _rss(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _port() -> int:

@@ -7,6 +7,10 @@ cached per process, so modules that each import them still share one copy.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,21 @@ class ShardData:
 
     tokenizer: Path
     shards: Path
+
+
+def run_torchrun(nproc: int, *args: str, env: dict[str, str] | None = None, timeout: int = 240) -> None:
+    """Run `args` (a script and its arguments, or "lmforge" and a verb's) in `nproc` local processes under torchrun
+    (gloo on a free loopback port, one thread each); the test fails with the end of stderr when the run does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if args[0] == "lmforge":
+        args = ("--no-python", str(Path(sys.executable).parent / "lmforge"), *args[1:])
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           "--master_addr=127.0.0.1", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def stdlib_files(n: int = N_FILES) -> list[Path]:

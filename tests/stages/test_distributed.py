@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from engine_fixtures import run_torchrun
 from safetensors.torch import load_file
 
 from lmforge import cli
@@ -28,12 +24,6 @@ train: {{steps: 6, micro_batch: 4, grad_accum: 1, log_every: 1, eval_every: 3, e
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(run: Path) -> dict[int, dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows}
@@ -46,13 +36,7 @@ def _read_train_dir(config: Path) -> str:
 
 
 def _torchrun(config: Path, run: Path, *overrides: str) -> None:
-    lmforge = shutil.which("lmforge", path=str(Path(sys.executable).parent))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
-           "--master_addr=127.0.0.1", "--no-python", lmforge, "pretrain", "--config", str(config), f"run_dir={run}",
-           *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(2, "lmforge", "pretrain", "--config", str(config), f"run_dir={run}", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,10 @@ on a 2 x 2 mesh following one process's loss curve, its checkpoint evaluating id
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from engine_fixtures import run_torchrun
 
 from lmforge import cli
 
@@ -92,21 +89,11 @@ D.shutdown()
 '''
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path: Path, mode: str, tp: int = 1, nproc: int = 2, tie: bool = True, sp: bool = False) -> list[dict]:
     script = tmp_path / "check.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
-           "--master_addr=127.0.0.1", str(script), str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TP=str(tp), MODE=mode, TIE="1" if tie else "0",
-               SP="1" if sp else "0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(nproc, str(script), str(tmp_path),
+                 env={"TP": str(tp), "MODE": mode, "TIE": "1" if tie else "0", "SP": "1" if sp else "0"})
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
@@ -146,12 +133,8 @@ def test_fsdp_by_tp_on_four_processes_follows_one_process(bpe_data, tmp_path):
     config.write_text(CONFIG.format(shards=bpe_data.shards))
     single, mesh = tmp_path / "single", tmp_path / "mesh"
     assert cli.main(["pretrain", "--config", str(config), f"run_dir={single}", "train.grad_accum=2"]) == 0
-    lmforge = str(Path(sys.executable).parent / "lmforge")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={_port()}",
-           "--master_addr=127.0.0.1", "--no-python", lmforge, "pretrain", "--config", str(config), f"run_dir={mesh}",
-           "train.parallel.dp=fsdp", "train.parallel.tp=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(4, "lmforge", "pretrain", "--config", str(config), f"run_dir={mesh}", "train.parallel.dp=fsdp",
+                 "train.parallel.tp=2", timeout=600)
     rows = {p: {r["step"]: r for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())}
             for p in (single, mesh)}
     for step in range(1, 21):

@@ -3,8 +3,7 @@ package's reference dequantizer), read back as the same codes, and run by real l
 
 from __future__ import annotations
 
-import json
-import urllib.request
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -185,37 +184,15 @@ def test_real_q4_1_file_keeps_its_block_linears_as_codes(smollm2_gguf):
 
 # ---- llama.cpp -------------------------------------------------------------------------------------------------
 
-class LlamaCpp:
-    """A llama.cpp server (xllamacpp) on one GGUF file, 2 threads; its native /completion on 127.0.0.1 answers with
-    token ids. `exact`: f32 KV cache and no flash attention (whose f16 rounding would blur the comparison)."""
-
-    def __init__(self, path: Path, n_ctx: int = 512, threads: int = 2, exact: bool = True):
-        xllamacpp = pytest.importorskip("xllamacpp", reason="real llama.cpp comes from the xllamacpp wheel")
-        p = xllamacpp.CommonParams()
-        p.model.path = str(path)
-        p.n_parallel, p.n_ctx, p.warmup, p.verbosity = 1, n_ctx, False, -1
-        p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
-        if exact:
-            p.cache_type_k = p.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
-            p.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.server = xllamacpp.Server(p)
-
-    def complete(self, prompt: list[int], n: int, **kw) -> dict:
-        body = {"prompt": prompt, "n_predict": n, "temperature": 0, "cache_prompt": False, "return_tokens": True,
-                **kw}
-        req = urllib.request.Request(self.server.listening_address + "/completion", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())
-
-    def greedy(self, prompt: list[int], n: int) -> list[int]:
-        return self.complete(prompt, n)["tokens"]
-
-    def top_logprobs(self, prompt: list[int], k: int = 5) -> dict[int, float]:
-        """Log-probabilities of the k most likely next tokens; empty when that token is an incomplete UTF-8
-        sequence (the server holds its text back, and its probabilities with it)."""
-        probs = self.complete(prompt, 1, n_probs=k).get("completion_probabilities") or [{"top_logprobs": []}]
-        return {c["id"]: c["logprob"] for c in probs[0]["top_logprobs"]}
+def llama_cpp(path: Path, n_ctx: int = 512, exact: bool = True):
+    """benchmarks/common.py's `LlamaCppServer` (real llama.cpp from the xllamacpp wheel) on one GGUF file, 2 threads;
+    `exact`: f32 KV cache and no flash attention."""
+    pytest.importorskip("xllamacpp", reason="real llama.cpp comes from the xllamacpp wheel")
+    common_py = Path(__file__).parents[2] / "benchmarks" / "common.py"
+    spec = importlib.util.spec_from_file_location("bench_common", common_py)
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common.LlamaCppServer(path, n_ctx, threads=2, exact=exact)
 
 
 class LlamaCppArithmetic(nn.Module):
@@ -292,7 +269,7 @@ def test_llama_cpp_runs_our_blocks_exactly(name, bits, symmetric, bpe, tmp_path)
     and the same greedy tokens; on the plainly dequantized weights, the engine's greedy tokens agree up to near
     ties that llama.cpp's activation rounding breaks differently."""
     model = quantize_rtn(_tiny(bpe), bits, 32, symmetric)
-    llama = LlamaCpp(save_gguf(model, bpe, tmp_path / f"tiny-{name}.gguf"), n_ctx=256)
+    llama = llama_cpp(save_gguf(model, bpe, tmp_path / f"tiny-{name}.gguf"), n_ctx=256)
     sim = _llama_cpp_arithmetic(model)
     prompts = [bpe.encode(p) for p in PROMPTS]
     compared = 0
@@ -313,7 +290,7 @@ def test_llama_cpp_runs_our_blocks_exactly(name, bits, symmetric, bpe, tmp_path)
     q = model.blocks[0].attn.q
     for t in (q.weight, q.weight_scale) + (() if symmetric else (q.weight_min,)):
         t.copy_(t.flip(0))
-    wrong = LlamaCpp(save_gguf(model, bpe, tmp_path / "wrong.gguf"), n_ctx=256)
+    wrong = llama_cpp(save_gguf(model, bpe, tmp_path / "wrong.gguf"), n_ctx=256)
     assert sum(wrong.greedy(p, 16) != want for p, want in zip(prompts, expected)) >= 2
 
 
@@ -347,10 +324,10 @@ def test_smollm2_q8_0_greedy_in_llama_cpp_equals_ours(tmp_path):
     ref = _dequantized(model)
     prompts = [tok.encode(p) for p in _docstring_prompts(50)]
     ours = [o.token_ids for o in Engine(ref).generate(prompts, SamplingParams(max_new_tokens=32))]
-    llama = LlamaCpp(save_gguf(model, tok, tmp_path / "q8_0.gguf"))
+    llama = llama_cpp(save_gguf(model, tok, tmp_path / "q8_0.gguf"))
     q8 = [llama.greedy(p, 32) for p in prompts]
     del llama
-    control = LlamaCpp(save_gguf(ref, tok, tmp_path / "dequantized-f32.gguf"))
+    control = llama_cpp(save_gguf(ref, tok, tmp_path / "dequantized-f32.gguf"))
     f32 = [control.greedy(p, 32) for p in prompts]
     q8_ours, f32_ours, q8_f32 = (sum(_same(a, b) for a, b in zip(x, y))
                                  for x, y in ((q8, ours), (f32, ours), (q8, f32)))
@@ -365,7 +342,7 @@ def test_smollm2_q8_0_greedy_in_llama_cpp_equals_ours(tmp_path):
     assert f32_ours >= 48 and q8_ours >= q8_f32 - 2 and agree >= 0.95 * total
 
 
-def _teacher_forced(llama: LlamaCpp, ids: list[int]) -> list[int]:
+def _teacher_forced(llama, ids: list[int]) -> list[int]:
     """llama.cpp's greedy next token after every prefix ids[:1], ..., ids[:T-1] (its KV cache reused)."""
     return [llama.complete(ids[:t], 1, cache_prompt=True)["tokens"][0] for t in range(1, len(ids))]
 
@@ -382,7 +359,7 @@ def test_smollm2_q4_0_next_token_argmax_agrees_with_llama_cpp(tmp_path, smollm2_
     path = save_gguf(model, tok, tmp_path / "smol-q4_0.gguf", "f16")
     model.embed.tokens.weight.data = model.embed.tokens.weight.data.half().float()  # the file's f16 embedding/output
     ref = _dequantized(model)
-    llama = LlamaCpp(path)
+    llama = llama_cpp(path)
     same = total = 0
     for _, text in stdlib_heldout_texts(4):
         ids = tok.encode(text)[:192]
@@ -397,7 +374,7 @@ def test_smollm2_q4_0_next_token_argmax_agrees_with_llama_cpp(tmp_path, smollm2_
     prompt = tok.encode(_docstring_prompts(1)[0])
     speed = {}
     for label, gguf_path in (("our Q4_0", path), ("package Q4_1", smollm2_gguf)):
-        server = LlamaCpp(gguf_path, exact=False)  # llama.cpp's defaults: f16 KV cache, flash attention auto
+        server = llama_cpp(gguf_path, exact=False)  # llama.cpp's defaults: f16 KV cache, flash attention auto
         server.complete(prompt, 8, ignore_eos=True)  # warm-up
         speed[label] = max(server.complete(prompt, 128, ignore_eos=True)["timings"]["predicted_per_second"]
                            for _ in range(3))

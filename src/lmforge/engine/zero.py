@@ -129,5 +129,6 @@ class ZeroSharding:
             st = osd["state"].get(name)
             if st is not None:
                 p = params[name]
-                optimizer.state[p] = {k: v.to(p.device).clone() if isinstance(v, Tensor) and k != "step"
-                                      else v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+                # moments onto the parameter's device; torch keeps AdamW's step count on the CPU
+                optimizer.state[p] = {k: v.to(p.device if k != "step" else v.device, copy=True)
+                                      if isinstance(v, Tensor) else v for k, v in st.items()}

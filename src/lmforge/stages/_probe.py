@@ -9,6 +9,8 @@ import statistics
 import tempfile
 from typing import Any
 
+import torch
+
 __all__ = ["RandomTokens", "training_tokens_per_s"]
 
 
@@ -17,15 +19,12 @@ class RandomTokens:
     source of a throughput probe (what the tokens say does not change the work)."""
 
     def __init__(self, vocab: int, micro_batch: int, seq_len: int, seed: int = 0):
-        import torch
-
         self.vocab, self.shape, self.seed, self.k = vocab, (micro_batch, seq_len + 1), seed, 0
-        self._torch = torch
 
     def next_batch(self) -> dict[str, Any]:
-        g = self._torch.Generator().manual_seed(self.seed * 1_000_003 + self.k)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.k)
         self.k += 1
-        ids = self._torch.randint(0, self.vocab, self.shape, generator=g)  # (B, T + 1)
+        ids = torch.randint(0, self.vocab, self.shape, generator=g)  # (B, T + 1)
         return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
     def state_dict(self) -> dict[str, int]:
@@ -39,8 +38,6 @@ def training_tokens_per_s(cfg: Any, micro_batch: int, seq_len: int, precision: s
                           activation_checkpointing: bool = False, device: str = "auto") -> dict[str, float]:
     """{"tokens_per_s": median over steps 2..N, "steps": N, "device": ...} of lmforge's trainer on model config `cfg`
     (a `ModelConfig`); `steps` >= 2."""
-    import torch
-
     from ..engine.trainer import TrainConfig, Trainer
     from ..models.transformer import Transformer
     from ..objectives.causal_lm import CausalLM
