@@ -206,6 +206,29 @@ def sentiment_baselines(results: dict[str, dict]) -> str:
             + "\n\n" + provenance(rec))
 
 
+def finetune_qa(results: dict[str, dict]) -> str:
+    rec = results.get("finetune_qa")
+    if rec is None:
+        return _missing("finetune_qa")
+    r = rec["result"]
+
+    def cell(x: dict) -> str:
+        return f"{x['exact_match']:.3f} / {x['f1']:.3f} ± {x['f1_stderr']:.3f}"
+
+    rows = [[name, cell(x["validation"]), cell(x["test"]), _n(x.get("train_seconds"), 0) if "train_seconds" in x
+             else "—"] for name, x in r["results"].items()]
+    kinds = sorted({k for x in r["results"].values() for k in x["test"]["per_kind"]})
+    by_kind = [[name] + [f"{x['test']['per_kind'][k]['f1']:.3f}" if k in x["test"]["per_kind"] else "—"
+                         for k in kinds] for name, x in r["results"].items()]
+    counts = next(iter(r["results"].values()))["test"]["per_kind"]
+    return (f"`{r['recipe']}` on the stdlib QA set ({r['data']['validation']} validation / {r['data']['test']} test "
+            "questions, split by module); exact match / F1 (± its standard error), and training wall time:\n\n"
+            + _table(["method", "validation EM / F1", "test EM / F1", "train s"], rows)
+            + "\n\nTest F1 by question kind (questions: "
+            + ", ".join(f"{k} {counts[k]['examples']}" for k in kinds if k in counts) + "):\n\n"
+            + _table(["method", *kinds], by_kind) + "\n\n" + provenance(rec))
+
+
 def align(results: dict[str, dict]) -> str:
     parts = []
     dpo, grpo = results.get("align_dpo"), results.get("align_grpo")
@@ -757,8 +780,8 @@ def plan_scale(results: dict[str, dict]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     f.__name__: f for f in (inference, eval_throughput, eval_parity, finetune_lora, train_throughput,
-                            prepare_throughput, pretrain_quality, sentiment_baselines, align, curate_dedup,
-                            curate_throughput, curate_pretrain, compress_quant, compress_prune,
+                            prepare_throughput, pretrain_quality, sentiment_baselines, finetune_qa, align,
+                            curate_dedup, curate_throughput, curate_pretrain, compress_quant, compress_prune,
                             compress_distill, compress_gguf, compress_onnx, plan_memory, plan_tune, plan_scale,
                             summary)}
 

@@ -45,7 +45,7 @@ class Case:
     config_cls: str
     model_cls: str
     kwargs: dict[str, Any]
-    output: str  # lm | hidden | classifier | mlm | pretraining
+    output: str  # lm | hidden | classifier | mlm | pretraining | span
     head: str  # our head name for this architecture
     encoder: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -73,6 +73,12 @@ CASES = [
          "classifier", "classifier", encoder=True),
     Case("bert-regression", "BertConfig", "BertForSequenceClassification", dict(_BERT, num_labels=1),
          "classifier", "classifier", encoder=True),
+    Case("bert-span", "BertConfig", "BertForQuestionAnswering", dict(_BERT), "span", "span", encoder=True),
+    Case("llama-span", "LlamaConfig", "LlamaForQuestionAnswering", dict(_DEC, pad_token_id=PAD), "span", "span"),
+    Case("mistral-span", "MistralConfig", "MistralForQuestionAnswering", dict(_DEC, pad_token_id=PAD), "span",
+         "span"),
+    Case("qwen2-span", "Qwen2Config", "Qwen2ForQuestionAnswering", dict(_DEC, pad_token_id=PAD), "span", "span"),
+    Case("gpt2-span", "GPT2Config", "GPT2ForQuestionAnswering", dict(_GPT2), "span", "span"),
 ]
 
 
@@ -136,6 +142,8 @@ def _max_diff(case: Case, theirs, ours: Transformer) -> dict[str, float]:
                                                                    kw["input_ids"]), False))
         elif case.output == "classifier":
             pairs = [("logits", t.logits, o.logits, False)]
+        elif case.output == "span":  # ours (B, T, 2): start, end
+            pairs = [("start", t.start_logits, o.logits[..., 0], True), ("end", t.end_logits, o.logits[..., 1], True)]
         else:
             pairs = [("logits", t.prediction_logits, o.logits, True),
                      ("nsp", t.seq_relationship_logits, o.nsp_logits, False)]

@@ -509,6 +509,43 @@ def test_classify_endpoint(gpt2_tokenizer):
         _close(s)
 
 
+def test_qa_endpoint(minilm_dir):
+    """POST /v1/qa on the real MiniLM with a span head: the answers equal `answer_questions` run directly, each a
+    span of its context; a model without a span head, empty inputs and bad settings are 400."""
+    from lmforge.data.qa import QAData, QAExample
+    from lmforge.objectives.span import answer_questions
+
+    torch.manual_seed(0)
+    model, tok = lmforge.load(minilm_dir, head="span")
+    items = [{"question": "What does json.dumps return?",
+              "context": "json.dumps(obj, *, indent=None)\n\nSerialize obj to a JSON formatted str."},
+             {"question": "What is the default of indent?", "context": "dumps(obj, indent=None, sort_keys=False)"},
+             {"question": "Who?", "context": " ".join(["Ada wrote the first program for the engine."] * 60)}]
+    examples = [QAExample(str(i), it["question"], it["context"], [], "t") for i, it in enumerate(items)]
+    direct = answer_questions(model, tok, examples, QAData())
+    assert len(tok.encode(items[2]["context"])) > QAData().max_length  # the long context takes several windows
+    s = _serve(model, tok, "qa")
+    try:
+        status, one = _http(s, "POST", "/v1/qa", {"input": items[0]}, key=None)
+        assert status == 200 and one["answer"] == direct[0]["answer"]
+        status, out = _http(s, "POST", "/v1/qa", {"input": items, "model": "qa", "max_answer_length": 30}, key=None)
+        assert status == 200 and [o["answer"] for o in out] == [d["answer"] for d in direct]
+        for o, it in zip(out, items):
+            assert o["answer"] and it["context"][o["start"]:o["end"]] == o["answer"]
+            assert o["score"] == pytest.approx(next(d["score"] for d in direct if d["answer"] == o["answer"]),
+                                               abs=1e-3)
+        _error(_http(s, "POST", "/v1/qa", {"input": []}, key=None), 400)
+        _error(_http(s, "POST", "/v1/qa", {"input": {"question": " ", "context": "x"}}, key=None), 400)
+        _error(_http(s, "POST", "/v1/qa", {"input": items[0], "max_answer_length": 0}, key=None), 400)
+        _error(_http(s, "POST", "/v1/classify", {"input": "x"}, key=None), 400)
+    finally:
+        _close(s)
+
+
+def test_qa_endpoint_refuses_other_heads(lm):
+    _error(_http(lm, "POST", "/v1/qa", {"input": {"question": "q", "context": "c"}}), 400)
+
+
 # ----------------------------------------------------------------------------- lmforge chat
 
 def test_chat_cli_keeps_history_and_resets(gpt2_tokenizer, tmp_path, monkeypatch, capsys):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..tokenizer.base import Tokenizer
 from ..splits import split_by_hash
+from .examples import pad_right
 from .readers import DataError, ReadStats, iter_records
 
 log = logging.getLogger(__name__)
@@ -305,21 +306,9 @@ class ClassifyCollate:
         self.pad_id, self.task = pad_id, task
 
     def __call__(self, examples: list[TokenizedExample]) -> dict[str, Tensor]:
-        b, t = len(examples), max(len(e.input_ids) for e in examples)
-        ids = torch.full((b, t), self.pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((b, t), dtype=torch.long)  # (B, T), 1 = real token
-        types = torch.zeros((b, t), dtype=torch.long)  # (B, T)
-        for i, e in enumerate(examples):
-            n = len(e.input_ids)
-            ids[i, :n] = torch.tensor(e.input_ids)
-            mask[i, :n] = 1
-            if e.token_type_ids is not None:
-                types[i, :n] = torch.tensor(e.token_type_ids)
+        batch = pad_right([e.input_ids for e in examples], self.pad_id, [e.token_type_ids for e in examples])
         dtype = torch.long if self.task == "classify" else torch.float32
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.label for e in examples],
-                                                                                 dtype=dtype)}  # labels (B,)
-        if examples[0].token_type_ids is not None:
-            batch["token_type_ids"] = types
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=dtype)  # (B,)
         return batch
 
 

@@ -7,9 +7,11 @@ counter, so resume continues at the exact example whatever happened before.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import Tensor
 
 
 class ExampleLoader:
@@ -90,3 +92,48 @@ class ReplayMix:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.main.load_state_dict(state["main"])
         self.replay.load_state_dict(state["replay"])
+
+
+def pad_right(input_ids: Sequence[Sequence[int]], pad_id: int,
+              token_type_ids: Sequence[Sequence[int] | None] | None = None) -> dict[str, Tensor]:
+    """A batch of token lists right-padded with `pad_id`: input_ids and attention_mask (B, T), 1 = real token, and
+    token_type_ids (B, T) when every row has them (a mix is a ValueError: one tokenizer per batch)."""
+    if pad_id is None:
+        raise ValueError("pad_id is None: give the tokenizer's pad (or, for decoders without one, eos) token id")
+    typed = {t is not None for t in token_type_ids} if token_type_ids is not None else {False}
+    if len(typed) > 1:
+        raise ValueError("some rows have token_type_ids and some do not; expected one tokenizer per batch")
+    b, t = len(input_ids), max(len(x) for x in input_ids)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)
+    for i, x in enumerate(input_ids):
+        ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if typed == {True}:
+        types = torch.zeros((b, t), dtype=torch.long)  # (B, T)
+        for i, x in enumerate(token_type_ids):
+            types[i, :len(x)] = torch.tensor(x)
+        batch["token_type_ids"] = types
+    return batch
+
+
+@dataclass
+class ReplaySection:
+    """Replay against forgetting: pretraining sequences mixed into fine-tuning batches, their loss added."""
+
+    shards: list[str] = field(default_factory=list)
+    """Token-shard directories (`lmforge prepare`, tokenized with this model's tokenizer). Given alone (fraction 0)
+    they only measure forgetting: the pretraining validation loss before and after."""
+    fraction: float = 0.0
+    """Replay sequences per fine-tuning sequence in each micro batch (0 = measure only)."""
+    weight: float = 1.0
+    """Weight of the replay loss: L = L_task + weight · L_pretrain."""
+    seq_len: int = 256
+    """Tokens per replay sequence."""
+
+    def validate(self) -> None:
+        if self.fraction < 0 or self.weight < 0:
+            raise ValueError(f"fraction and weight must be >= 0, found {self.fraction} and {self.weight}")
+        if self.fraction > 0 and not self.shards:
+            raise ValueError(f"fraction {self.fraction} needs shards to replay (token-shard directories)")

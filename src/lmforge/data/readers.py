@@ -107,7 +107,8 @@ def expand_placeholders(path: str) -> str:
     """`{stdlib}` becomes this Python's standard library folder (a real code corpus on every machine);
     `{pkg:NAME}` the folder of the installed package NAME (found without importing it); `{align}` the folder of
     the alignment datasets built from real data on this machine (`data/align_data.py`, built on first use into
-    $LMFORGE_CACHE/align, default ~/.cache/lmforge/align)."""
+    $LMFORGE_CACHE/align, default ~/.cache/lmforge/align); `{qa}` that of the extractive-QA set built from the
+    standard library's docstrings (`data/qa_data.py`, likewise into $LMFORGE_CACHE/qa)."""
     if "{stdlib}" in path:
         import sysconfig
 
@@ -119,6 +120,13 @@ def expand_placeholders(path: str) -> str:
         folder = ensure_align_data(cache / "align", progress=lambda msg: print(f"{{align}} ({cache / 'align'}, built "
                                                                                 f"on first use): {msg}", flush=True))
         path = path.replace("{align}", str(folder))
+    if "{qa}" in path:
+        from .qa_data import ensure_qa_data
+
+        cache = Path(os.environ.get("LMFORGE_CACHE", "~/.cache/lmforge")).expanduser()
+        folder = ensure_qa_data(cache / "qa", progress=lambda msg: print(f"{{qa}} ({cache / 'qa'}, built on first "
+                                                                          f"use): {msg}", flush=True))
+        path = path.replace("{qa}", str(folder))
     for name in _PKG.findall(path):
         import importlib.util
 

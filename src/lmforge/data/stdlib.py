@@ -12,11 +12,11 @@ import random
 import re
 import sysconfig
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..splits import in_fraction
 
-__all__ = ["stdlib_docstring_items", "stdlib_doctest_items", "stdlib_doctest_gsm8k_items", "stdlib_heldout_texts",
+__all__ = ["documented_defs", "stdlib_docstring_items", "stdlib_doctest_items", "stdlib_doctest_gsm8k_items", "stdlib_heldout_texts",
            "stdlib_functions", "STDLIB_MC_MODULES", "DOCTEST_MODULES"]
 
 STDLIB_MC_MODULES = ("json", "os.path", "textwrap", "string", "shutil", "base64", "inspect", "difflib",
@@ -119,13 +119,14 @@ def _summary(doc: str, max_chars: int) -> str | None:
     return text
 
 
-def stdlib_functions(root: str | Path | None = None, max_chars: int = 400,
-                     max_per_module: int = 40) -> list[dict[str, str]]:
-    """{"module", "name", "qualname", "summary"} for the public top-level functions and public methods of public
-    top-level classes of the standard library's public modules, read with `ast` from the source files (not from
-    live objects, whose contents depend on what else was imported), in sorted file order. Summaries that contain
-    the function's own name are left out, so an answer cannot be matched to its question by the name."""
+def documented_defs(root: str | Path | None = None) -> Iterator[tuple[str, str, ast.FunctionDef, str]]:
+    """(module, qualname in the module, ast node, docstring) of every public top-level function and public method of
+    a public top-level class, with a docstring, in the standard library's public modules (SKIP_PARTS and private
+    names left out), in sorted file order; read with `ast` from the source files, not from live objects (whose
+    contents depend on what else was imported). A name defined twice in one module (a property setter, an
+    overload) comes once per definition."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
+
     def public(part: str) -> bool:
         return part not in SKIP_PARTS and not part.startswith(("_", "config-", "."))
 
@@ -133,16 +134,13 @@ def stdlib_functions(root: str | Path | None = None, max_chars: int = 400,
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if public(d)]  # prune test suites, site-packages, private packages
         paths += [Path(dirpath) / f for f in filenames if f.endswith(".py") and (public(f) or f == "__init__.py")]
-    out = []
     for path in sorted(paths):
-        rel = path.relative_to(root)
-        parts = rel.with_suffix("").parts
+        parts = path.relative_to(root).with_suffix("").parts
         module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        found = []
+            continue  # a few files are templates or test data, not Python of this version
         for node in tree.body:
             defs = []
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -151,16 +149,27 @@ def stdlib_functions(root: str | Path | None = None, max_chars: int = 400,
                 defs += [(f"{node.name}.{m.name}", m) for m in node.body
                          if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
             for qualname, f in defs:
-                name = qualname.rsplit(".", 1)[-1]
                 doc = ast.get_docstring(f)
-                if name.startswith("_") or not doc:
-                    continue
-                summary = _summary(doc, max_chars)
-                if summary is None or any(g["qualname"] == f"{module}.{qualname}" for g in found) \
-                        or re.search(rf"\b{re.escape(name)}\b", summary):
-                    continue
-                found.append({"module": module, "name": name, "qualname": f"{module}.{qualname}",
-                              "summary": summary})
+                if not qualname.rsplit(".", 1)[-1].startswith("_") and doc:
+                    yield module, qualname, f, doc
+
+
+def stdlib_functions(root: str | Path | None = None, max_chars: int = 400,
+                     max_per_module: int = 40) -> list[dict[str, str]]:
+    """{"module", "name", "qualname", "summary"} for the documented functions of `documented_defs`. Summaries that
+    contain the function's own name are left out, so an answer cannot be matched to its question by the name."""
+    by_module: dict[str, list[dict[str, str]]] = {}
+    for module, qualname, _, doc in documented_defs(root):
+        name = qualname.rsplit(".", 1)[-1]
+        summary = _summary(doc, max_chars)
+        found = by_module.setdefault(module, [])
+        if summary is None or any(g["qualname"] == f"{module}.{qualname}" for g in found) \
+                or re.search(rf"\b{re.escape(name)}\b", summary):
+            continue
+        found.append({"module": module, "name": name, "qualname": f"{module}.{qualname}",
+                                                 "summary": summary})
+    out = []
+    for module, found in by_module.items():
         if len(found) > max_per_module:  # a few huge modules (turtle, logging) would dominate otherwise
             found = random.Random(f"{module}").sample(found, max_per_module)
             found.sort(key=lambda f: f["qualname"])

@@ -34,7 +34,7 @@ class TaskOptions(Decoding):
     """Sequences per forward pass for log-likelihood and classification tasks."""
     max_length: int | None = None
     """Perplexity window in tokens (default: the model's context length, at most 2048); classification: tokens
-    per example (default 128)."""
+    per example (default 128); QA: tokens per window (default 384)."""
     stride: int | None = None
     """Perplexity window step (default: max_length, disjoint windows as lm-eval)."""
     samples: int = 1
@@ -185,6 +185,21 @@ def _classification(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any],
     return rep, [e.text if e.text_pair is None else e.text + " " + e.text_pair for e in examples]
 
 
+def _qa(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], list[str]]:
+    from ..data.qa import QAData, read_qa
+    from ..objectives.span import answer_questions
+    from .qa import qa_report
+
+    if model.cfg.head != "span":
+        raise ValueError(f"task {task.name}: the model has a {model.cfg.head!r} head; qa tasks need a span model "
+                         f"(`lmforge finetune` with task qa)")
+    examples, _ = read_qa(task.path)
+    examples = examples[:cfg.limit] if cfg.limit else examples
+    settings = QAData(max_length=cfg.max_length or QAData.max_length).within(model.cfg.max_position_embeddings)
+    rep = qa_report(examples, answer_questions(model, tok, examples, settings, batch_size=cfg.batch_size))
+    return rep, [e.context + "\n" + e.question for e in examples]
+
+
 def _answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy chat answers of `model` to each prompt (one batched engine call)."""
     from ..inference.engine import Engine
@@ -224,7 +239,7 @@ def _judge(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], list[str
 
 
 RUNNERS = {"multiple_choice": _multiple_choice, "perplexity": _perplexity, "generation": _generation,
-           "humaneval": _humaneval, "classification": _classification, "judge": _judge}
+           "humaneval": _humaneval, "classification": _classification, "judge": _judge, "qa": _qa}
 
 
 def headline_metrics(r: dict[str, Any]) -> dict[str, float]:
@@ -234,7 +249,7 @@ def headline_metrics(r: dict[str, Any]) -> dict[str, float]:
     if "bits_per_byte" in r:
         return {k: r[k] for k in ("bits_per_byte", "xz_bits_per_byte", "perplexity")}
     if "exact_match" in r:
-        return {"exact_match": r["exact_match"]}
+        return {k: r[k] for k in ("exact_match", "f1") if k in r}
     if "pass@k" in r:
         return {f"pass@{k}": v for k, v in r["pass@k"].items()}
     if "win_rate" in r:

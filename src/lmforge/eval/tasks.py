@@ -6,7 +6,8 @@ per byte of held-out standard-library modules), `stdlib-doctest` (predict the in
 example, exact match), `humaneval` (pass@k in the sandbox), `mc:PATH` (a multiple-choice file in HellaSwag / MMLU /
 ARC format), `ppl:PATH` (text files, folders, or JSONL/Parquet records with `text`), `gen:PATH` (GSM8K or
 prompt/target records, exact match), `cls:PATH` (`{"text", "label"}` records for a classifier model),
-`judge:PATH` (prompts answered by the model and a baseline, compared by a judge model).
+`judge:PATH` (prompts answered by the model and a baseline, compared by a judge model), `qa:PATH` (SQuAD v1.1 /
+v2.0 JSON or JSONL question-answering records for a span model: exact match and F1).
 """
 
 from __future__ import annotations
@@ -93,22 +94,26 @@ class TaskSpec:
     """A parsed task string: its kind and, for file tasks, the path."""
 
     name: str
-    kind: str  # multiple_choice | perplexity | generation | humaneval | classification | judge
+    kind: str  # multiple_choice | perplexity | generation | humaneval | classification | judge | qa
     path: str | None = None
 
 
 BUILTIN_TASKS = {"stdlib-mc": "multiple_choice", "stdlib-ppl": "perplexity", "stdlib-doctest": "generation",
                  "humaneval": "humaneval"}
 FILE_TASKS = {"mc": "multiple_choice", "ppl": "perplexity", "gen": "generation", "cls": "classification",
-              "judge": "judge"}
+              "judge": "judge", "qa": "qa"}
 
 
 def parse_task(spec: str) -> TaskSpec:
-    """A built-in name or PREFIX:PATH (mc, ppl, gen, cls, judge) -> TaskSpec; anything else is a ValueError."""
+    """A built-in name or PREFIX:PATH (mc, ppl, gen, cls, judge, qa) -> TaskSpec; anything else is a ValueError.
+    PATH may use the readers' placeholders ({stdlib}, {pkg:NAME}, {align}, {qa})."""
+    from ..data.readers import expand_placeholders
+
     if spec in BUILTIN_TASKS:
         return TaskSpec(spec, BUILTIN_TASKS[spec])
     kind, _, path = spec.partition(":")
     if kind in FILE_TASKS and path:
+        path = expand_placeholders(path)
         if not Path(path).exists():
             raise FileNotFoundError(f"task {spec!r}: {path} not found")
         return TaskSpec(spec, FILE_TASKS[kind], path)

@@ -98,6 +98,26 @@ class ClassifyRequest:
 
 
 @api_model
+class QAItem:
+    """A question about a context; the answer is a span of the context."""
+
+    question: str
+    context: str
+
+
+@api_model
+class QARequest:
+    """POST /v1/qa: one {question, context}, or a list of them, for a model with a span head."""
+
+    input: QAItem | list[QAItem]
+    model: str | None = None
+    max_answer_length: Annotated[int, Field(ge=1, le=512)] = 30
+    """Longest answer in tokens."""
+    null_threshold: float | None = None
+    """SQuAD v2.0 models: answer "" when the no-answer score beats the best span by more than this; None never."""
+
+
+@api_model
 class ErrorDetail:
     message: str
     type: str

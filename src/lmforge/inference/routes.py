@@ -21,12 +21,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..data.classify import ClassifyExample, classification_outputs, tokenize_examples
+from ..data.qa import QAData, QAExample
+from ..objectives.span import answer_questions
 from ..tokenizer.base import Tokenizer
 from ..tokenizer.chat import encode_chat
 from .bridge import AsyncEngine, RequestGroup
 from .http import APIError, RequestGuard, document_errors_as_answered, error_response, install_error_handlers
 from .protocol import (ERROR_RESPONSES, ChatCompletionRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
-                       GenerationRequest)
+                       GenerationRequest, QARequest)
 from .request import RequestOutput
 from .sampling import SamplingParams, TokenLogprob
 
@@ -114,7 +116,7 @@ def need_generation(state: ServerState) -> None:
     cfg = state.model_cfg
     if cfg.head != "lm" or not cfg.causal:
         raise APIError(400, f"{state.model_name} is not a causal language model (head {cfg.head!r}); it serves "
-                            "/v1/embeddings" + (" and /v1/classify" if cfg.head == "classifier" else ""),
+                            "/v1/embeddings" + {"classifier": " and /v1/classify", "span": " and /v1/qa"}.get(cfg.head, ""),
                        param="model")
 
 
@@ -473,6 +475,29 @@ async def classify(body: ClassifyRequest, state: State) -> Response:
     logits = (await state.engine.call(lambda e: e.classify(ids))).float().cpu()  # (B, K)
     results = classification_outputs(texts, logits, cfg.id2label, digits=6)
     return JSONResponse({"output": results[0]["output"]} if isinstance(body.input, str) else results)
+
+
+@router.post("/v1/qa")
+async def qa(body: QARequest, state: State) -> Response:
+    base_only(state, body.model)
+    if state.model_cfg.head != "span":
+        raise APIError(400, f"{state.model_name} has a {state.model_cfg.head!r} head; /v1/qa needs a span (extractive "
+                            f"question answering) model", param="model")
+    items = body.input if isinstance(body.input, list) else [body.input]
+    if not items:
+        raise APIError(400, "input is empty", param="input")
+    if len(items) > MAX_INPUTS:
+        raise APIError(400, f"input: at most {MAX_INPUTS} questions per request, found {len(items)}", param="input")
+    for i, it in enumerate(items):
+        if not it.question.strip() or not it.context.strip():
+            raise APIError(400, f"input {i}: question and context must both be non-empty", param="input")
+    examples = [QAExample(str(i), it.question, it.context, [], f"input {i}") for i, it in enumerate(items)]
+    settings = QAData(max_answer_length=body.max_answer_length, null_threshold=body.null_threshold)
+    answers = await state.engine.call(lambda e: answer_questions(e.model, state.tokenizer, examples,
+                                                                 settings.within(e.max_context)))
+    results = [{"answer": a["answer"], "score": round(a["score"], 6), "start": a["start_char"], "end": a["end_char"]}
+               for a in answers]
+    return JSONResponse(results if isinstance(body.input, list) else results[0])
 
 
 @router.get("/metrics")

@@ -61,17 +61,20 @@ _NAMES: dict[str, dict[str, str]] = {
 }
 # head modules live outside the body prefix
 _HEADS: dict[str, dict[str, str]] = {
-    "llama": {"lm_head": "lm_head", "score": "score"},
-    "gpt2": {"lm_head": "lm_head", "score": "score"},
+    "llama": {"lm_head": "lm_head", "score": "score", "qa_outputs": "qa_outputs"},
+    "gpt2": {"lm_head": "lm_head", "score": "score", "qa_outputs": "qa_outputs"},
     "bert": {
         "mlm.dense": "cls.predictions.transform.dense",
         "mlm.norm": "cls.predictions.transform.LayerNorm",
         "mlm.bias": "cls.predictions.bias",
         "nsp": "cls.seq_relationship",
         "score": "classifier",
+        "qa_outputs": "qa_outputs",
     },
 }
 _BODY_PREFIX = {"llama": "model.", "gpt2": "transformer.", "bert": "bert."}
+# Llama's and Qwen2's *ForQuestionAnswering keep the body under `transformer.` (Mistral's under `model.`)
+_SPAN_PREFIX = {"llama": "transformer.", "qwen2": "transformer."}
 # HF keys that carry no weights of ours (buffers, tied copies)
 _IGNORED = re.compile(r"(position_ids|rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|"
                       r"cls\.predictions\.decoder\.(weight|bias))$")
@@ -87,6 +90,9 @@ _ARCH = {
     ("gpt2", "none"): "GPT2Model",
     ("bert", "mlm"): "BertForMaskedLM", ("bert", "pretraining"): "BertForPreTraining",
     ("bert", "classifier"): "BertForSequenceClassification", ("bert", "none"): "BertModel",
+    ("llama", "span"): "LlamaForQuestionAnswering", ("mistral", "span"): "MistralForQuestionAnswering",
+    ("qwen2", "span"): "Qwen2ForQuestionAnswering", ("gpt2", "span"): "GPT2ForQuestionAnswering",
+    ("bert", "span"): "BertForQuestionAnswering",
 }
 
 
@@ -96,9 +102,13 @@ def _family_names(family: str) -> str:
 
 # ---- module names, for formats that address modules rather than whole checkpoints (PEFT adapters) ----
 
-def body_prefix(family: str) -> str:
-    """The prefix of the body's modules in a Hugging Face model with a head (`model.`, `transformer.`, `bert.`);
+def body_prefix(family: str, head: str = "lm") -> str:
+    """The prefix of the body's modules in a Hugging Face model with `head` (`model.`, `transformer.`, `bert.`);
     a bare body (head none) has none. PEFT adapters of a bare body and of a model with a head differ by it."""
+    if head == "none":
+        return ""
+    if head == "span" and family in _SPAN_PREFIX:
+        return _SPAN_PREFIX[family]
     return _BODY_PREFIX[_family_names(family)]
 
 
@@ -110,7 +120,7 @@ def hf_module_name(cfg: ModelConfig, ours: str) -> str | None:
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", ours)
     key = f"blocks.{{i}}.{m[2]}" if m else ours
     if key in _NAMES[fam]:
-        name = (_BODY_PREFIX[fam] if cfg.head != "none" else "") + _NAMES[fam][key]
+        name = body_prefix(cfg.family, cfg.head) + _NAMES[fam][key]
     elif key in _HEADS[fam]:
         name = _HEADS[fam][key]
     else:
@@ -131,6 +141,8 @@ def _head_from_arch(arch: str | None) -> str:
         return "lm"
     if arch.endswith("ForSequenceClassification"):
         return "classifier"
+    if arch.endswith("ForQuestionAnswering"):
+        return "span"
     if arch.endswith("ForMaskedLM"):
         return "mlm"
     if arch.endswith("ForPreTraining"):
@@ -138,7 +150,7 @@ def _head_from_arch(arch: str | None) -> str:
     if arch.endswith("Model"):
         return "none"
     raise ValueError(f"architecture {arch!r} is not supported; expected a *ForCausalLM, *ForSequenceClassification, "
-                     "*ForMaskedLM, *ForPreTraining or base *Model class")
+                     "*ForQuestionAnswering, *ForMaskedLM, *ForPreTraining or base *Model class")
 
 
 _REQUIRED = object()
@@ -284,10 +296,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _rules(family: str, prefixed: bool) -> list[tuple[re.Pattern, str, re.Pattern, str]]:
-    """(hf regex, our template, our regex, hf template) for each module name."""
+def _rules(family: str, prefix: str) -> list[tuple[re.Pattern, str, re.Pattern, str]]:
+    """(hf regex, our template, our regex, hf template) for each module name, the body's under `prefix`."""
     fam = _family_names(family)
-    prefix = _BODY_PREFIX[fam] if prefixed else ""
     rules = []
     for table, pre in ((_NAMES[fam], prefix), (_HEADS[fam], "")):
         for ours, theirs in table.items():
@@ -307,8 +318,8 @@ def _sub(template: str, m: re.Match) -> str:
 def state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], list[str]]:
     """Rename HF weights to ours; returns (our state dict, HF keys that matched nothing)."""
     fam = _family_names(cfg.family)
-    prefixed = any(k.startswith(_BODY_PREFIX[fam]) for k in sd)
-    rules = _rules(cfg.family, prefixed)
+    prefix = body_prefix(cfg.family, cfg.head if cfg.head != "none" else "lm")
+    rules = _rules(cfg.family, prefix if any(k.startswith(prefix) for k in sd) else "")
     out: dict[str, Tensor] = {}
     unmatched = []
     for key, value in sd.items():
@@ -338,8 +349,7 @@ def state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[st
 def state_dict_to_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Rename our weights to the HF names of the exported architecture."""
     fam = _family_names(cfg.family)
-    prefixed = cfg.head != "none"
-    rules = _rules(cfg.family, prefixed)
+    rules = _rules(cfg.family, body_prefix(cfg.family, cfg.head))
     out: dict[str, Tensor] = {}
     if fam == "gpt2":  # fuse q, k, v into c_attn
         sd = dict(sd)

@@ -128,6 +128,9 @@ def _pickle_problem(e: Exception) -> str:
     return f"not a readable PyTorch checkpoint ({type(e).__name__}: {one_line(str(e))[:200]})"
 
 
+_HEAD_PREFIXES = ("lm_head.", "score.", "mlm.", "nsp.", "pooler.", "qa_outputs.")  # modules of the heads, not the body
+
+
 def instantiate(cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype | None = None,
                 device: str | torch.device = "cpu", where: str = "checkpoint") -> Transformer:
     """Build a Transformer from our-named weights without initialising what gets overwritten.
@@ -142,8 +145,7 @@ def instantiate(cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype | No
         raise InputError(f"{where}: weights {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} do not fit "
                          f"a {cfg.family} model with head {cfg.head!r}")
     missing = sorted(set(expected) - set(sd))
-    head_prefixes = ("lm_head.", "score.", "mlm.", "nsp.", "pooler.")
-    body_missing = [k for k in missing if not k.startswith(head_prefixes)]
+    body_missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
     if body_missing:
         raise InputError(f"{where}: missing weights {body_missing[:5]}{'...' if len(body_missing) > 5 else ''}")
     if missing:
@@ -205,10 +207,11 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, d
         cfg.num_labels = num_labels or cfg.num_labels
         if cfg.head == "classifier" and cfg.family == "bert":
             cfg.pooler = True
+        if cfg.head == "span":
+            cfg.pooler = False  # as transformers' *ForQuestionAnswering: the head reads every token, not a summary
         keep = {"lm": ("lm_head.",), "classifier": ("score.", "pooler."), "mlm": ("mlm.",),
-                "pretraining": ("mlm.", "nsp.", "pooler."), "none": ("pooler.",)}[cfg.head]
-        sd = {k: v for k, v in sd.items()
-              if not k.startswith(("lm_head.", "score.", "mlm.", "nsp.", "pooler.")) or k.startswith(keep)}
+                "pretraining": ("mlm.", "nsp.", "pooler."), "none": ("pooler.",), "span": ("qa_outputs.",)}[cfg.head]
+        sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_PREFIXES) or k.startswith(keep)}
         if cfg.head == "lm" and "lm_head.weight" not in sd:
             cfg.tie_embeddings = True
         if cfg.head == "none" and "pooler.weight" not in sd:

@@ -75,8 +75,9 @@ class ModelConfig:
     """Normalise the output of the last block (pre-norm models)."""
     sliding_window: int | None = None
     """Attend only to the last N keys (Mistral); None for full attention."""
-    head: Literal["lm", "mlm", "pretraining", "classifier", "none"] = "lm"
-    """Output head: next-token LM, masked LM, masked LM + next-sentence (BERT pretraining), classifier/scalar, none."""
+    head: Literal["lm", "mlm", "pretraining", "classifier", "span", "none"] = "lm"
+    """Output head: next-token LM, masked LM, masked LM + next-sentence (BERT pretraining), classifier/scalar,
+    span (extractive QA: start and end logits per token), none."""
     num_labels: int = 2
     """Outputs of the classifier head; 1 makes it a scalar (reward, value or regression) head."""
     pooler: bool = False
@@ -123,12 +124,18 @@ class ModelConfig:
             return Transformer(self).num_parameters()
 
 
+TASK_HEADS = {"classifier": "score", "span": "qa_outputs"}
+"""The module each task head adds on a pretrained body: new weights that train with every method (LoRA saves them,
+as PEFT's modules_to_save)."""
+
+
 @dataclass
 class ModelOutput:
     """What `Transformer.forward` returns."""
 
     logits: Tensor | None = None
-    """LM logits (B, T, V), classifier logits (B, num_labels), or None for head='none'."""
+    """LM logits (B, T, V), classifier logits (B, num_labels), span logits (B, T, 2) ([..., 0] start, [..., 1] end),
+    or None for head='none'."""
     hidden: Tensor | None = None
     """Final hidden states (B, T, C)."""
     nsp_logits: Tensor | None = None
@@ -348,7 +355,7 @@ class MLMHead(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder or encoder transformer with an LM, masked-LM, pretraining, classifier or no head."""
+    """Decoder or encoder transformer with an LM, masked-LM, pretraining, classifier, span or no head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -369,6 +376,8 @@ class Transformer(nn.Module):
             self.nsp = nn.Linear(cfg.hidden_size, 2)
         if cfg.head == "classifier":
             self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=cfg.pooler)
+        if cfg.head == "span":
+            self.qa_outputs = nn.Linear(cfg.hidden_size, 2)
         if cfg.position == "rope":
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.apply(self.init_weights)
@@ -480,6 +489,8 @@ class Transformer(nn.Module):
                 out.nsp_logits = self.nsp(torch.tanh(self.pooler(h[:, 0])))  # (B, 2)
         elif cfg.head == "classifier":
             out.logits = self.score(self.pool(h, attention_mask, input_ids))  # (B, num_labels)
+        elif cfg.head == "span":
+            out.logits = self.qa_outputs(h)  # (B, T, 2): start, end
         return out
 
     def project(self, h: Tensor) -> Tensor:

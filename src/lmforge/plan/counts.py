@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from ..models.transformer import ModelConfig
+from ..models.transformer import TASK_HEADS, ModelConfig
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -68,6 +68,8 @@ def linear_layers(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
         out["nsp"] = (c, 2, True)
     if cfg.head == "classifier":
         out["score"] = (c, cfg.num_labels, cfg.pooler)
+    if cfg.head == "span":
+        out["qa_outputs"] = (c, 2, True)
     return out
 
 
@@ -235,7 +237,8 @@ def trainable_parameters(cfg: ModelConfig, method: Literal["full", "lora", "qlor
     linears = linear_layers(cfg)
     chosen = match_targets(cfg, targets)
     adapters = sum(rank * (linears[n][0] + linears[n][1]) for n in chosen)  # A (r, in) + B (out, r)
-    keep = modules_to_save if modules_to_save is not None else (["score"] if cfg.head == "classifier" else [])
+    keep = modules_to_save if modules_to_save is not None else \
+        ([TASK_HEADS[cfg.head]] if cfg.head in TASK_HEADS else [])
     saved = sum(math.prod(s) for n, s in shapes.items() if any(n.startswith(m + ".") for m in keep))
     nf4_w = nf4_b = 0
     if method == "qlora":

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from ..errors import InputError
-from ..models.transformer import ModelConfig
+from ..models.transformer import TASK_HEADS, ModelConfig
 from .counts import (
     DEFAULT_LORA_TARGETS,
     linear_layers,
@@ -298,7 +298,7 @@ def training_memory(cfg: ModelConfig, setup: TrainSetup | None = None) -> TrainM
                               double_quant=s.double_quant)
     linears = linear_layers(cfg)
     nf4 = {f"{n}.weight" for n in linears if n.startswith("blocks.")} if s.method == "qlora" else set()
-    keep = ["score"] if cfg.head == "classifier" else []  # LoRA's default modules_to_save
+    keep = [TASK_HEADS[cfg.head]] if cfg.head in TASK_HEADS else []  # LoRA's default modules_to_save
     trains = {n for n in shapes if s.method == "full" or any(n.startswith(m + ".") for m in keep)}
     # bytes as stored: trainable fp32; frozen in the autocast dtype (build_model casts them); QLoRA's NF4 weights
     stored = {n: 4 * k if n in trains else nf4_bytes(k, s.quant_block_size, s.double_quant) if n in nf4 else e * k

@@ -41,7 +41,8 @@ def tuned_model(cfg, tok, **head: Any) -> tuple[Any, int, int]:
 
     torch.manual_seed(cfg.train.seed)
     sections = {k: getattr(cfg, k) for k in TRANSFORM_SECTIONS if hasattr(cfg, k)}
-    model = build_model(cfg.model.init_from, cfg.method, tok=tok, precision=cfg.train.precision, **sections, **head)
+    model = build_model(cfg.model.init_from, cfg.method, tok=tok, precision=cfg.train.precision,
+                        random_init=cfg.model.random_init, **sections, **head)
     return (model, *count_parameters(model))
 
 

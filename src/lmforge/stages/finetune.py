@@ -1,5 +1,5 @@
-"""`lmforge finetune --config recipes/finetune/….yaml`: instruction SFT or classification / regression on a
-pretrained model, with full, freeze (top blocks), LoRA, QLoRA, prompt-tuning or adapter methods — the same
+"""`lmforge finetune --config recipes/finetune/….yaml`: instruction SFT, classification / regression or extractive
+question answering (a span head over SQuAD-format records) on a pretrained model, with full, freeze (top blocks), LoRA, QLoRA, prompt-tuning or adapter methods — the same
 engine as pretraining, through an objective and a model transform.
 
 With a parameter-efficient method the frozen base is kept in the autocast dtype (bf16) while trainable weights
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..data.classify import ClassifyData
+from ..data.examples import ReplaySection
+from ..data.qa import QAData
 from ..data.sft import SFTFormat
 from ..engine.trainer import TrainConfig
 from ..transforms.adapters import AdapterConfig
@@ -24,27 +26,6 @@ from ..transforms.methods import FreezeSection, ModelSection
 from ..transforms.prompt_tuning import PromptConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ReplaySection:
-    """Replay against forgetting: pretraining sequences mixed into fine-tuning batches, their loss added."""
-
-    shards: list[str] = field(default_factory=list)
-    """Token-shard directories (`lmforge prepare`, tokenized with this model's tokenizer). Given alone (fraction 0)
-    they only measure forgetting: the pretraining validation loss before and after."""
-    fraction: float = 0.0
-    """Replay sequences per fine-tuning sequence in each micro batch (0 = measure only)."""
-    weight: float = 1.0
-    """Weight of the replay loss: L = L_task + weight · L_pretrain."""
-    seq_len: int = 256
-    """Tokens per replay sequence."""
-
-    def validate(self) -> None:
-        if self.fraction < 0 or self.weight < 0:
-            raise ValueError(f"fraction and weight must be >= 0, found {self.fraction} and {self.weight}")
-        if self.fraction > 0 and not self.shards:
-            raise ValueError(f"fraction {self.fraction} needs shards to replay (token-shard directories)")
 
 
 @dataclass
@@ -69,6 +50,8 @@ class DataSection:
     """Also train the assistant's end-of-turn token, so the model learns to stop."""
     classify: ClassifyData = field(default_factory=ClassifyData)
     """Fields of classification / regression records (task classify or regress)."""
+    qa: QAData = field(default_factory=QAData)
+    """Windows of question-answering records (task qa: SQuAD v1.1 / v2.0 JSON, or JSONL records)."""
     replay: ReplaySection = field(default_factory=ReplaySection)
     """Replay of pretraining data (task sft)."""
 
@@ -85,8 +68,9 @@ class DataSection:
 class Config:
     run_dir: str = "runs/finetune"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, eval.json."""
-    task: Literal["sft", "classify", "regress"] = "sft"
-    """Instruction tuning (loss on assistant tokens), classification (cross-entropy) or regression (MSE)."""
+    task: Literal["sft", "classify", "regress", "qa"] = "sft"
+    """Instruction tuning (loss on assistant tokens), classification (cross-entropy), regression (MSE) or
+    extractive question answering (the answer's start and end tokens)."""
     method: Literal["full", "freeze", "lora", "qlora", "prompt", "adapter"] = "lora"
     """What trains: everything, the top blocks, LoRA, LoRA on an NF4 base, virtual tokens, or bottleneck adapters."""
     model: ModelSection = field(default_factory=ModelSection)
@@ -117,41 +101,50 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    from ..data.classify import load_classification_data
     from ..data.readers import require_validation
-    from ..data.sft import load_sft_data
     from ..engine import runs
-    from ..objectives.causal_lm import CausalLM
     from . import _tune
 
     t = _tune.start(cfg)
     world, run, tok = t.world, t.run, t.tok
-    if cfg.task == "sft":
-        train, val, collate, val_collate, summary = load_sft_data(cfg.data, tok, cfg.train.seed)
-        objective: Any = CausalLM()
-        head: dict[str, Any] = {}
-        id2label = None
-    else:
-        from ..objectives.classify import Classification
-
-        train, val, collate, label2id, summary = load_classification_data(cfg.data, cfg.task, tok, cfg.train.seed)
-        val_collate = collate
-        num_labels = 1 if cfg.task == "regress" else len(label2id)
-        id2label = None if cfg.task == "regress" else {i: lab for lab, i in label2id.items()}
-        objective = Classification(cfg.task, num_labels)
-        head = {"head": "classifier", "num_labels": num_labels, "id2label": id2label}
+    train, val, collate, val_collate, objective, head, summary, scored = _task(cfg, tok)
     print(summary)
     require_validation(val, cfg.data)
     model, trainable, total = _tune.tuned_model(cfg, tok, **head)
     if world.main:
         print(f"finetune ({cfg.task}, {cfg.method}): {trainable:,} trainable of {total:,} parameters "
-              f"({100 * trainable / total:.3f}%); {len(train):,} training {'rows' if cfg.data.pack else 'examples'}, "
-              f"{len(val):,} validation")
+              f"({100 * trainable / total:.3f}%); {len(train):,} training "
+              f"{'rows' if cfg.data.pack else 'windows' if cfg.task == 'qa' else 'examples'}, {len(val):,} validation")
     data, objective, evals = _replay(cfg, t, train, collate, objective)
     trainer = _tune.example_trainer(cfg, t, model, objective, train, val, collate, val_collate, data, evals)
     return runs.finish(trainer, "finetune", cfg, lambda _: _save(cfg, model, tok, run), _summary, trainable, total,
-                       result=lambda last: _final_eval(cfg, trainer, last, model, val, val_collate, id2label),
+                       result=lambda last: _final_eval(cfg, trainer, last, model, val, val_collate, scored),
                        title=f"finetune ({cfg.task}, {cfg.method})", task=cfg.task, method=cfg.method)
+
+
+def _task(cfg: Config, tok) -> tuple[Any, ...]:
+    """(train, validation, collate, validation collate, objective, head settings, a log line, what the final
+    evaluation scores: label names, or the validation QA examples) of cfg.task."""
+    from ..data.classify import load_classification_data
+    from ..data.sft import load_sft_data
+    from ..objectives.causal_lm import CausalLM
+
+    if cfg.task == "sft":
+        train, val, collate, val_collate, summary = load_sft_data(cfg.data, tok, cfg.train.seed)
+        return train, val, collate, val_collate, CausalLM(), {}, summary, None
+    if cfg.task == "qa":
+        from ..data.qa import load_qa_data
+        from ..objectives.span import SpanExtraction
+
+        train, val_examples, val, collate, summary = load_qa_data(cfg.data, tok, cfg.train.seed)
+        return train, val, collate, collate, SpanExtraction(), {"head": "span"}, summary, val_examples
+    from ..objectives.classify import Classification
+
+    train, val, collate, label2id, summary = load_classification_data(cfg.data, cfg.task, tok, cfg.train.seed)
+    num_labels = 1 if cfg.task == "regress" else len(label2id)
+    id2label = None if cfg.task == "regress" else {i: lab for lab, i in label2id.items()}
+    head = {"head": "classifier", "num_labels": num_labels, "id2label": id2label}
+    return train, val, collate, collate, Classification(cfg.task, num_labels), head, summary, id2label
 
 
 def _replay(cfg: Config, t, train, collate, objective):
@@ -185,8 +178,9 @@ def _replay(cfg: Config, t, train, collate, objective):
     return data, objective, evals
 
 
-def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate, id2label) -> dict[str, Any]:
-    """eval.json: the last validation metrics, the forgetting measurement and (classification) the full report."""
+def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate, scored) -> dict[str, Any]:
+    """eval.json: the last validation metrics, the forgetting measurement and the task's full report
+    (classification: per class; regression: correlations; QA: exact match and F1 of the decoded answers)."""
     from ..engine.runs import eval_summary
 
     out = eval_summary(trainer, last)
@@ -195,10 +189,20 @@ def _final_eval(cfg: Config, trainer, last: dict[str, Any], model, val, collate,
         out["forgetting"] = {"pretrain_loss_before": start["val_pretrain_loss"],
                              "pretrain_loss_after": last["val_pretrain_loss"],
                              "rise": last["val_pretrain_loss"] - start["val_pretrain_loss"]}
-    if cfg.task != "sft":
+    if cfg.task == "qa":
+        from ..data.examples import fixed_batches
+        from ..eval.qa import format_qa_report, qa_report
+        from ..objectives.span import decode_answers, span_logits
+
+        with trainer.autocast():
+            starts, ends = span_logits(model, fixed_batches(val, cfg.train.micro_batch, collate))
+        out["report"] = qa_report(scored, decode_answers(scored, val, starts, ends, **cfg.data.qa.decoding()))
+        print(format_qa_report(out["report"]))
+    elif cfg.task != "sft":
         from ..data.examples import fixed_batches
         from ..eval.classification import classification_report, format_report, regression_report
 
+        id2label = scored
         with trainer.autocast():
             preds, targets = trainer.objective.predict(model, fixed_batches(val, cfg.train.micro_batch, collate))
         if cfg.task == "classify":
@@ -225,4 +229,6 @@ def _summary(result: dict[str, Any]) -> str:
         parts.append(f"pretrain loss {f['pretrain_loss_before']:.4f} -> {f['pretrain_loss_after']:.4f}")
     if "report" in result and "macro_f1" in result["report"]:
         parts.append(f"macro-F1 {result['report']['macro_f1']:.4f}")
+    if "report" in result and "exact_match" in result["report"]:
+        parts.append(f"exact match {result['report']['exact_match']:.4f}, F1 {result['report']['f1']:.4f}")
     return ", ".join(parts)

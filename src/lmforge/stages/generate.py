@@ -1,5 +1,6 @@
 """`lmforge generate`: text from a model, plain or through its chat template, streamed to the terminal; for a
-classifier model, the label and class probabilities of each input (one JSON line per input line)."""
+classifier model, the label and class probabilities of each input; for a span (extractive QA) model, the answer to
+each {"question", "context"} input line (one JSON line per input line)."""
 
 from __future__ import annotations
 
@@ -82,9 +83,11 @@ def main(cfg: Config) -> int:
         return 2
     if model.cfg.head == "classifier":
         return _classify(Engine(model, tok), tok, prompt if cfg.prompt is not None else prompt.splitlines())
+    if model.cfg.head == "span":
+        return _answer(model, tok, prompt.splitlines())
     if model.cfg.head != "lm":
-        print(f"error: {cfg.model} has a {model.cfg.head!r} head; generate needs a causal LM or a classifier",
-              file=sys.stderr)
+        print(f"error: {cfg.model} has a {model.cfg.head!r} head; generate needs a causal LM, a classifier or a "
+              f"span (question answering) model", file=sys.stderr)
         return 2
     if cfg.chat:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
@@ -138,4 +141,34 @@ def _classify(engine, tok, texts: str | list[str]) -> int:
         if out["scores"] is None:
             del out["scores"]
         print(json.dumps(out))
+    return 0
+
+
+def _answer(model, tok, lines: list[str]) -> int:
+    """Print {"question", "answer", "score"} per input line {"question", "context"}: the best span of the context,
+    windowed as QA fine-tuning does."""
+    import json
+
+    from ..data.qa import QAData, QAExample
+    from ..objectives.span import answer_questions
+
+    examples = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            print(f"error: input line {n}: not JSON ({e.msg}); expected {{\"question\": ..., \"context\": ...}}",
+                  file=sys.stderr)
+            return 2
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) and rec[k].strip()
+                                                for k in ("question", "context")):
+            print(f"error: input line {n}: expected an object with non-empty \"question\" and \"context\" strings",
+                  file=sys.stderr)
+            return 2
+        examples.append(QAExample(str(n), rec["question"], rec["context"], [], f"input line {n}"))
+    settings = QAData().within(model.cfg.max_position_embeddings)
+    for ex, a in zip(examples, answer_questions(model, tok, examples, settings)):
+        print(json.dumps({"question": ex.question, "answer": a["answer"], "score": round(a["score"], 4)}))
     return 0

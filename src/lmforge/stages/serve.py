@@ -179,6 +179,9 @@ def _example(name: str, model_cfg) -> str:
     """The tail of an example curl line (path and body) for this kind of model."""
     if model_cfg.head == "classifier":
         return "/v1/classify -H 'Content-Type: application/json' -d '{\"input\": \"I love this!\"}'"
+    if model_cfg.head == "span":
+        return ("/v1/qa -H 'Content-Type: application/json' -d '{\"input\": {\"question\": \"Who wrote it?\", "
+                "\"context\": \"It was written by Ada.\"}}'")
     if not model_cfg.causal:
         return (f"/v1/embeddings -H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", "
                 f"\"input\": \"Hello world\"}}'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-HEAD_MODULES = ("lm_head", "score", "pooler", "mlm", "nsp")
+HEAD_MODULES = ("lm_head", "score", "pooler", "mlm", "nsp", "qa_outputs")
 """Output-head modules of `Transformer` (trained with the top blocks)."""
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.transformer import TASK_HEADS
 from .quantize import NF4Linear, replace_module, quantize_nf4, to_linear
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "set_adapter", "merge_lora", "unmerge_lora", "unwrap_lora",
@@ -34,8 +35,8 @@ class LoraConfig:
     """Linear layers to adapt: a last name component (q, up, score) or an fnmatch pattern of the full name
     (blocks.*.attn.q)."""
     modules_to_save: list[str] | None = None
-    """Other modules trained in full and saved with the adapter (PEFT modules_to_save); None = score for
-    classifier heads."""
+    """Other modules trained in full and saved with the adapter (PEFT modules_to_save); None = the task head's
+    new module (score for classifiers, qa_outputs for span heads)."""
     quantize: Literal["none", "nf4"] = "none"
     """QLoRA: 'nf4' stores every linear layer of the blocks frozen in 4-bit NormalFloat; embeddings, heads and
     norms stay."""
@@ -226,7 +227,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.M
             w.lora_A[name].requires_grad_(True)
             w.lora_B[name].requires_grad_(True)
     head = getattr(getattr(model, "cfg", None), "head", None)
-    keep = cfg.modules_to_save if cfg.modules_to_save is not None else (["score"] if head == "classifier" else [])
+    keep = cfg.modules_to_save if cfg.modules_to_save is not None else \
+        ([TASK_HEADS[head]] if head in TASK_HEADS else [])
     for n in keep:
         if n not in dict(model.named_modules()):
             raise ValueError(f"modules_to_save: no module {n!r} in the model (e.g. score, pooler, lm_head)")

@@ -16,6 +16,7 @@ from typing import Literal
 
 from torch import nn
 
+from ..models.transformer import TASK_HEADS
 from .adapters import AdapterConfig
 from .lora import LoraConfig
 from .prompt_tuning import PromptConfig
@@ -23,7 +24,7 @@ from .prompt_tuning import PromptConfig
 __all__ = ["Method", "ModelSection", "FreezeSection", "build_model", "save_trained", "train_head"]
 
 Method = Literal["full", "freeze", "lora", "qlora", "prompt", "adapter"]
-HEAD_MODULES = ("score", "pooler")
+HEAD_MODULES = ("score", "pooler", "qa_outputs")
 
 
 @dataclass
@@ -32,6 +33,9 @@ class ModelSection:
 
     init_from: str = "smollm2-135m-instruct"
     """Model folder, .gguf file, local alias or hub id."""
+    random_init: bool = False
+    """Keep init_from's architecture and tokenizer but start from freshly initialised weights: the baseline that
+    shows what pretraining contributes."""
 
 
 @dataclass
@@ -45,14 +49,19 @@ class FreezeSection:
 def build_model(init_from: str, method: str, *, head: str = "lm", num_labels: int | None = None,
                 id2label: dict[int, str] | None = None, tok=None, precision: str = "bf16",
                 lora: LoraConfig | None = None, prompt: PromptConfig | None = None,
-                adapter: AdapterConfig | None = None, freeze: FreezeSection | None = None) -> nn.Module:
-    """The pretrained model (with `head` / `num_labels` replacing its head when given) with `method`'s transform
-    applied, in train mode; a new classifier head trains with every method (it starts random)."""
+                adapter: AdapterConfig | None = None, freeze: FreezeSection | None = None,
+                random_init: bool = False) -> nn.Module:
+    """The pretrained model (with `head` / `num_labels` replacing its head when given; re-initialised with
+    `random_init`) with `method`'s transform applied, in train mode; a new task head trains with every method (it
+    starts random)."""
     import torch
 
+    from ..models.transformer import Transformer
     from .peft import load
 
     model, _ = load(init_from, head=head, num_labels=num_labels, dtype=torch.float32)
+    if random_init:
+        model = Transformer(model.cfg)  # (the caller seeds torch)
     model.train()
     if id2label is not None:
         model.cfg.id2label = id2label
@@ -88,8 +97,9 @@ def build_model(init_from: str, method: str, *, head: str = "lm", num_labels: in
 
 
 def train_head(model: nn.Module) -> None:
-    """Make a classifier head (score, pooler) trainable: a new head starts random, so it trains with any method."""
-    if getattr(getattr(model, "cfg", None), "head", None) == "classifier":
+    """Make a task head (classifier: score, pooler; span: qa_outputs) trainable: a new head starts random, so it
+    trains with any method."""
+    if getattr(getattr(model, "cfg", None), "head", None) in TASK_HEADS:
         for name in HEAD_MODULES:
             if hasattr(model, name):
                 for p in getattr(model, name).parameters():

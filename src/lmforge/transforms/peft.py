@@ -71,6 +71,8 @@ def _load_adapter_folder(path: Path, **kw: Any) -> tuple[Transformer, Tokenizer 
         with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
             shapes = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith(("score.weight", "classifier.weight"))]
         head, num_labels = "classifier", (shapes[0][0] if shapes else None)
+    elif meta.get("task_type") == "QUESTION_ANS":
+        head = "span"
     model, tok = load(base, head=head, num_labels=num_labels, **kw)
     if kind == "LORA":
         load_adapter(model, path)
@@ -90,7 +92,7 @@ def _load_adapter_folder(path: Path, **kw: Any) -> tuple[Transformer, Tokenizer 
 
 def _task_type(head: str) -> str:
     """PEFT's task_type for a model head."""
-    return {"lm": "CAUSAL_LM", "classifier": "SEQ_CLS"}.get(head, "FEATURE_EXTRACTION")
+    return {"lm": "CAUSAL_LM", "classifier": "SEQ_CLS", "span": "QUESTION_ANS"}.get(head, "FEATURE_EXTRACTION")
 
 
 # ---- LoRA --------------------------------------------------------------------------------------------------------
