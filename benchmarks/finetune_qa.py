@@ -6,7 +6,8 @@ Data: the stdlib QA set (`{qa}`, data/qa_data.py) built on this machine: questio
 documented functions, contexts = signature line + docstring, answers exact spans; split by module. The recipe
 trains on `train` and validates on `validation`; every arm is scored on `validation` (the recipe's final report)
 and on `test` (modules neither arm saw, through `lmforge evaluate --tasks qa:{qa}/test.jsonl`). Scores are SQuAD's
-exact match and token F1 (fractions), per question kind too. Each training run and each evaluation is its own
+exact match and token F1 (fractions), per question kind too, of answers decoded in fp32 (the recipe's own final
+report, `run_validation_f1`, runs under its bf16 autocast). Each training run and each evaluation is its own
 process (`lmforge` on the command line), one after another; wall time of the training command is recorded.
 
     python benchmarks/finetune_qa.py [--steps N] [--work DIR]
@@ -33,7 +34,8 @@ ARMS = {"pretrained": [], "random init": ["model.random_init=true"]}
 def lmforge(args: list[str], env: dict[str, str]) -> float:
     """Run the lmforge command line in a fresh process; its wall seconds (a failure stops the benchmark)."""
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lmforge", *args], env=env, cwd=ROOT)
+    cmd = [sys.executable, "-c", "import sys; from lmforge import cli; sys.exit(cli.main(sys.argv[1:]))", *args]
+    done = subprocess.run(cmd, env=env, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"lmforge {' '.join(args)}: exit {done.returncode}")
     return time.perf_counter() - t
@@ -87,17 +89,16 @@ def main() -> None:
         val = json.loads((run / "eval.json").read_text())
         test_dir = run / "test-eval"
         lmforge(["evaluate", "--model", str(run / "final"), "--tasks", "qa:{qa}/test.jsonl", "--output",
-                 str(test_dir)], env)
+                 str(test_dir), "--max-length", str(settings.max_length), "--stride", str(settings.doc_stride)], env)
         test = json.loads((test_dir / "eval.json").read_text())["tasks"]["qa:{qa}/test.jsonl"]
         model, tok = lmforge_api.load(run / "final")
-        answers = {s: {a["id"]: a["answer"] for a in answer_questions(model, tok, ex, settings)}
+        answers = {s: {a["id"]: a["answer"] for a in answer_questions(model, tok, ex, settings, batch_size=16)}
                    for s, ex in splits.items()}
         rows[arm] = {split: scores(answers[split], kind_of, splits[split]) for split in splits}
-        for split, report in (("validation", val["report"]), ("test", test)):  # the commands scored the same
-            if abs(report["f1"] - rows[arm][split]["f1"]) > 1e-6:
-                raise SystemExit(f"{arm} {split}: the command's F1 {report['f1']} differs from {rows[arm][split]}")
+        if abs(test["f1"] - rows[arm]["test"]["f1"]) > 1e-6:  # `lmforge evaluate` scored the same answers
+            raise SystemExit(f"{arm} test: lmforge evaluate's F1 {test['f1']} differs from {rows[arm]['test']}")
         rows[arm].update(train_seconds=round(train_s, 1), load_avg_before=load, load_avg_after=load_average(),
-                         steps=val.get("step"), val_loss=val.get("val_loss"))
+                         val_loss=val.get("val_loss"), run_validation_f1=val["report"]["f1"])
     rows["lexical baseline"] = {split: scores({e.id: lexical_baseline(e) for e in ex}, kind_of, ex)
                                 for split, ex in splits.items()}
     print(f"{'':<18} {'val EM':>7} {'val F1':>7} {'test EM':>8} {'test F1':>8}")

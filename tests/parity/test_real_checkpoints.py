@@ -110,6 +110,36 @@ def test_minilm_hidden_states_match_transformers(minilm_dir):
     assert ours.cfg.family == "bert" and not ours.cfg.causal and ours.cfg.pooler
 
 
+
+def test_minilm_span_head_exports_to_bert_for_question_answering(minilm_dir, tmp_path):
+    """Real MiniLM with a (seeded) span head, saved by lmforge: transformers' BertForQuestionAnswering loads it
+    without missing or unexpected weights and gives the same start / end logits on question + context pairs, and
+    lmforge loads that model's own save_pretrained back with the same logits."""
+    from lmforge.data.qa import QACollate, QAExample, qa_features
+
+    torch.manual_seed(0)
+    ours, tok = lmforge.load(minilm_dir, head="span")
+    with torch.no_grad():
+        ours.qa_outputs.weight.normal_(0, 0.5)  # far from the init, so a dropped head would show
+    path = lmforge.save(ours, tok, tmp_path / "ours")
+    ref, info = transformers.BertForQuestionAnswering.from_pretrained(path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    examples = [QAExample("a", "What does it return?", "dumps(obj)\n\nReturn a JSON formatted str.", [], "t"),
+                QAExample("b", "Who wrote it?", "It was written by Ada in 1843.", [], "t")]
+    batch = QACollate(tok.padding_id)(qa_features(examples, tok))
+    batch.pop("start_positions"), batch.pop("end_positions")
+    ref.save_pretrained(tmp_path / "theirs")
+    back, _ = lmforge.load(tmp_path / "theirs")
+    with torch.no_grad():
+        theirs = ref.eval()(**batch)
+        for model in (ours, back):
+            z = model.eval()(**batch).logits  # (B, T, 2)
+            real = batch["attention_mask"].bool()
+            for i, t in enumerate((theirs.start_logits, theirs.end_logits)):
+                diff = (z[..., i] - t)[real].abs().max().item()
+                assert diff <= 1e-4, f"max abs {'end' if i else 'start'} logit diff {diff}"
+
+
 def _generate(model, prompts, params):
     """New token ids per prompt through the engine (stop tokens included when hit)."""
     return [o.token_ids for o in Engine(model).generate(prompts, params)]

@@ -414,3 +414,31 @@ def test_load_qa_data_splits_by_context(tmp_path, smollm2_tok):
     assert {e.id for e in val_other} != expected or len(expected) == 0
     with pytest.raises(ValueError, match="max_length"):
         load_qa_data(_section([path], max_length=20, max_question_length=16), smollm2_tok)
+
+
+@pytest.mark.parametrize("max_length, doc_stride", [(192, 48), (384, 128)])
+def test_every_stdlib_qa_answer_round_trips_through_the_windows(minilm, smollm2_tok, max_length, doc_stride):
+    """The whole stdlib QA set: every answer fits a window, and that window's token offsets slice exactly the
+    answer back out of the context with MiniLM's WordPiece (100%). SmolLM2's byte-level BPE merges punctuation
+    across an answer's edge ("='exec'," is one run of tokens), so there the slice is the shortest run of whole
+    tokens around the answer: it contains the answer."""
+    from lmforge.data.qa_data import qa_records
+
+    examples = [QAExample(r["id"], r["question"], r["context"],
+                          [(r["answers"]["text"][0], r["answers"]["answer_start"][0])], r["id"])
+                for split in qa_records().values() for r in split]
+    for tok, exact_needed in ((minilm, True), (smollm2_tok, False)):
+        stats = QAStats()
+        features = qa_features(examples, tok, max_length, doc_stride, stats=stats)
+        found: dict[int, str] = {}
+        for f in features:
+            if f.start != f.cls_index:
+                found.setdefault(f.example, examples[f.example].context[f.offsets[f.start][0]:f.offsets[f.end][1]])
+        assert stats.answers_outside == 0 and len(found) == len(examples)
+        exact = sum(found[i] == ex.answers[0][0] for i, ex in enumerate(examples))
+        if exact_needed:
+            assert exact == len(examples)
+        else:
+            assert exact >= 0.8 * len(examples)
+            for i, ex in enumerate(examples):
+                assert ex.answers[0][0] in found[i]  # the covering run of tokens holds the answer

@@ -36,7 +36,8 @@ class TaskOptions(Decoding):
     """Perplexity window in tokens (default: the model's context length, at most 2048); classification: tokens
     per example (default 128); QA: tokens per window (default 384)."""
     stride: int | None = None
-    """Perplexity window step (default: max_length, disjoint windows as lm-eval)."""
+    """Perplexity window step (default: max_length, disjoint windows as lm-eval); QA: tokens shared by consecutive
+    windows of a long context (default 128)."""
     samples: int = 1
     """HumanEval: completions per problem (n of pass@k)."""
     k: list[int] = field(default_factory=lambda: [1])
@@ -195,7 +196,9 @@ def _qa(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], list[str]]:
                          f"(`lmforge finetune` with task qa)")
     examples, _ = read_qa(task.path)
     examples = examples[:cfg.limit] if cfg.limit else examples
-    settings = QAData(max_length=cfg.max_length or QAData.max_length).within(model.cfg.max_position_embeddings)
+    settings = QAData(max_length=cfg.max_length or QAData.max_length,
+                      doc_stride=QAData.doc_stride if cfg.stride is None else cfg.stride)
+    settings = settings.within(model.cfg.max_position_embeddings)
     rep = qa_report(examples, answer_questions(model, tok, examples, settings, batch_size=cfg.batch_size))
     return rep, [e.context + "\n" + e.question for e in examples]
 
