@@ -77,6 +77,11 @@ def test_every_method_trains_the_span_head(tiny_bert, data, tmp_path, method):
     assert {"qa_outputs.weight", "qa_outputs.bias"} <= changed  # the new head always trains
     if method in ("freeze", "adapter"):  # the frozen embeddings stay as they were
         assert not any(n.startswith("embed.") for n in changed)
+    if method == "lora":  # the PEFT adapter (task QUESTION_ANS, qa_outputs saved in full) on the base = final/
+        adapted, _ = lmforge.load(run / "adapter")
+        assert adapted.cfg.head == "span"
+        ids = torch.tensor([tok.encode("What is it? It is a test.")])
+        torch.testing.assert_close(adapted(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
     # the final report is the saved model's own answers to the validation questions
     examples, _ = read_qa(data[1])
     answers = answer_questions(model, tok, examples, QAData(max_length=128, doc_stride=32))
@@ -84,6 +89,17 @@ def test_every_method_trains_the_span_head(tiny_bert, data, tmp_path, method):
     for a in answers:
         if a["id"] in wrong:
             assert wrong[a["id"]] == a["answer"]
+
+
+def test_squad_v2_training_learns_unanswerable_questions(tiny_bert, tmp_path):
+    """SQuAD v2.0 data (unanswerable questions point at [CLS] in every window) trains, and the report splits the
+    scores into answerable and unanswerable groups, with the null threshold applied."""
+    v2 = SQUAD.with_name("squad-v2.0-mini.json")
+    run = _finetune(tmp_path, tiny_bert, (v2, v2), "full", **{"data.qa.null_threshold": 0.0, "train.steps": 4})
+    report = json.loads((run / "eval.json").read_text())["report"]
+    examples, _ = read_qa(v2)
+    assert report["no_answer_examples"] == sum(not e.answers for e in examples) > 0
+    assert report["has_answer_examples"] == sum(bool(e.answers) for e in examples)
 
 
 def test_generate_and_evaluate_answer_with_the_span_model(tiny_bert, tmp_path, capsys, monkeypatch):
