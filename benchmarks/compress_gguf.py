@@ -7,7 +7,8 @@ same weights.
    the dequantized weights (the engine, no cache tricks); the control: the same dequantized weights written as F32
    GGUF, llama.cpp vs lmforge; and llama.cpp Q8_0 vs llama.cpp F32. llama.cpp's Q8_0 CPU kernels round every
    32-wide block of the activations to int8 too, which breaks near ties (its own F32 and Q8_0 disagree as often),
-   so the three counts are reported together; plus lmforge's next-token argmax along llama.cpp's own Q8_0 text.
+   so the three counts are reported together; plus lmforge's next-token argmax along llama.cpp's own Q8_0 text, and,
+   where the Q8_0 continuation parts from lmforge's, how far apart lmforge's logits of the two tokens were there.
 2. `gptq`: GPTQ int4 g32 symmetric, act-order with static groups (Frantar et al. 2022) on compress_quant's
    calibration windows (128 x 512 tokens of the standard library without the held-out modules), saved under
    the scratch folder (common.SCRATCH) for the next part (~4.5 min on 2 cores); without it `q4_0` falls back to RTN and says so.
@@ -179,6 +180,21 @@ def argmax_along(ref, prompts: list[list[int]], texts: list[list[int]]) -> tuple
     return hit, total
 
 
+def divergence_gaps(ref, prompts: list[list[int]], theirs: list[list[int]], ours: list[list[int]]) -> list[float]:
+    """For each continuation where llama.cpp's tokens part from lmforge's: lmforge's logit of its own token minus
+    its logit of llama.cpp's token at the first differing position (0 = an exact tie), smallest first."""
+    import torch
+
+    gaps = []
+    for p, a, b in zip(prompts, theirs, ours):
+        k = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+        if k is not None:
+            with torch.no_grad():
+                z = ref(torch.tensor([p + b[:k]])).logits[0, -1].float()  # (V,)
+            gaps.append(round(float(z[b[k]] - z[a[k]]), 4))
+    return sorted(gaps)
+
+
 def q8_0_part(quick: bool) -> dict[str, Any]:
     from lmforge.inference.engine import Engine, SamplingParams
     from lmforge.models.gguf import save_gguf
@@ -202,10 +218,12 @@ def q8_0_part(quick: bool) -> dict[str, Any]:
                                  ("q8_0_vs_f32", q8, f32))}
     hit, total = argmax_along(ref, prompts, q8)
     hit_f32, total_f32 = argmax_along(ref, prompts, f32)
+    gaps = divergence_gaps(ref, prompts, q8, ours)
     return {"prompts": len(prompts), "greedy_tokens": s["greedy_tokens"], "equal": counts,
             "lmforge_argmax_along_llama_q8_0": {"agree": hit, "positions": total, "pct": 100 * hit / total},
             "lmforge_argmax_along_llama_f32": {"agree": hit_f32, "positions": total_f32,
                                                "pct": 100 * hit_f32 / total_f32},
+            "q8_0_divergence_logit_gaps": gaps,
             "q8_0_bytes": q8_path.stat().st_size, "f32_bytes": f32_path.stat().st_size,
             "lmforge_generate_s": round(ours_s, 1), "codes": "rtn int8 g32 symmetric"}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -339,6 +340,10 @@ def compress_gguf(results: dict[str, dict]) -> str:
                  ["llama.cpp Q8_0 = llama.cpp F32 (its int8 activations)", f"{e['q8_0_vs_f32']}/{n}", "–"],
                  ["lmforge's next token = llama.cpp Q8_0's, along llama.cpp's text",
                   f"{along['pct']:.1f}% of {along['positions']:,}", "–"]]
+        gaps = q8.get("q8_0_divergence_logit_gaps")
+        if gaps:
+            rows.append(["where they part: lmforge's logit gap between its token and llama.cpp's (median, largest)",
+                         f"{statistics.median(gaps):.3f}, {max(gaps):.3f} over {len(gaps)}", "–"])
     q4 = parts.get("q4_0", {})
     if "argmax_agree_pct" in q4:
         codes = q4["codes"].split(" (")[0]

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 from ..splits import in_fraction
 
-__all__ = ["documented_defs", "stdlib_docstring_items", "stdlib_doctest_items", "stdlib_doctest_gsm8k_items", "stdlib_heldout_texts",
-           "stdlib_functions", "STDLIB_MC_MODULES", "DOCTEST_MODULES"]
+__all__ = ["documented_defs", "stdlib_docstring_items", "stdlib_doctest_items", "stdlib_doctest_gsm8k_items",
+           "stdlib_heldout_texts", "stdlib_functions", "STDLIB_MC_MODULES", "DOCTEST_MODULES"]
 
 STDLIB_MC_MODULES = ("json", "os.path", "textwrap", "string", "shutil", "base64", "inspect", "difflib",
                      "statistics", "calendar", "glob", "fnmatch")

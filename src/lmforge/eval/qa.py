@@ -93,8 +93,8 @@ def _stderr(values: Sequence[float]) -> float:
 
 def squad_scores(examples: Sequence[QAExample], answers: Mapping[str, str]) -> dict[str, Any]:
     """Exact match and F1 as fractions in [0, 1] (the official scripts print percent): means over the examples of
-    the per-question max over gold answers, with their standard errors. With unanswerable examples present, also has_answer_* / no_answer_*
-    over each group (0.0 for an empty group). A missing prediction scores 0 and is counted under "missing"."""
+    the per-question max over gold answers, with their standard errors. With unanswerable examples present, also
+    has_answer_* / no_answer_* over each group (0.0 for an empty group). A missing prediction scores 0 and is counted under "missing"."""
     if not examples:
         raise ValueError("expected at least one example to score, found none")
     em: dict[bool, list[float]] = {True: [], False: []}

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_SEQUENCES = 64  # most engine requests one HTTP request may start (prompts x n)
 MAX_STOP = 16  # most stop strings per request
+TASK_ROUTES = {"classifier": " and /v1/classify", "span": " and /v1/qa"}  # what a model with a task head serves
 MAX_INPUTS = 256  # most inputs per embeddings / classify request
 EMBED_CHUNK = 32  # inputs embedded per engine call (generation interleaves between chunks)
 METRICS = (  # (Prometheus name without the lmforge_ prefix, engine stats key, type, help)
@@ -116,7 +117,7 @@ def need_generation(state: ServerState) -> None:
     cfg = state.model_cfg
     if cfg.head != "lm" or not cfg.causal:
         raise APIError(400, f"{state.model_name} is not a causal language model (head {cfg.head!r}); it serves "
-                            "/v1/embeddings" + {"classifier": " and /v1/classify", "span": " and /v1/qa"}.get(cfg.head, ""),
+                            "/v1/embeddings" + TASK_ROUTES.get(cfg.head, ""),
                        param="model")
 
 

@@ -1,6 +1,7 @@
 """`lmforge finetune --config recipes/finetune/….yaml`: instruction SFT, classification / regression or extractive
-question answering (a span head over SQuAD-format records) on a pretrained model, with full, freeze (top blocks), LoRA, QLoRA, prompt-tuning or adapter methods — the same
-engine as pretraining, through an objective and a model transform.
+question answering (a span head over SQuAD-format records) on a pretrained model, with full, freeze (top blocks),
+LoRA, QLoRA, prompt-tuning or adapter methods — the same engine as pretraining, through an objective and a model
+transform.
 
 With a parameter-efficient method the frozen base is kept in the autocast dtype (bf16) while trainable weights
 stay fp32; checkpoints hold only the trainable weights. Outputs in the run directory: `final/` (a model folder
