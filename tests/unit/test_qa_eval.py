@@ -115,7 +115,8 @@ def test_squad_scores_by_hand():
     assert s["no_answer_exact_match"] == pytest.approx(0.5) and s["no_answer_f1"] == pytest.approx(0.5)
     # v1.1 data (every question answerable): no group keys; scores are fractions
     v1 = squad_scores(examples[:4], answers)
-    assert set(v1) == {"exact_match", "f1", "examples", "exact_match_stderr", "f1_stderr"}
+    assert set(v1) == {"rules", "exact_match", "f1", "examples", "exact_match_stderr", "f1_stderr"}
+    assert v1["rules"] == "squad-v1.1" and s["rules"] == "squad-v2.0"
     assert v1["exact_match"] == pytest.approx(1 / 4) and v1["f1"] == pytest.approx((1 + 4 / 7) / 4)
     # EM values (1, 0, 0, 0): sample variance (3·(1/4)² + (3/4)²)/3 = 1/4, stderr sqrt(1/4 / 4) = 1/4
     assert v1["exact_match_stderr"] == pytest.approx(1 / 4)
@@ -392,3 +393,22 @@ def test_lexical_baseline_picks_the_sentence_with_most_shared_words():
     assert lexical_baseline(ex) == "The tower was built in 1889."
     ex = QAExample(id="d", question="Who visits?", context="", answers=[], where="t")
     assert lexical_baseline(ex) == ""
+
+
+def test_punctuation_only_answers_follow_each_official_script():
+    """The one place evaluate-v1.1.py and evaluate-v2.0.py disagree: a gold answer that normalises to "" (here a
+    default value written as ','). v1.1 keeps it: the prediction ',' normalises to the same "" (EM 1) but shares no
+    token (F1 0, its `num_same == 0` branch). v2.0 drops it, reads the question as "no answer" and gives an empty
+    prediction EM 1 and F1 1. A data set is scored by v1.1's rules unless it has unanswerable questions."""
+    assert exact_match(",", ["','"], "1.1") == 1.0 and f1(",", ["','"], "1.1") == 0.0
+    assert exact_match(",", ["','"], "2.0") == 1.0 and f1(",", ["','"], "2.0") == 1.0
+    # with a second, wordy gold the v2.0 rules score against it alone; v1.1 still takes the max over both
+    assert f1("comma", ["','", "a comma"], "1.1") == 1.0 and exact_match("", ["','", "comma"], "1.1") == 1.0
+    assert exact_match("", ["','", "comma"], "2.0") == 0.0
+    ex = [_ex("p", ["','"]), _ex("q", ["the comma"])]
+    v1 = squad_scores(ex, {"p": ",", "q": "comma"})
+    assert v1["rules"] == "squad-v1.1" and v1["exact_match"] == 1.0 and v1["f1"] == pytest.approx(0.5)
+    v2 = squad_scores(ex + [_ex("r", [])], {"p": ",", "q": "comma", "r": ""})
+    assert v2["rules"] == "squad-v2.0" and v2["f1"] == 1.0
+    with pytest.raises(ValueError, match="version"):
+        f1("x", ["x"], "3.0")

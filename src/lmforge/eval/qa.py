@@ -3,8 +3,8 @@ scripts do (normalisation, exact match, token F1), break the scores down by ques
 lexical baseline to put a model's figure in context.
 
 Scores are fractions in [0, 1]; the official evaluate-v1.1.py / evaluate-v2.0.py scripts print the same numbers as
-percent. Our rules are v2.0's, which agree with v1.1 on every v1.1 dataset: a gold list that is empty (or whose
-answers all normalise to "") stands for "no answer", and a prediction that normalises to "" matches it.
+percent. A data set without unanswerable questions is scored by v1.1's rules, one with them by v2.0's; the two
+differ only on answers that normalise to "" (punctuation-only answers, see VERSIONS).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 if TYPE_CHECKING:
     from ..data.qa import QAExample
 
-__all__ = ["normalize_answer", "exact_match", "f1", "gold_texts", "squad_scores",
+__all__ = ["normalize_answer", "exact_match", "f1", "gold_texts", "squad_version", "squad_scores", "VERSIONS",
            "find_best_threshold", "threshold_inputs", "qa_report", "format_qa_report", "lexical_baseline",
            "ERROR_REASONS"]
 
@@ -40,14 +40,26 @@ def normalize_answer(s: str) -> str:
     return " ".join(_ARTICLES.sub(" ", s).split())
 
 
-def _gold_norms(golds: Sequence[str]) -> list[str]:
-    """The normalised golds that say something; [""] (= no answer) when none does, as evaluate-v2.0.py."""
-    norms = [n for n in (normalize_answer(g) for g in golds) if n]
-    return norms or [""]
+VERSIONS = ("1.1", "2.0")
+"""The official scripts' rules: evaluate-v1.1.py keeps every gold answer and gives F1 0 when no token is shared
+(even two empty answers); evaluate-v2.0.py drops golds that normalise to "", reads none left as "no answer", and
+gives an empty side F1 1 only against another empty side. An empty gold list (unanswerable) is scored by v2.0's."""
 
 
-def _token_f1(pred: list[str], gold: list[str]) -> float:
-    if not pred or not gold:  # v2.0: an empty side matches only another empty side
+def _gold_norms(golds: Sequence[str], version: str) -> list[str]:
+    """The normalised golds under `version`'s rules ([""] stands for "no answer")."""
+    norms = [normalize_answer(g) for g in golds]
+    return ([n for n in norms if n] or [""]) if version == "2.0" else norms
+
+
+def _rules(golds: Sequence[str], version: str) -> str:
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, found {version!r}")
+    return version if golds else "2.0"  # only v2.0 has unanswerable questions
+
+
+def _token_f1(pred: list[str], gold: list[str], version: str) -> float:
+    if version == "2.0" and (not pred or not gold):  # an empty side matches only another empty side
         return float(pred == gold)
     same = sum((Counter(pred) & Counter(gold)).values())
     if same == 0:
@@ -56,18 +68,21 @@ def _token_f1(pred: list[str], gold: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals any normalised gold answer, else 0.0; an empty gold list means
-    unanswerable (1.0 iff the prediction normalises to "")."""
+def exact_match(prediction: str, golds: Sequence[str], version: str = "2.0") -> float:
+    """1.0 when the normalised prediction equals any normalised gold answer (under `version`'s rules, see
+    VERSIONS), else 0.0; an empty gold list means unanswerable (1.0 iff the prediction normalises to "")."""
+    version = _rules(golds, version)
     p = normalize_answer(prediction)
-    return float(any(p == g for g in _gold_norms(golds)))
+    return float(any(p == g for g in _gold_norms(golds, version)))
 
 
-def f1(prediction: str, golds: Sequence[str]) -> float:
-    """Token-bag F1 (whitespace tokens of the normalised strings, multiset overlap), the max over the gold answers;
-    an empty gold list means unanswerable (1.0 iff the prediction normalises to "")."""
+def f1(prediction: str, golds: Sequence[str], version: str = "2.0") -> float:
+    """Token-bag F1 (whitespace tokens of the normalised strings, multiset overlap), the max over the gold answers
+    (under `version`'s rules, see VERSIONS); an empty gold list means unanswerable (1.0 iff the prediction
+    normalises to "")."""
+    version = _rules(golds, version)
     p = normalize_answer(prediction).split()
-    return max(_token_f1(p, g.split()) for g in _gold_norms(golds))
+    return max(_token_f1(p, g.split(), version) for g in _gold_norms(golds, version))
 
 
 def gold_texts(example: Any) -> list[str]:
@@ -91,12 +106,20 @@ def _stderr(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
 
 
-def squad_scores(examples: Sequence[QAExample], answers: Mapping[str, str]) -> dict[str, Any]:
+def squad_version(examples: Sequence[QAExample]) -> str:
+    """The official script whose rules score `examples`: "2.0" when any question is unanswerable, else "1.1"."""
+    return "2.0" if any(not e.answers for e in examples) else "1.1"
+
+
+def squad_scores(examples: Sequence[QAExample], answers: Mapping[str, str],
+                 version: str | None = None) -> dict[str, Any]:
     """Exact match and F1 as fractions in [0, 1] (the official scripts print percent): means over the examples of
-    the per-question max over gold answers, with their standard errors. With unanswerable examples present, also
-    has_answer_* / no_answer_* over each group (0.0 for an empty group). A missing prediction scores 0 and is counted under "missing"."""
+    the per-question max over gold answers, with their standard errors, under the rules of `version` (default
+    `squad_version(examples)`; see VERSIONS). With unanswerable examples present, also has_answer_* / no_answer_*
+    over each group (0.0 for an empty group). A missing prediction scores 0 and is counted under "missing"."""
     if not examples:
         raise ValueError("expected at least one example to score, found none")
+    version = version or squad_version(examples)
     em: dict[bool, list[float]] = {True: [], False: []}
     fs: dict[bool, list[float]] = {True: [], False: []}
     missing = 0
@@ -109,10 +132,11 @@ def squad_scores(examples: Sequence[QAExample], answers: Mapping[str, str]) -> d
             fs[has].append(0.0)
             continue
         golds = gold_texts(example)
-        em[has].append(exact_match(pred, golds))
-        fs[has].append(f1(pred, golds))
+        em[has].append(exact_match(pred, golds, version))
+        fs[has].append(f1(pred, golds, version))
     every_em, every_f1 = em[True] + em[False], fs[True] + fs[False]
-    out: dict[str, Any] = {"exact_match": _mean(every_em), "f1": _mean(every_f1), "examples": len(every_em),
+    out: dict[str, Any] = {"rules": f"squad-v{version}", "exact_match": _mean(every_em), "f1": _mean(every_f1),
+                           "examples": len(every_em),
                            "exact_match_stderr": _stderr(every_em), "f1_stderr": _stderr(every_f1)}
     if em[False]:
         out.update({"has_answer_exact_match": _mean(em[True]), "has_answer_f1": _mean(fs[True]),
@@ -179,18 +203,19 @@ def qa_report(examples: Sequence[QAExample], decoded: Sequence[Mapping[str, Any]
     "errors": the `show` worst {"id", "question", "gold", "predicted", "f1"}, by F1 then id. `decoded` is
     decode_answers' output or a map id -> answer text."""
     answers = _answer_map(decoded)
-    report = squad_scores(examples, answers)
+    version = squad_version(examples)
+    report = squad_scores(examples, answers, version)
     if kinds is not None:
         groups: dict[str, list[Any]] = {}
         for example in examples:
             groups.setdefault(str(kinds.get(example.id, "other")), []).append(example)
-        report["per_kind"] = {kind: squad_scores(group, answers) for kind, group in sorted(groups.items())}
+        report["per_kind"] = {kind: squad_scores(group, answers, version) for kind, group in sorted(groups.items())}
     reasons = Counter({reason: 0 for reason in ERROR_REASONS})
     wrong = []
     for example in examples:
         golds = gold_texts(example)
         pred = answers.get(example.id)
-        score = 0.0 if pred is None else f1(pred, golds)
+        score = 0.0 if pred is None else f1(pred, golds, version)
         if score >= 1.0:
             continue
         if pred is None:
