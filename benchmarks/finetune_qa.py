@@ -51,7 +51,8 @@ def scores(answers: dict[str, str], kind_of: dict[str, str], examples) -> dict:
     from lmforge.eval.qa import qa_report
 
     rep = qa_report(examples, answers, kinds=kind_of, show=0)
-    return {"exact_match": rep["exact_match"], "f1": rep["f1"], "examples": rep["examples"],
+    return {"exact_match": rep["exact_match"], "f1": rep["f1"], "examples": rep["examples"], "rules": rep["rules"],
+            "exact_match_stderr": rep["exact_match_stderr"], "f1_stderr": rep["f1_stderr"],
             "per_kind": {k: {"exact_match": v["exact_match"], "f1": v["f1"], "examples": v["examples"]}
                          for k, v in rep["per_kind"].items()}}
 

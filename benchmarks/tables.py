@@ -214,7 +214,8 @@ def finetune_qa(results: dict[str, dict]) -> str:
     r = rec["result"]
 
     def cell(x: dict) -> str:
-        return f"{x['exact_match']:.3f} / {x['f1']:.3f} ± {x['f1_stderr']:.3f}"
+        err = f" ± {x['f1_stderr']:.3f}" if "f1_stderr" in x else ""
+        return f"{x['exact_match']:.3f} / {x['f1']:.3f}{err}"
 
     rows = [[name, cell(x["validation"]), cell(x["test"]), _n(x.get("train_seconds"), 0) if "train_seconds" in x
              else "—"] for name, x in r["results"].items()]
@@ -223,7 +224,7 @@ def finetune_qa(results: dict[str, dict]) -> str:
                          for k in kinds] for name, x in r["results"].items()]
     counts = next(iter(r["results"].values()))["test"]["per_kind"]
     return (f"`{r['recipe']}` on the stdlib QA set ({r['data']['validation']} validation / {r['data']['test']} test "
-            "questions, split by module); exact match / F1 (± its standard error), and training wall time:\n\n"
+            "questions, split by module); exact match / F1 (± its standard error where recorded), and training wall time of the recipe's command:\n\n"
             + _table(["method", "validation EM / F1", "test EM / F1", "train s"], rows)
             + "\n\nTest F1 by question kind (questions: "
             + ", ".join(f"{k} {counts[k]['examples']}" for k in kinds if k in counts) + "):\n\n"
