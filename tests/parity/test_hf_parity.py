@@ -299,3 +299,32 @@ def test_engine_greedy_equals_transformers_generate(case_id: str, tmp_path: Path
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert mine == ref, f"{case_id}: prompt of {len(prompt)} tokens"
     assert len({tuple(x) for x in got}) > 1
+
+
+def test_span_loss_equals_transformers_and_ignores_padding(tmp_path: Path) -> None:
+    """The span loss (objectives/span.py) equals BertForQuestionAnswering's own loss on the same weights and
+    unpadded inputs, and a padded batch gives each window the loss it has alone (transformers' includes the pads)."""
+    from lmforge.objectives.span import SpanExtraction
+
+    case = next(c for c in CASES if c.id == "bert-span")
+    theirs = _hf_model(case)
+    theirs.save_pretrained(tmp_path / "qa")
+    ours, _ = lmforge.load(tmp_path / "qa")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, V, (B, T), generator=g)
+    starts, ends = torch.tensor([2, 5]), torch.tensor([4, 9])
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "start_positions": starts,
+             "end_positions": ends}
+    with torch.no_grad():
+        ref = theirs(input_ids=ids, start_positions=starts, end_positions=ends).loss
+        loss, metrics = SpanExtraction()(ours.eval(), batch)
+    assert abs(loss.item() - ref.item()) <= TOL, (loss.item(), ref.item())
+    padded = dict(batch, attention_mask=batch["attention_mask"].clone())
+    padded["attention_mask"][1, 10:] = 0
+    padded["input_ids"] = ids.masked_fill(padded["attention_mask"] == 0, PAD)
+    with torch.no_grad():
+        both, _ = SpanExtraction()(ours, padded)
+        alone = [SpanExtraction()(ours, {"input_ids": ids[i:i + 1, :n], "attention_mask": torch.ones(1, n).long(),
+                                         "start_positions": starts[i:i + 1], "end_positions": ends[i:i + 1]})[0]
+                 for i, n in ((0, T), (1, 10))]
+    assert abs(both.item() - sum(a.item() for a in alone) / 2) <= TOL

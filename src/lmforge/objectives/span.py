@@ -57,7 +57,7 @@ class SpanExtraction:
 @torch.no_grad()
 def span_logits(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
     """(start, end) logits of every window of `batches` in order, in eval mode: one 1-D fp32 tensor (T_i,) per
-    window, cut to its real tokens — what `eval.qa.decode_answers` reads."""
+    window, cut to its real tokens — what `decode_answers` reads."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
