@@ -212,10 +212,8 @@ def test_stale_folder_is_rebuilt(tmp_path):
 
 
 def test_read_qa_reads_the_files(built, records):
-    try:
-        from lmforge.data.qa import read_qa
-    except ImportError as e:  # the reader is another engineer's part of issue 20
-        pytest.skip(f"lmforge.data.qa.read_qa is not importable yet: {e}")
+    from lmforge.data.qa import read_qa
+
     folder = built[0] / "qa"
     examples, stats = read_qa([folder / f"{s}.jsonl" for s in ("train", "validation", "test")])
     assert len(examples) == len(records) == stats.examples

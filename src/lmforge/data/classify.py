@@ -21,7 +21,7 @@ from torch import Tensor
 from ..tokenizer.base import Tokenizer
 from ..splits import split_by_hash
 from .examples import pad_right
-from .readers import DataError, ReadStats, iter_records
+from .readers import DataError, ReadStats, iter_records, record_keys, record_string
 
 log = logging.getLogger(__name__)
 
@@ -101,25 +101,10 @@ class ClassifyStats:
         return msg
 
 
-def _keys(record: dict[str, Any]) -> str:
-    return ", ".join(map(repr, list(record)[:12])) or "none"
-
-
-def _text(record: dict[str, Any], key: str, where: str, what: str) -> str:
-    if key not in record:
-        raise DataError(f"{where}: no {key!r} field (found keys {_keys(record)}); expected the {what} in {key!r}")
-    text = record[key]
-    if not isinstance(text, str):
-        raise DataError(f"{where}: {what} {key!r} is {type(text).__name__} {str(text)[:40]!r}, expected a string")
-    if not text.strip():
-        raise DataError(f"{where}: {what} {key!r} is empty, expected a non-empty string")
-    return text
-
-
 def _pair(record: dict[str, Any], key: str | None, where: str) -> str | None:
     if key is None or record.get(key) in (None, ""):  # absent, JSON null, Parquet null or an empty CSV cell
         return None
-    return _text(record, key, where, "text pair")
+    return record_string(record, key, where, "text pair")
 
 
 def _class_label(value: Any, key: str, where: str) -> str:
@@ -170,8 +155,8 @@ def read_classification(paths: str | os.PathLike | Sequence[str | os.PathLike], 
     for where, rec in iter_records(paths, stats=read):
         stats.records += 1
         if cfg.label_field not in rec or rec[cfg.label_field] is None:
-            raise DataError(f"{where}: no {cfg.label_field!r} value (found keys {_keys(rec)}); expected the label "
-                            f"in {cfg.label_field!r}")
+            raise DataError(f"{where}: no {cfg.label_field!r} value (found keys {record_keys(rec)}); expected the "
+                            f"label in {cfg.label_field!r}")
         value = rec[cfg.label_field]
         if task == "classify":
             value = _class_label(value, cfg.label_field, where)
@@ -186,7 +171,7 @@ def read_classification(paths: str | os.PathLike | Sequence[str | os.PathLike], 
                                 f"(add it to labels, or to drop_labels to skip such records)")
         else:
             value = _target(value, cfg.label_field, where)
-        text = _text(rec, cfg.text_field, where, "text")
+        text = record_string(rec, cfg.text_field, where, "text")
         raw.append((where, text, _pair(rec, cfg.text_pair_field, where), value))
     stats.replaced, stats.replaced_first = read.replaced, (read.replaced_files or [None])[0]
     shown = ", ".join(map(str, [paths] if isinstance(paths, (str, os.PathLike)) else paths))

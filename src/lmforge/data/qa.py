@@ -21,7 +21,8 @@ from torch import Tensor
 from ..splits import split_by_hash
 from ..tokenizer.base import Tokenizer
 from .examples import pad_right
-from .readers import DataError, ReadStats, decode_utf8, expand_inputs, iter_records
+from .readers import (DataError, ReadStats, decode_utf8, expand_inputs, iter_records, record_keys,
+                      record_string)
 
 __all__ = ["QACollate", "QAData", "QAExample", "QAFeature", "QAStats", "load_qa_data", "qa_features", "read_qa"]
 
@@ -136,23 +137,6 @@ class QAFeature:
 # ----------------------------------------------------------------------------- reading
 
 
-def _keys(obj: Any) -> str:
-    if not isinstance(obj, dict):
-        return f"a {type(obj).__name__}"
-    return ", ".join(map(repr, list(obj)[:12])) or "none"
-
-
-def _string(obj: dict[str, Any], key: str, where: str) -> str:
-    if key not in obj or obj[key] is None:
-        raise DataError(f"{where}: no {key!r} field (found keys {_keys(obj)}); expected the {key} as a string")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: {key!r} is {type(value).__name__} {str(value)[:40]!r}, expected a string")
-    if not value.strip():
-        raise DataError(f"{where}: {key!r} is empty, expected a non-empty string")
-    return value
-
-
 def _answer(context: str, text: Any, start: Any, where: str) -> tuple[str, int]:
     """(text, start) after checking that the answer text occurs in the context at its answer_start."""
     if not isinstance(text, str) or not text.strip():
@@ -174,8 +158,8 @@ def _answer(context: str, text: Any, start: Any, where: str) -> tuple[str, int]:
 def _record_answers(rec: dict[str, Any], context: str, where: str) -> list[tuple[str, int]]:
     """The answers of a record: {"text": [...], "answer_start": [...]} (HF datasets) or [{"text", "answer_start"}]."""
     if "answers" not in rec or rec["answers"] is None:
-        raise DataError(f"{where}: no 'answers' field (found keys {_keys(rec)}); expected \"answers\": {{\"text\": "
-                        f"[...], \"answer_start\": [...]}} ([] lists for an unanswerable question)")
+        raise DataError(f"{where}: no 'answers' field (found keys {record_keys(rec)}); expected \"answers\": "
+                        f"{{\"text\": [...], \"answer_start\": [...]}} ([] lists for an unanswerable question)")
     ans = rec["answers"]
     if isinstance(ans, str) and ans.strip()[:1] in ("{", "["):  # a CSV cell of JSON text
         try:
@@ -184,7 +168,7 @@ def _record_answers(rec: dict[str, Any], context: str, where: str) -> list[tuple
             pass
     if isinstance(ans, dict):
         if "text" not in ans or "answer_start" not in ans:
-            raise DataError(f"{where}: answers has keys {_keys(ans)}; expected 'text' and 'answer_start' lists")
+            raise DataError(f"{where}: answers has keys {record_keys(ans)}; expected 'text' and 'answer_start' lists")
         texts, starts = ans["text"], ans["answer_start"]
         if not isinstance(texts, list) or not isinstance(starts, list):
             raise DataError(f"{where}: answers 'text' is {type(texts).__name__} and 'answer_start' is "
@@ -197,7 +181,7 @@ def _record_answers(rec: dict[str, Any], context: str, where: str) -> list[tuple
         out = []
         for i, a in enumerate(ans):
             if not isinstance(a, dict) or "text" not in a or "answer_start" not in a:
-                raise DataError(f"{where}: answers[{i}] has keys {_keys(a)}; expected an object with 'text' and "
+                raise DataError(f"{where}: answers[{i}] has keys {record_keys(a)}; expected an object with 'text' and "
                                 f"'answer_start'")
             out.append(_answer(context, a["text"], a["answer_start"], f"{where}: answers[{i}]"))
         return out
@@ -217,8 +201,8 @@ def _record_id(value: Any, default: str, where: str) -> str:
 def _read_records(path: Path, stats: ReadStats) -> list[QAExample]:
     out = []
     for where, rec in iter_records(path, stats=stats):
-        context = _string(rec, "context", where)
-        question = _string(rec, "question", where)
+        context = record_string(rec, "context", where)
+        question = record_string(rec, "question", where)
         line = where[len(str(path)) + 1:].removeprefix("row ")
         out.append(QAExample(_record_id(rec.get("id"), f"{path.stem}:{line}", where), question, context,
                              _record_answers(rec, context, where), where))
@@ -227,7 +211,7 @@ def _read_records(path: Path, stats: ReadStats) -> list[QAExample]:
 
 def _list(obj: Any, key: str, where: str, expected: str) -> list[Any]:
     if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
-        found = f"found keys {_keys(obj)}" if isinstance(obj, dict) else f"found {_keys(obj)}"
+        found = f"found keys {record_keys(obj)}" if isinstance(obj, dict) else f"found {record_keys(obj)}"
         raise DataError(f"{where}: no {key!r} list ({found}); expected {expected} (SQuAD JSON: {_SQUAD_SHAPE})")
     return obj[key]
 
@@ -245,16 +229,16 @@ def _read_squad(path: Path, stats: ReadStats) -> list[QAExample]:
         for j, para in enumerate(_list(article, "paragraphs", f"{path}: data[{i}]", "the article's paragraphs")):
             at = f"{path}: data[{i}].paragraphs[{j}]"
             qas = _list(para, "qas", at, "the paragraph's questions in 'qas'")
-            context = _string(para, "context", at)
+            context = record_string(para, "context", at)
             for k, qa in enumerate(qas):
                 where = f"{at}.qas[{k}]"
                 n += 1
                 if not isinstance(qa, dict):
                     raise DataError(f"{where}: found a JSON {type(qa).__name__}; expected an object with 'id', "
                                     f"'question' and 'answers'")
-                question = _string(qa, "question", where)
+                question = record_string(qa, "question", where)
                 if not isinstance(qa.get("answers"), list):
-                    raise DataError(f"{where}: no 'answers' list (found keys {_keys(qa)}); expected a list of "
+                    raise DataError(f"{where}: no 'answers' list (found keys {record_keys(qa)}); expected a list of "
                                     f"{{\"text\", \"answer_start\"}} ([] with \"is_impossible\": true when "
                                     f"unanswerable)")
                 answers = _record_answers(qa, context, where)

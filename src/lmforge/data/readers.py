@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import InputError
 
 __all__ = ["Document", "DataError", "ReadStats", "iter_documents", "iter_records", "expand_inputs", "read_file",
-           "require_validation", "replaced_note", "decode_utf8", "TEXT_SUFFIXES"]
+           "require_validation", "replaced_note", "decode_utf8", "record_keys", "record_string", "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 """Plain-text files picked up from directories when no `include` patterns are given (one document per file)."""
@@ -64,6 +64,29 @@ def replaced_note(stats: ReadStats) -> str:
     if not stats.replaced:
         return ""
     return f"{stats.replaced} undecodable byte sequences replaced by U+FFFD (first: {stats.replaced_files[0]})"
+
+
+def record_keys(obj: Any) -> str:
+    """The keys of a record as an error message shows them (the first 12; "none"), or what it is when not an
+    object ("a list")."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    return ", ".join(map(repr, list(obj)[:12])) or "none"
+
+
+def record_string(record: dict[str, Any], key: str, where: str, what: str | None = None) -> str:
+    """The non-empty string `record[key]`, else a one-line DataError at `where` naming the key (and `what` it
+    holds), what was found and what was expected."""
+    label = f"{what} {key!r}" if what else repr(key)
+    if key not in record or record[key] is None:
+        raise DataError(f"{where}: no {key!r} field (found keys {record_keys(record)}); expected the {what or key} "
+                        f"as a string")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {label} is {type(value).__name__} {str(value)[:40]!r}, expected a string")
+    if not value.strip():
+        raise DataError(f"{where}: {label} is empty, expected a non-empty string")
+    return value
 
 
 def require_validation(examples: Sequence[Any], data: Any) -> None:
