@@ -784,12 +784,33 @@ def plan_scale(results: dict[str, dict]) -> str:
     return "\n\n".join(out) + "\n\n" + provenance(rec)
 
 
+def quickstart(results: dict[str, dict]) -> str:
+    rec = results.get("quickstart")
+    if rec is None:
+        return _missing("quickstart")
+    r = rec["result"]
+    bars = _table(["stage", "bar", "measured", "needed", "met"],
+                  [[b["stage"], b["what"], b.get("measured", "not measured"), b.get("needed", b.get("error", "")),
+                    "yes" if b["pass"] else "**no**"] for b in r["bars"]])
+    times = _table(["set-up", *(s["name"] for s in r["stages"]), "all"],
+                   [[_n(r["setup_s"], 0), *(_n(s["seconds"], 0) for s in r["stages"]), _n(r["wall_s"], 0)]])
+    answers = _table(["question", "served answer (greedy, int8)", "accepted"],
+                     [[c["ask"], c["reply"].strip().replace("|", "\\|").replace("\n", " "),
+                       "yes" if c["accepted"] else f"no (lacks {', '.join(c['missing'])})"] for c in r["served"]])
+    met = sum(b["pass"] for b in r["bars"])
+    return (f"`bash scripts/quickstart.sh` in a fresh clone: {met} of {len(r['bars'])} bars met, "
+            f"{r['wall_s'] / 60:.1f} minutes in all (exit status {r['exit_code']}). What each stage achieved, on "
+            "held-out data:\n\n" + bars + "\n\nWall time in seconds (set-up: a new .venv from this machine's pip "
+            "cache):\n\n" + times + "\n\nThe three questions the served model is asked (functions of modules "
+            "that SFT and DPO never saw):\n\n" + answers + "\n\n" + provenance(rec))
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     f.__name__: f for f in (inference, eval_throughput, eval_parity, finetune_lora, train_throughput,
                             prepare_throughput, pretrain_quality, sentiment_baselines, finetune_qa, align,
                             curate_dedup, curate_throughput, curate_pretrain, compress_quant, compress_prune,
                             compress_distill, compress_gguf, compress_onnx, plan_memory, plan_tune, plan_scale,
-                            summary)}
+                            quickstart, summary)}
 
 
 def render(text: str, results: dict[str, dict], source: str = "") -> str:

@@ -323,6 +323,8 @@ def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx, base: Any = None) -> Any:
             return Path(value)
         raise bad()
     if origin in (list, tuple):
+        if isinstance(value, str) and args and _is_dc(args[0]) and getattr(args[0], "SHORTHAND", None):
+            value = [value]  # one item given by its SHORTHAND field: check="Say hi."
         if not isinstance(value, (list, tuple)):
             raise bad()
         if origin is tuple and args and args[-1] is not Ellipsis:

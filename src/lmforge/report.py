@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["StageRun", "read_run", "render_html", "text_summary", "write_report", "funnel_rows",
-           "compress_rows", "scale_rows"]
+           "compress_rows", "scale_rows", "bar_rows"]
 
 CURVES = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
           ("tokens / s", ("tokens_per_s",)))
@@ -460,11 +460,20 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "".join(out) + "</table>"
 
 
-def render_html(stages: list[StageRun], title: str) -> str:
-    """The report page."""
+def bar_rows(bars: list[dict[str, Any]]) -> list[list[str]]:
+    """A pipeline's bars (pipeline.json "bars"): stage, bar, measured, needed, met."""
+    return [[b["stage"], b["what"], b.get("measured", "not measured"), b.get("needed", b.get("error", "")),
+             "yes" if b["pass"] else "NO"] for b in bars]
+
+
+def render_html(stages: list[StageRun], title: str, bars: list[dict[str, Any]] | None = None) -> str:
+    """The report page (with a pipeline's bars, what each stage achieved, first)."""
     e = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
+    if bars:
+        parts.append(f"<h2>What each stage achieved ({sum(b['pass'] for b in bars)} of {len(bars)} bars met)</h2>"
+                     + _table(["stage", "bar", "measured", "needed", "met"], bar_rows(bars)))
     overview = [[s.name, s.verb, s.status, _fmt(s.seconds), str(len(s.metrics)), _fmt(_last(s, "loss")),
                  str(s.lineage.get("output", ""))] for s in stages]
     parts.append("<h2>Stages</h2>" + _table(["stage", "verb", "status", "seconds", "logged steps", "last loss",
@@ -520,9 +529,9 @@ def _last(s: StageRun, key: str) -> float | None:
     return y[-1] if y else None
 
 
-def text_summary(stages: list[StageRun]) -> str:
-    """A compact terminal summary: one line per stage, then its evaluation rows."""
-    lines = []
+def text_summary(stages: list[StageRun], bars: list[dict[str, Any]] | None = None) -> str:
+    """A compact terminal summary: a pipeline's bars, then one line per stage and its evaluation rows."""
+    lines = [f"bar met? {r[4]:<3}  {r[0]}: {r[1]}: {r[2]} (needed {r[3]})" for r in bar_rows(bars or [])]
     for s in stages:
         secs = f"{s.seconds:.0f} s" if s.seconds is not None else ""
         loss = _last(s, "loss")
@@ -546,6 +555,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> tuple
     """Write RUN_DIR/report.html (or `output`); returns (its path, the text summary)."""
     run = Path(run_dir)
     stages = read_run(run)
+    bars = (_json(run / "pipeline.json") or {}).get("bars")
     path = Path(output) if output else run / "report.html"
-    path.write_text(render_html(stages, f"lmforge run: {run.resolve().name}"), encoding="utf-8")
-    return path, text_summary(stages)
+    path.write_text(render_html(stages, f"lmforge run: {run.resolve().name}", bars), encoding="utf-8")
+    return path, text_summary(stages, bars)

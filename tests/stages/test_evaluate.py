@@ -32,6 +32,8 @@ def test_evaluate_builtin_tasks_write_report(tiny_dir, tmp_path, capsys):
     mc, ppl, he = (report["tasks"][t] for t in ("stdlib-mc", "stdlib-ppl", "humaneval"))
     assert mc["n"] == 3 and 0 <= mc["acc"] <= 1 and mc["examples"][0]["context"].startswith("Question: Which")
     assert ppl["documents"] == 3 and ppl["bits_per_byte"] > ppl["xz_bits_per_byte"]  # a random model loses to xz
+    # xz sees every document at once; compressing each on its own (as the model reads them) costs more bits
+    assert ppl["xz_per_document_bits_per_byte"] > ppl["xz_bits_per_byte"]
     assert he["problems"] == 3 and set(he["pass@k"]) == {"1"} and he["pass@k"]["1"] == 0.0
     table = (out / "eval.md").read_text()
     assert "| stdlib-mc | acc |" in table and "| humaneval | pass@1 |" in table
@@ -88,6 +90,23 @@ def test_generation_tasks_builtin_and_gsm8k_file(tiny_dir, tmp_path):
              "(.*)", "--max-new-tokens", "4")
     g = r["tasks"][f"gen:{gsm}"]
     assert g["until"] == [" "] and g["regex"] == "(.*)" and g["invalid"] == 0.0
+
+
+def test_stdlib_doc_asks_about_held_out_modules_and_scores_token_f1(tiny_dir, tmp_path):
+    from lmforge.data.align_data import docstring_pairs
+    from lmforge.eval.qa import f1
+
+    pairs = docstring_pairs(chat=True)
+    train_modules = {p["source"].split(":")[1].rsplit(".", 1)[0] for p in pairs["train"]}
+    r = _run(tiny_dir, tmp_path / "e", "--tasks", "stdlib-doc", "--limit", "4", "--max-new-tokens", "8")
+    doc = r["tasks"]["stdlib-doc"]
+    assert doc["n"] == 4 and 0.0 <= doc["f1"] <= 1.0 and doc["f1_stderr"] >= 0.0
+    for ex in doc["examples"]:
+        question = ex["context"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        qualname = question.split("`")[1]
+        assert qualname.rsplit(".", 1)[0] not in train_modules  # nothing from the modules SFT / DPO train on
+        assert ex["f1"] == f1(ex["extracted"], [ex["target"]])  # the SQuAD token F1 of the answer
+    assert {d["target"] for d in doc["examples"]} <= {p["chosen"][0]["content"] for p in pairs["test"]}
 
 
 def test_bad_generation_files_name_file_and_line(tiny_dir, tmp_path, capsys):

@@ -70,8 +70,12 @@ def pipeline_yaml(tmp: Path, **stage_over) -> Path:
     }
     for name, cfg in stage_over.items():
         stages[name]["config"].update(cfg)
+    bars = [{"stage": "evaluate", "what": "bits per byte below 100", "below": 100,
+             "value": "evaluate/eval.json:tasks.stdlib-ppl.bits_per_byte"},
+            {"stage": "serve", "what": "the check answered", "value": "serve/serve.json:accepted", "above": 1},
+            {"stage": "dpo", "what": "a number no stage writes", "value": "dpo/eval.json:nothing.here", "above": 0}]
     path = tmp / "pipe.yaml"
-    path.write_text(yaml.safe_dump({"run_dir": str(tmp / "run"), "stages": stages}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp / "run"), "stages": stages, "bars": bars}, sort_keys=False))
     return path
 
 
@@ -85,6 +89,18 @@ def piped(tmp_path_factory):
     path = pipeline_yaml(tmp)
     assert cli.main(["pipeline", "--config", str(path)]) == 0
     return tmp, path
+
+
+def test_bars_are_checked_at_the_end_and_a_missing_number_fails_its_bar(piped):
+    tmp, _ = piped
+    run = tmp / "run"
+    bars = json.loads((run / "pipeline.json").read_text())["bars"]
+    assert [b["pass"] for b in bars] == [True, True, False]
+    ppl = json.loads((run / "evaluate" / "eval.json").read_text())["tasks"]["stdlib-ppl"]["bits_per_byte"]
+    assert bars[0]["value"] == ppl and bars[0]["reference"] == 100
+    assert "no 'nothing.here'" in bars[2]["error"]
+    served = json.loads((run / "serve" / "serve.json").read_text())  # the check's question, reply and verdict
+    assert served["accepted"] == 1 and served["checks"][0]["ask"] == "Say hi." and served["checks"][0]["accepted"]
 
 
 def test_every_stage_runs_and_hands_on_its_output(piped, capsys):
@@ -224,6 +240,8 @@ def test_report_holds_every_stages_curves_and_tables(piped, capsys):
         png = base64.b64decode(src.split(",", 1)[1])
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "val_rewards/accuracy" in page.cells and "humaneval · pass@1" in page.cells  # before/after, tasks
+    assert "What each stage achieved (2 of 3 bars met)" in page.h2 and "a number no stage writes" in page.cells
+    assert "bar met? NO " in out
     assert any(c.startswith('"sft"') or "sft/final" in c for c in page.cells)  # lineage
 
 
@@ -249,16 +267,18 @@ def test_report_renders_in_headless_chromium(piped, tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_in_full(tmp_path):
-    """recipes/quickstart.yaml end to end (about 12 minutes on 2 cores): every stage done, the final metrics in
-    place, the served model answered, the report written."""
+def test_quickstart_meets_every_bar(tmp_path):
+    """recipes/quickstart.yaml end to end (about 12 minutes on 2 cores): every stage done and every bar of the
+    quickstart met (curation, pretraining against xz, SFT and DPO on held-out data, quantization, three served
+    answers), the report written."""
     recipe = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
     run = tmp_path / "quickstart"
     assert cli.main(["pipeline", "--config", str(recipe), f"run_dir={run}"]) == 0
     pipe = json.loads((run / "pipeline.json").read_text())
     assert pipe["status"] == "done" and all(s["status"] == "done" for s in pipe["stages"])
-    tasks = json.loads((run / "evaluate" / "eval.json").read_text())["tasks"]
-    assert tasks["stdlib-ppl"]["bits_per_byte"] > 0 and tasks["stdlib-ppl"]["xz_bits_per_byte"] > 0
-    assert set(tasks["humaneval"]["pass@k"]) == {"1", "4"} or set(tasks["humaneval"]["pass@k"]) == {1, 4}
-    assert "val_rewards/accuracy" in json.loads((run / "dpo" / "eval.json").read_text())
+    bars = pipe["bars"]
+    assert {b["stage"] for b in bars} == {"curate", "pretrain", "sft", "dpo", "quantize", "serve"}
+    assert [b["what"] for b in bars if not b["pass"]] == []
+    served = json.loads((run / "serve" / "serve.json").read_text())
+    assert served["accepted"] == served["questions"] == 3
     assert cli.main(["report", str(run)]) == 0 and (run / "report.html").stat().st_size > 50_000

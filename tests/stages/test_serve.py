@@ -610,6 +610,26 @@ def test_serve_config_checks_adapters():
         cli._run(["serve", "--model", "m", "--adapter", "a=/x,a=/y"])
 
 
+def test_serve_check_judges_each_reply_by_its_patterns(gpt2_tokenizer, tmp_path, capsys):
+    """The smoke test asks every question through the OpenAI client; a reply lacking a pattern fails the stage
+    (exit 1) and serve.json says which pattern it lacked; a bad pattern is a config error."""
+    from lmforge.config import ConfigError
+
+    folder = lmforge.save(_tiny_lm(gpt2_tokenizer, seed=7), gpt2_tokenizer, tmp_path / "m")
+    check = '[{ask: "Say hi.", accept: ["(?s).*"]}, {ask: "Name a prime.", accept: ["(?s).*", "^never-this$"]}]'
+    argv = ["serve", "--model", str(folder), "--port", "0", "--kv-cache-gb", "0.05", "--check-max-tokens", "3",
+            "--log-level", "warning", "--output", str(tmp_path / "out"), "--check", check]
+    assert cli.main(argv) == 1
+    served = json.loads((tmp_path / "out" / "serve.json").read_text())
+    assert served["questions"] == served["answered"] == 2 and served["accepted"] == 1
+    first, second = served["checks"]
+    assert first["accepted"] and first["ask"] == "Say hi." and first["tokens"] <= 3
+    assert not second["accepted"] and second["missing"] == ["^never-this$"]
+    assert "1 of 2 replies accepted" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        cli._run(["serve", "--model", "m", "--check", '[{ask: "x", accept: ["(unclosed"]}]'])
+
+
 def test_serve_cli_drains_on_sigterm(gpt2_tokenizer, tmp_path):
     """The real `lmforge serve` process: prints its URL, serves, and on SIGTERM answers 503 to new work while the
     in-flight stream runs out its grace period, which then ends with finish_reason "abort"; exit code 0."""

@@ -312,9 +312,31 @@ def test_task_items_match_the_evaluation_and_the_contamination_check():
     assert {len(t) for _, t in task_items("stdlib-mc")} == {4}  # question + each of its 4 choices
 
 
+def test_held_out_modules_and_doc_questions_are_removed_with_what_shares_their_text():
+    """stdlib-ppl's held-out modules leave the corpus (and so does a file sharing a 13-gram with one); a stdlib-doc
+    answer long enough to hold a 13-gram takes the file holding the asked function's docstring with it."""
+    from lmforge.data.stdlib import stdlib_heldout_texts
+
+    held = dict(stdlib_heldout_texts(n=10**6))
+    name, text = sorted(held.items())[0]
+    shared = "\n".join(text.splitlines()[40:60])  # 20 lines of a held-out module inside another file
+    other = next(p for p in sorted(STDLIB.glob("*.py")) if p.name not in held and p.stat().st_size > 5000)
+    docs = _docs([text, f"# notes\n{shared}\n", other.read_text(encoding="utf-8")])
+    assert Decontaminate(DecontaminationConfig(tasks=["stdlib-ppl"]))(docs) == ["decontaminate:stdlib-ppl"] * 2 + [
+        None]
+    assert docs[0].meta["decontaminate"]["item"] == f"stdlib:{name}"
+    items = dict(task_items("stdlib-doc"))
+    assert items["stdlib:shutil.rmtree"] == ["What does `shutil.rmtree` do? Recursively delete a directory tree."]
+    # a summary of 13 words or more is found in its module's source (shorter ones have no 13-gram of their own)
+    assert any(k.startswith("stdlib:zipfile.") and len(v[0].split()) > 25 for k, v in items.items())
+    docs = _docs([(STDLIB / "zipfile.py").read_text(encoding="utf-8"), (STDLIB / "shutil.py").read_text()])
+    assert Decontaminate(DecontaminationConfig(tasks=["stdlib-doc"]))(docs) == ["decontaminate:stdlib-doc", None]
+    assert docs[0].meta["decontaminate"]["item"].startswith("stdlib:zipfile.")
+
+
 def test_decontamination_config_errors():
     with pytest.raises(ValueError, match="unknown task 'hellaswag'; expected one of stdlib-mc, stdlib-doctest, "
-                                         "humaneval, mc:PATH or gen:PATH"):
+                                         "stdlib-ppl, stdlib-doc, humaneval, mc:PATH or gen:PATH"):
         DecontaminationConfig(tasks=["hellaswag"]).validate()
     with pytest.raises(ValueError, match="each task at most once"):
         DecontaminationConfig(tasks=["humaneval", "humaneval"]).validate()

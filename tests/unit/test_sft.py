@@ -31,6 +31,8 @@ RECORDS = [
                   {"role": "assistant", "content": "6, of course."}]},
     {"prompt": "Name a prime.", "response": "Seven is prime."},
     {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+    {"prompt": [{"role": "user", "content": "What does `f` do?"}], "chosen": "It adds.",
+     "rejected": [{"role": "assistant", "content": "It sorts."}]},
 ]
 
 
@@ -39,8 +41,8 @@ def test_labels_cover_exactly_assistant_content_and_end_of_turn(smol_tok, tmp_pa
     tok = smol_tok if template == "smollm2" else Tokenizer(
         backend=smol_tok.backend, eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=None)
     examples, stats = load_sft(_write(tmp_path / "d.jsonl", RECORDS), tok, max_length=512)
-    assert stats.formats == {"messages": 1, "prompt_response": 1, "alpaca": 1}
-    answers = [["4", "6, of course."], ["Seven is prime."], ["chat"]]
+    assert stats.formats == {"messages": 1, "prompt_response": 1, "alpaca": 1, "chosen": 1}
+    answers = [["4", "6, of course."], ["Seven is prime."], ["chat"], ["It adds."]]  # a pair: its chosen reply
     for ex, expected in zip(examples, answers):
         assert len(ex.input_ids) == len(ex.labels)
         runs, cur = [], []
@@ -71,6 +73,7 @@ def test_alpaca_input_and_system_prompt():
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
     ({"prompt": "q", "response": 3}, "'response' is int"),
     ({"instruction": "", "output": "x"}, "'instruction' is empty"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "'chosen' is int"),
 ])
 def test_bad_records_name_file_and_line(smol_tok, tmp_path, record, needle):
     path = _write(tmp_path / "bad.jsonl", [RECORDS[1], record])

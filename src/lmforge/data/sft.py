@@ -1,11 +1,13 @@
 """Instruction (SFT) data: records -> conversations -> token ids with a loss mask on assistant tokens.
 
 Formats (JSONL / Parquet / CSV records, see DESIGN.md): `{"messages": [...]}`, `{"prompt", "response"}`,
-Alpaca `{"instruction", "input"?, "output"}`, and `python_functions` — instruction pairs derived from Python
-source files (each documented function becomes "write this function" -> its code). Conversations are rendered
-with the model's own chat template by `tokenizer/chat.py`; labels are the next token where that token is
-assistant content (or its end-of-turn token) and -100 elsewhere. Examples longer than `max_length` are cut and
-counted; packing concatenates examples into rows of `max_length` tokens that cannot attend across examples.
+Alpaca `{"instruction", "input"?, "output"}`, preference pairs `{"prompt", "chosen", "rejected"}` (the prompt and its
+chosen reply: the usual SFT step before preference optimisation), and `python_functions` — instruction pairs
+derived from Python source files (each documented function becomes "write this function" -> its code).
+Conversations are rendered with the model's own chat template by `tokenizer/chat.py`; labels are the next token
+where that token is assistant content (or its end-of-turn token) and -100 elsewhere. Examples longer than
+`max_length` are cut and counted; packing concatenates examples into rows of `max_length` tokens that cannot attend
+across examples.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from .readers import DataError, ReadStats, decode_utf8, expand_inputs, iter_reco
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-FORMATS = ("messages", "prompt_response", "alpaca")
-_KEYS = {"messages": ("messages",), "prompt_response": ("prompt", "response"), "alpaca": ("instruction", "output")}
+FORMATS = ("messages", "prompt_response", "alpaca", "chosen")
+_KEYS = {"messages": ("messages",), "prompt_response": ("prompt", "response"), "alpaca": ("instruction", "output"),
+         "chosen": ("chosen", "rejected")}
 
 
 @dataclass
@@ -62,7 +65,8 @@ def detect_format(record: dict[str, Any], where: str) -> str:
             return fmt
     keys = ", ".join(map(repr, list(record)[:8])) or "none"
     raise DataError(f"{where}: found keys {keys}; expected an SFT record: {{\"messages\": [...]}}, "
-                    f"{{\"prompt\", \"response\"}} or {{\"instruction\", \"input\", \"output\"}}")
+                    f"{{\"prompt\", \"response\"}}, {{\"instruction\", \"input\", \"output\"}} or "
+                    f"{{\"prompt\", \"chosen\", \"rejected\"}}")
 
 
 def _text(record: dict[str, Any], key: str, where: str, allow_empty: bool = False) -> str:
@@ -82,6 +86,11 @@ def to_messages(record: dict[str, Any], where: str, fmt: str = "auto",
     if missing:
         raise DataError(f"{where}: missing {', '.join(map(repr, missing))} (found keys "
                         f"{', '.join(map(repr, list(record)[:8]))}); expected a {fmt} record")
+    if fmt == "chosen":
+        from .preference import read_pair
+
+        pair = read_pair(record, where, system_prompt)
+        return pair.prompt + pair.chosen
     if fmt == "messages":
         try:
             messages = check_messages(record["messages"], where)
@@ -243,7 +252,7 @@ def load_sft(paths: str | Sequence[str], tokenizer, *, fmt: str = "auto", max_le
     return tokenize_conversations(convs, tokenizer, max_length, include_end_of_turn, stats), stats
 
 
-SFTFormat = Literal["auto", "messages", "prompt_response", "alpaca", "python_functions"]
+SFTFormat = Literal["auto", "messages", "prompt_response", "alpaca", "chosen", "python_functions"]
 
 
 def describe(stats: SFTStats, name: str) -> str:

@@ -26,6 +26,7 @@ from ..inference.sampling import SamplingParams
 from ..tokenizer.base import Tokenizer
 from .metrics import mean_stderr
 from .multiple_choice import encode_text, fewshot_prefix
+from .qa import f1 as token_f1
 
 __all__ = ["GenItem", "GenSpec", "GSM8K", "PROMPT_TARGET", "read_generation", "extract", "normalize",
            "evaluate_generation"]
@@ -140,8 +141,9 @@ def _prompt_ids(tokenizer: Tokenizer, context: str, chat: bool) -> list[int]:
 def evaluate_generation(engine, tokenizer: Tokenizer, items: Sequence[GenItem], spec: GenSpec,
                         num_fewshot: int = 0, max_new_tokens: int = 256, limit: int | None = None, seed: int = 1234,
                         chat: bool = False, description: str = "") -> dict[str, Any]:
-    """Generate greedily for every item (one batched engine call), extract and compare: exact_match with its
-    standard error, the share of answers the regex could not find, the exact prompts and outputs of the first 3
+    """Generate greedily for every item (one batched engine call), extract and compare: exact_match and the SQuAD
+    token F1 of the extracted answer against the target (official normalisation), each with its standard error,
+    the share of answers the regex could not find, the exact prompts and outputs of the first 3
     items and each item's generation.
 
     Plain prompts are description + few-shot examples + prompt, left-truncated to the context minus
@@ -159,16 +161,19 @@ def evaluate_generation(engine, tokenizer: Tokenizer, items: Sequence[GenItem], 
     prompts = [_prompt_ids(tokenizer, c, chat)[-room:] for c in contexts]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(s for s in spec.until if s))
     outputs = engine.generate(prompts, params)
-    hits, per_item = [], []
+    hits, f1s, per_item = [], [], []
     for item, out in zip(evaluated, outputs):
         answer = extract(out.text, spec)
         hit = normalize(answer, spec) == normalize(item.target, spec)
         hits.append(1.0 if hit else 0.0)
+        f1s.append(token_f1(answer, [item.target]))
         per_item.append({"source": item.source, "generation": out.text, "extracted": answer, "target": item.target,
-                         "exact_match": hit})
+                         "exact_match": hit, "f1": f1s[-1]})
     em, stderr = mean_stderr(hits)
+    f1, f1_stderr = mean_stderr(f1s)
     return {"n": len(hits), "num_fewshot": num_fewshot, "chat": chat, "exact_match": em,
-            "exact_match_stderr": stderr if len(hits) > 1 else float("nan"),
+            "exact_match_stderr": stderr if len(hits) > 1 else float("nan"), "f1": f1,
+            "f1_stderr": f1_stderr if len(hits) > 1 else float("nan"),
             "invalid": sum(p["extracted"] == spec.fallback for p in per_item) / len(per_item) if spec.regex else 0.0,
             "until": spec.until, "regex": spec.regex,
             "examples": [{"context": c, **p} for c, p in zip(contexts[:3], per_item[:3])], "per_item": per_item}

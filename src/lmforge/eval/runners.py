@@ -10,7 +10,7 @@ from typing import Any, Callable
 from ..inference.options import Decoding
 
 __all__ = ["TaskOptions", "RUNNERS", "run_task", "task_evaluator", "training_evaluators", "headline_metrics",
-           "headline", "markdown", "uncertainty"]
+           "headline", "markdown", "uncertainty", "doc_items"]
 
 
 @dataclass
@@ -141,8 +141,25 @@ def _perplexity(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], lis
     return {"documents": len(docs), "tokens": tokens, "bytes": n_bytes, "perplexity": math.exp(-total / tokens),
             "bits_per_byte": bits_per_byte(total, n_bytes), "xz_bits_per_byte": xz_bits_per_byte([t for _, t in docs]),
             "xz": "xz -9e as one raw LZMA2 stream over the documents concatenated (no container overhead)",
+            "xz_per_document_bits_per_byte": xz_bits_per_byte([t for _, t in docs], per_document=True),
             "max_length": max_length, "stride": cfg.stride or max_length,
             "examples": [d[0] for d in docs[:3]]}, [t for _, t in docs]
+
+
+def doc_items(chat: bool) -> list[Any]:
+    """stdlib-doc: "What does `module.name` do?" for the functions of held-out modules (the test split of
+    `data.align_data.docstring_pairs`, so nothing a model saw in its training pairs), answered in words; the
+    target is the function's docstring summary. With `chat` the question is the user turn, else a
+    "Question: ...\\nAnswer:" prompt."""
+    from ..data.align_data import docstring_pairs
+    from .generation import GenItem
+
+    items = []
+    for pair in docstring_pairs(chat=True)["test"]:
+        question, answer = pair["prompt"][0]["content"], pair["chosen"][0]["content"]
+        prompt = question if chat else f"Question: {question}\nAnswer:"
+        items.append(GenItem(prompt, answer, f"{prompt} {answer}", pair["source"]))
+    return items
 
 
 def _generation(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], list[str]]:
@@ -152,7 +169,9 @@ def _generation(model, tok, task, cfg: TaskOptions) -> tuple[dict[str, Any], lis
     from ..data.stdlib import stdlib_doctest_items
     from ..inference.engine import Engine
 
-    if task.path is None:
+    if task.name == "stdlib-doc":
+        items, spec = doc_items(cfg.chat), PROMPT_TARGET
+    elif task.path is None:
         items = [parse_generation(r, r["source"])[0] for r in stdlib_doctest_items(cfg.limit)]
         spec = replace(PROMPT_TARGET, until=["\n"])
     else:
@@ -250,7 +269,8 @@ def headline_metrics(r: dict[str, Any]) -> dict[str, float]:
     if "acc" in r:
         return {k: r[k] for k in ("acc", "acc_norm", "acc_norm_token")}
     if "bits_per_byte" in r:
-        return {k: r[k] for k in ("bits_per_byte", "xz_bits_per_byte", "perplexity")}
+        return {k: r[k] for k in ("bits_per_byte", "xz_bits_per_byte", "xz_per_document_bits_per_byte", "perplexity")
+                if k in r}
     if "exact_match" in r:
         return {k: r[k] for k in ("exact_match", "f1") if k in r}
     if "pass@k" in r:

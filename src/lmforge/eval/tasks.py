@@ -3,11 +3,13 @@ every machine (the Python standard library) rather than from shipped copies.
 
 A task spec is a string: `stdlib-mc` (docstring -> which function, 4 choices), `stdlib-ppl` (perplexity and bits
 per byte of held-out standard-library modules), `stdlib-doctest` (predict the interpreter's output of a docstring
-example, exact match), `humaneval` (pass@k in the sandbox), `mc:PATH` (a multiple-choice file in HellaSwag / MMLU /
-ARC format), `ppl:PATH` (text files, folders, or JSONL/Parquet records with `text`), `gen:PATH` (GSM8K or
-prompt/target records, exact match), `cls:PATH` (`{"text", "label"}` records for a classifier model),
-`judge:PATH` (prompts answered by the model and a baseline, compared by a judge model), `qa:PATH` (SQuAD v1.1 /
-v2.0 JSON or JSONL question-answering records for a span model: exact match and F1).
+example, exact match), `stdlib-doc` ("What does `module.name` do?" for functions of held-out modules, answered in
+words: token F1 and exact match against the docstring's summary), `humaneval` (pass@k in the sandbox), `mc:PATH`
+(a multiple-choice file in HellaSwag / MMLU / ARC format), `ppl:PATH` (text files, folders, or JSONL/Parquet
+records with `text`), `gen:PATH` (GSM8K or prompt/target records, exact match and token F1), `cls:PATH`
+(`{"text", "label"}` records for a classifier model), `judge:PATH` (prompts answered by the model and a baseline,
+compared by a judge model), `qa:PATH` (SQuAD v1.1 / v2.0 JSON or JSONL question-answering records for a span
+model: exact match and F1).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class TaskSpec:
 
 
 BUILTIN_TASKS = {"stdlib-mc": "multiple_choice", "stdlib-ppl": "perplexity", "stdlib-doctest": "generation",
-                 "humaneval": "humaneval"}
+                 "stdlib-doc": "generation", "humaneval": "humaneval"}
 FILE_TASKS = {"mc": "multiple_choice", "ppl": "perplexity", "gen": "generation", "cls": "classification",
               "judge": "judge", "qa": "qa"}
 

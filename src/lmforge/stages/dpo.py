@@ -132,11 +132,12 @@ def main(cfg: Config) -> int:
 
 def _policy_preference(val, collate, micro_batch: int, max_batches: int | None, trainer):
     """Evaluator: on the held-out pairs, the share where the model gives the chosen reply the higher summed
-    log-prob (val_logps/accuracy) and the mean difference (val_logps/margin) — the model's own preference, which
-    unlike the implicit rewards is measured the same way before training."""
+    log-prob (val_logps/accuracy, with its standard error) and the mean difference (val_logps/margin) — the
+    model's own preference, which unlike the implicit rewards is measured the same way before training."""
     import torch
 
     from ..data.examples import fixed_batches
+    from ..eval.metrics import mean_stderr
     from ..objectives.preference import completion_logprobs
 
     @torch.no_grad()
@@ -150,7 +151,9 @@ def _policy_preference(val, collate, micro_batch: int, max_batches: int | None, 
             chosen, rejected = logps.float().cpu().chunk(2)
             diffs.append(chosen - rejected)
         d = torch.cat(diffs)
-        return {"val_logps/accuracy": (d > 0).float().mean().item(), "val_logps/margin": d.mean().item()}
+        accuracy, stderr = mean_stderr((d > 0).float().tolist())
+        return {"val_logps/accuracy": accuracy, "val_logps/accuracy_stderr": stderr,
+                "val_logps/margin": d.mean().item()}
 
     return evaluate
 

@@ -40,7 +40,8 @@ class DataSection:
     validation_fraction: float = 0.05
     """Share of train held out for validation (a stable hash of each example) when no validation files."""
     format: SFTFormat = "auto"
-    """SFT record format; auto detects messages, prompt/response and Alpaca per record."""
+    """SFT record format; auto detects messages, prompt/response, Alpaca and preference pairs (their chosen reply)
+    per record."""
     max_length: int = 1024
     """Longest example in tokens; longer ones are cut (and counted)."""
     pack: bool = False

@@ -17,6 +17,11 @@ re-run skips the stages that finished with the same fingerprint, resumes one tha
 continue from their checkpoint), and starts afresh one whose config or inputs changed. `--from NAME` re-runs NAME
 and every stage after it. A failure names the stage, keeps what earlier stages made and stops. RUN_DIR/pipeline.json
 lists the stages and their status; `lmforge report RUN_DIR` turns the run into one HTML page.
+
+`bars:` states what each stage must achieve: a number from a JSON file a stage wrote (an eval.json, compress.json,
+serve.json), compared with a constant or another stage's number, optionally by more than k standard errors
+(stages/_bars.py). They are checked when the pipeline ends; the table of verdicts is printed, written to
+pipeline.json and put at the top of the report.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._bars import Bar, check_bars, format_bars
 from ._resolve import fingerprint, resolve
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -55,6 +61,9 @@ class Config:
     """The pipeline's folder: pipeline.json, pipeline.yaml, and one sub-folder per stage."""
     from_: str | None = None
     """Re-run this stage and every stage after it, even when they finished (`--from NAME`)."""
+    bars: list[Bar] = field(default_factory=list)
+    """What each stage must achieve, checked when the pipeline ends (see stages/_bars.py): each reads a number
+    from a JSON file a stage wrote and compares it with a constant or another stage's number."""
 
     def validate(self) -> None:
         from ..cli import VERBS
@@ -70,6 +79,10 @@ class Config:
                                  f"{', '.join(v for v in VERBS if v not in ('pipeline', 'report', 'chat'))}")
         if self.from_ is not None and self.from_ not in self.stages:
             raise ValueError(f"from: no stage {self.from_!r}; stages: {', '.join(self.stages)}")
+        for i, bar in enumerate(self.bars):
+            if bar.stage not in self.stages:
+                raise ValueError(f"bars[{i}].stage: no stage {bar.stage!r}; stages: {', '.join(self.stages)}")
+            bar.validate()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -102,9 +115,10 @@ def main(cfg: Config) -> int:
     summary: list[dict[str, Any]] = []
     t_all = time.perf_counter()
 
-    def write_summary(status: str) -> None:
+    def write_summary(status: str, bars: list[dict[str, Any]] | None = None) -> None:
         _write_json(run / "pipeline.json", {"status": status, "run_dir": str(run), "lmforge": __version__,
-                                            "seconds": round(time.perf_counter() - t_all, 1), "stages": summary})
+                                            "seconds": round(time.perf_counter() - t_all, 1), "stages": summary,
+                                            **({"bars": bars} if bars is not None else {})})
 
     for i, st in enumerate(stages):
         name, verb, module, scfg, refs = st.name, st.verb, st.module, st.config, st.refs
@@ -160,18 +174,35 @@ def main(cfg: Config) -> int:
         done[name] = {"output": record["output"], "dir": str(folder), "run_id": record["run_id"]}
         summary.append(record)
         write_summary("running")
-    write_summary("done")
-    _print_end(cfg, run, summary, time.perf_counter() - t_all)
+    bars = check_bars(cfg.bars, run)
+    write_summary("done", bars if cfg.bars else None)
+    _print_end(cfg, run, summary, time.perf_counter() - t_all, bars)
     return 0
 
 
-def _print_end(cfg: Config, run: Path, summary: list[dict[str, Any]], seconds: float) -> None:
-    """Where everything is, and the one command to chat with the last model."""
+def _print_end(cfg: Config, run: Path, summary: list[dict[str, Any]], seconds: float,
+               bars: list[dict[str, Any]]) -> None:
+    """Where everything is, what each stage achieved against its bar, and the one command to chat with the last
+    model."""
     print(f"\npipeline: {len(summary)} stages done in {seconds / 60:.1f} min; everything is in {run}")
     for r in summary:
         note = " (skipped: done before)" if r.get("skipped") else ""
         print(f"  {r['name']:<14} {r['verb']:<10} {r.get('seconds', 0):>7.1f} s  {r['output']}{note}")
+    if bars:
+        rows = [["stage", "bar", "measured", "needed", ""], *format_bars(bars)]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        print(f"\nwhat each stage achieved ({sum(b['pass'] for b in bars)} of {len(bars)} bars met; pipeline.json, "
+              "report.html):")
+        for r in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
     models = [r["output"] for r in summary if (Path(r["output"]) / "config.json").is_file()]  # model folders
-    print(f"report: lmforge report {run}")
+    try:
+        from ..report import write_report
+
+        print(f"report: {write_report(run)[0]} (again: lmforge report {run})")
+    except ImportError as e:  # the plots need matplotlib (the `report` extra)
+        print(f"report: lmforge report {run} ({e.name or e} is not installed: pip install 'lmforge[report]')")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"report: not written ({type(e).__name__}: {e}); try lmforge report {run} --debug")
     if models:
-        print(f"chat with the model: lmforge chat --model {models[-1]}")
+        print(f"next: chat with the model: lmforge chat --model {models[-1]}")

@@ -5,6 +5,7 @@ this stage loads the model, builds the engine and runs it until SIGINT / SIGTERM
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -14,6 +15,29 @@ from pathlib import Path
 from typing import Literal
 
 _ADAPTER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})=(.+)$")
+
+
+@dataclass
+class Check:
+    """One question of the smoke test: a user message and what its reply must contain."""
+
+    SHORTHAND = "ask"
+    ask: str
+    """The user message, sent as one chat request (greedy)."""
+    accept: list[str] = field(default_factory=list)
+    """Regular expressions (case-insensitive) that must each be found in the reply for it to pass; none: any
+    reply passes."""
+
+    def validate(self) -> None:
+        for pattern in self.accept:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"accept: {pattern!r} is not a regular expression: {e}") from None
+
+    def verdict(self, reply: str) -> list[str]:
+        """The patterns the reply lacks (empty: it passes)."""
+        return [p for p in self.accept if not re.search(p, reply, re.IGNORECASE)]
 
 
 @dataclass
@@ -63,11 +87,14 @@ class Config:
     """uvicorn's log level."""
     allow_pickle: bool = False
     """Allow loading pickle (.bin/.pt) checkpoints; only for files you trust."""
-    check: str | None = None
-    """A smoke test: start the server, send this message as one chat request through the OpenAI client, print
-    the reply and stop (exit 0 when it answered; a pipeline's last step)."""
+    check: list[Check] = field(default_factory=list)
+    """A smoke test: start the server, ask each question as one chat request through the OpenAI client, print the
+    replies and their verdicts, write them to `output`/serve.json and stop (exit 0 when every reply was accepted;
+    a pipeline's last step). Each item is a message, or {ask, accept: [regex, ...]}."""
     check_max_tokens: int = 64
-    """Longest reply to the check message."""
+    """Longest reply to a check question."""
+    output: str | None = None
+    """Folder for serve.json, the check's questions, replies and verdicts (a pipeline sets it)."""
 
     def validate(self) -> None:
         for k in ("num_speculative_tokens", "block_size", "max_running", "max_batch_tokens", "max_queue",
@@ -83,6 +110,8 @@ class Config:
             raise ValueError(f"default_max_tokens must be >= 1 or null, found {self.default_max_tokens}")
         if self.speculative == "draft" and not self.draft:
             raise ValueError("speculative=draft needs --draft PATH")
+        for c in self.check:
+            c.validate()
         self.adapters()
 
     def adapters(self) -> dict[str, str]:
@@ -136,10 +165,10 @@ def main(cfg: Config) -> int:
         print(f"warning: listening on {cfg.host} without an API key: anyone who can reach this port can use the "
               "model (set --api-key or LMFORGE_API_KEY)", file=sys.stderr)
 
-    answered: list[str] = []
+    answered: list[dict] = []
 
     def started(running) -> None:
-        if cfg.check is not None:
+        if cfg.check:
             threading.Thread(target=_check, args=(running.url, async_engine, cfg, name, api_key, answered),
                              name="lmforge-check", daemon=True).start()
             return
@@ -150,25 +179,41 @@ def main(cfg: Config) -> int:
         print(f"try: curl {running.url}{_example(name, model.cfg)}{auth}", flush=True)
 
     serve(app, async_engine, cfg.host, cfg.port, cfg.shutdown_grace_s, cfg.log_level, on_started=started)
-    return 0 if cfg.check is None or answered else 1
+    if not cfg.check:
+        return 0
+    accepted = sum(a["accepted"] for a in answered)
+    if cfg.output:
+        from ..atomic import write_text
+
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        write_text(Path(cfg.output) / "serve.json", json.dumps(
+            {"model": cfg.model, "questions": len(cfg.check), "answered": len(answered), "accepted": accepted,
+             "checks": answered}, indent=2) + "\n")
+    print(f"serve check: {accepted} of {len(cfg.check)} replies accepted", flush=True)
+    return 0 if accepted == len(cfg.check) else 1
 
 
-def _check(url: str, async_engine, cfg: Config, name: str, api_key: str | None, answered: list[str]) -> None:
-    """Ask the running server one chat question through the official OpenAI client, print the exchange, then
-    stop the server (the way a signal would)."""
+def _check(url: str, async_engine, cfg: Config, name: str, api_key: str | None, answered: list[dict]) -> None:
+    """Ask the running server each check question through the official OpenAI client, print each exchange and
+    its verdict, then stop the server (the way a signal would)."""
     import asyncio
 
     try:
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", max_retries=0, timeout=600)
-        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": cfg.check}],
-                                               max_tokens=cfg.check_max_tokens, temperature=0)
-        text = reply.choices[0].message.content or ""
-        answered.append(text)
-        print(f"serve check at {url}/v1 (OpenAI client, model {name!r}):\n  user: {cfg.check}\n  assistant: "
-              f"{text.strip()!r} ({reply.usage.completion_tokens} tokens, {reply.choices[0].finish_reason})",
-              flush=True)
+        print(f"serve check at {url}/v1 (OpenAI client, model {name!r}):", flush=True)
+        for c in cfg.check:
+            reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": c.ask}],
+                                                   max_tokens=cfg.check_max_tokens, temperature=0)
+            text = reply.choices[0].message.content or ""
+            missing = c.verdict(text)
+            answered.append({"ask": c.ask, "reply": text, "accept": c.accept, "missing": missing,
+                             "accepted": not missing, "tokens": reply.usage.completion_tokens,
+                             "finish_reason": reply.choices[0].finish_reason})
+            verdict = "accepted" if not missing else f"not accepted: lacks {', '.join(map(repr, missing))}"
+            print(f"  user: {c.ask}\n  assistant: {text.strip()!r} ({reply.usage.completion_tokens} tokens, "
+                  f"{reply.choices[0].finish_reason}){' - ' + verdict if c.accept else ''}", flush=True)
     except Exception as e:  # reported, then the server stops and the stage fails
         print(f"serve check failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     finally:
