@@ -790,8 +790,8 @@ def quickstart(results: dict[str, dict]) -> str:
         return _missing("quickstart")
     r = rec["result"]
     bars = _table(["stage", "bar", "measured", "needed", "met"],
-                  [[b["stage"], b["what"], b.get("measured", "not measured"), b.get("needed", b.get("error", "")),
-                    "yes" if b["pass"] else "**no**"] for b in r["bars"]])
+                  [[b["stage"], b["what"], b["measured"], b["needed"], "yes" if b["pass"] else "**no**"]
+                   for b in r["bars"]])
     times = _table(["set-up", *(s["name"] for s in r["stages"]), "all"],
                    [[_n(r["setup_s"], 0), *(_n(s["seconds"], 0) for s in r["stages"]), _n(r["wall_s"], 0)]])
     answers = _table(["question", "served answer (greedy, int8)", "accepted"],

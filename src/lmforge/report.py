@@ -462,8 +462,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def bar_rows(bars: list[dict[str, Any]]) -> list[list[str]]:
     """A pipeline's bars (pipeline.json "bars"): stage, bar, measured, needed, met."""
-    return [[b["stage"], b["what"], b.get("measured", "not measured"), b.get("needed", b.get("error", "")),
-             "yes" if b["pass"] else "NO"] for b in bars]
+    return [[b["stage"], b["what"], b["measured"], b["needed"], "yes" if b["pass"] else "NO"] for b in bars]
 
 
 def render_html(stages: list[StageRun], title: str, bars: list[dict[str, Any]] | None = None) -> str:

@@ -108,10 +108,9 @@ def task_items(spec: str) -> list[tuple[str, list[str]]]:
 
         return [(f"stdlib:{name}", [text]) for name, text in stdlib_heldout_texts(n=10**6)]
     if spec == "stdlib-doc":
-        from ..data.align_data import docstring_pairs
+        from ..data.align_data import doc_questions
 
-        return [(p["source"], [f"{p['prompt'][0]['content']} {p['chosen'][0]['content']}"])
-                for p in docstring_pairs(chat=True)["test"]]
+        return [(source, [f"{question} {answer}"]) for source, question, answer in doc_questions("test")]
     if spec == "humaneval":
         from ..data.code_problems import load_problems
 

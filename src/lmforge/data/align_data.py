@@ -44,7 +44,7 @@ from .stdlib import stdlib_doctest_items, stdlib_functions
 if TYPE_CHECKING:
     from ..sandbox import SandboxLimits
 
-__all__ = ["Mutation", "mutations", "humaneval_pairs", "docstring_pairs", "kto_records",
+__all__ = ["Mutation", "mutations", "humaneval_pairs", "docstring_pairs", "doc_questions", "kto_records",
            "doctest_prompts", "humaneval_prompts", "write_align_data", "ensure_align_data", "BUILDER_VERSION",
            "DOCTEST_INSTRUCTION"]
 
@@ -421,6 +421,13 @@ def docstring_pairs(functions: Sequence[dict[str, str]] | None = None, *, chat: 
                   "source": f"stdlib:{f['qualname']}", "rejected_source": f"stdlib:{other['qualname']}"}
         out[split].append(record)
     return out
+
+
+def doc_questions(split: str = "test") -> list[tuple[str, str, str]]:
+    """(source, question, answer) of `docstring_pairs`' `split`: "What does `module.name` do?" and the function's
+    docstring summary (the stdlib-doc evaluation, and the items decontamination looks for)."""
+    return [(p["source"], p["prompt"][0]["content"], p["chosen"][0]["content"])
+            for p in docstring_pairs(chat=True)[split]]
 
 
 def kto_records(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..tokenizer.base import Tokenizer
 from ..splits import split_by_hash
-from .examples import pad_right
+from .examples import pad_right, pair_framing
 from .readers import DataError, ReadStats, iter_records, record_keys, record_string
 
 log = logging.getLogger(__name__)
@@ -235,11 +235,7 @@ def tokenize_examples(examples: Sequence[ClassifyExample], tokenizer: Tokenizer,
     that their post-processor adds): the classifier pools the last real token, so every sequence ends in the same
     fixed token, which has seen the whole input. Pairs are truncated longest text first."""
     backend = tokenizer.backend
-    encoder = tokenizer.cls_token is not None
-    eos = tokenizer.eos_id
-    if not encoder and eos is None:
-        raise ValueError("the tokenizer has neither a CLS token (encoder) nor an EOS token (decoder); expected one "
-                         "to mark the sequence for the classifier head")
+    encoder, eos = pair_framing(tokenizer, "mark the sequence for the classifier head")
     firsts = backend.encode_batch([e.text for e in examples], add_special_tokens=False)
     paired = [i for i, e in enumerate(examples) if e.text_pair is not None]
     seconds = dict(zip(paired, backend.encode_batch([examples[i].text_pair for i in paired],

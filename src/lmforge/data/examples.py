@@ -94,6 +94,16 @@ class ReplayMix:
         self.replay.load_state_dict(state["replay"])
 
 
+def pair_framing(tokenizer: Any, purpose: str) -> tuple[bool, int | None]:
+    """(encoder, eos id) of a tokenizer that frames one or two texts for a task head: an encoder has a CLS token, a
+    decoder ends each part with EOS; a ValueError saying what the framing is for (`purpose`) when it has neither."""
+    encoder = tokenizer.cls_token is not None
+    if not encoder and tokenizer.eos_id is None:
+        raise ValueError("the tokenizer has neither a CLS token (encoder) nor an EOS token (decoder); expected one "
+                         f"to {purpose}")
+    return encoder, tokenizer.eos_id
+
+
 def pad_right(input_ids: Sequence[Sequence[int]], pad_id: int,
               token_type_ids: Sequence[Sequence[int] | None] | None = None) -> dict[str, Tensor]:
     """A batch of token lists right-padded with `pad_id`: input_ids and attention_mask (B, T), 1 = real token, and

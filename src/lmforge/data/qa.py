@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..splits import split_by_hash
 from ..tokenizer.base import Tokenizer
-from .examples import pad_right
+from .examples import pad_right, pair_framing
 from .readers import (DataError, ReadStats, decode_utf8, expand_inputs, iter_records, record_keys,
                       record_string)
 
@@ -338,11 +338,7 @@ def qa_features(examples: Sequence[QAExample], tokenizer: Tokenizer, max_length:
     the answer whenever the answer begins and ends on token boundaries (whole words for WordPiece and byte-level
     BPE alike), else the shortest run of whole tokens covering it. `stats` (optional) gets the counts."""
     backend = tokenizer.backend
-    encoder = tokenizer.cls_token is not None
-    eos = tokenizer.eos_id
-    if not encoder and eos is None:
-        raise ValueError("the tokenizer has neither a CLS token (encoder) nor an EOS token (decoder); expected one "
-                         "to frame question and context")
+    encoder, eos = pair_framing(tokenizer, "frame question and context")
     template = _pair_template(tokenizer) if encoder else []
     contexts = list(dict.fromkeys(ex.context for ex in examples))
     encoded = {c: (e.ids, _trimmed(c, e.offsets))

@@ -151,14 +151,13 @@ def doc_items(chat: bool) -> list[Any]:
     `data.align_data.docstring_pairs`, so nothing a model saw in its training pairs), answered in words; the
     target is the function's docstring summary. With `chat` the question is the user turn, else a
     "Question: ...\\nAnswer:" prompt."""
-    from ..data.align_data import docstring_pairs
+    from ..data.align_data import doc_questions
     from .generation import GenItem
 
     items = []
-    for pair in docstring_pairs(chat=True)["test"]:
-        question, answer = pair["prompt"][0]["content"], pair["chosen"][0]["content"]
+    for source, question, answer in doc_questions("test"):
         prompt = question if chat else f"Question: {question}\nAnswer:"
-        items.append(GenItem(prompt, answer, f"{prompt} {answer}", pair["source"]))
+        items.append(GenItem(prompt, answer, f"{prompt} {answer}", source))
     return items
 
 

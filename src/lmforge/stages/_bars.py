@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Bar", "check_bars", "format_bars"]
+__all__ = ["Bar", "check_bars"]
 
 
 @dataclass
@@ -89,7 +89,8 @@ def _lookup(run: Path, ref: float | str) -> tuple[float, float | None]:
 
 
 def check_bars(bars: list[Bar], run: Path) -> list[dict[str, Any]]:
-    """Each bar's verdict: value and its standard error, the reference and its own, the margin it needed, pass."""
+    """Each bar's verdict: value and its standard error, the reference and its own, the margin it needed, pass,
+    and the `measured` / `needed` text the console table and the report show."""
     out = []
     for bar in bars:
         above = bar.above is not None
@@ -98,36 +99,21 @@ def check_bars(bars: list[Bar], run: Path) -> list[dict[str, Any]]:
             v, se = _lookup(run, bar.value)
             r, se_r = _lookup(run, bar.above if above else bar.below)
         except LookupError as e:
-            out.append({**row, "pass": False, "error": str(e)})
+            out.append({**row, "pass": False, "error": str(e), "measured": "not measured", "needed": str(e)})
             continue
         r, se_r = r * bar.times, None if se_r is None else se_r * bar.times
         margin = bar.stderrs * math.sqrt((se or 0.0) ** 2 + (se_r or 0.0) ** 2)
         ok = (v - r > margin if bar.stderrs else v >= r) if above else (r - v > margin if bar.stderrs else v <= r)
+        need = f"{row['op']} {_num(r, se_r)}"
+        if bar.stderrs:
+            need += f" by > {bar.stderrs:g} s.e. ({margin:.2g})" if bar.stderrs > 0 else \
+                f" less {-bar.stderrs:g} s.e. ({-margin:.2g})"
         out.append({**row, "value": v, "stderr": se, "reference": r, "reference_stderr": se_r, "margin": margin,
-                    "stderrs": bar.stderrs, "pass": ok})
-    for r, text in zip(out, format_bars(out)):
-        r["measured"], r["needed"] = text[2], text[3]
+                    "stderrs": bar.stderrs, "pass": ok, "measured": _num(v, se), "needed": need})
     return out
 
 
-def _num(v: float | None, se: float | None = None) -> str:
-    if v is None:
-        return ""
+def _num(v: float, se: float | None = None) -> str:
     text = f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
     return text + (f" ± {se:.2g}" if se else "")
 
-
-def format_bars(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Table rows: stage, bar, measured, needed, verdict."""
-    table = []
-    for r in rows:
-        if "error" in r:
-            table.append([r["stage"], r["what"], "not measured", r["error"], "✗"])
-            continue
-        need = f"{r['op']} {_num(r['reference'], r['reference_stderr'])}"
-        if r["stderrs"] > 0:
-            need += f" by > {r['stderrs']:g} s.e. ({r['margin']:.2g})"
-        elif r["stderrs"] < 0:
-            need += f" less {-r['stderrs']:g} s.e. ({-r['margin']:.2g})"
-        table.append([r["stage"], r["what"], _num(r["value"], r["stderr"]), need, "✓" if r["pass"] else "✗"])
-    return table

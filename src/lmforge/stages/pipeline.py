@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._bars import Bar, check_bars, format_bars
+from ._bars import Bar, check_bars
 from ._resolve import fingerprint, resolve
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -189,7 +189,8 @@ def _print_end(cfg: Config, run: Path, summary: list[dict[str, Any]], seconds: f
         note = " (skipped: done before)" if r.get("skipped") else ""
         print(f"  {r['name']:<14} {r['verb']:<10} {r.get('seconds', 0):>7.1f} s  {r['output']}{note}")
     if bars:
-        rows = [["stage", "bar", "measured", "needed", ""], *format_bars(bars)]
+        rows = [["stage", "bar", "measured", "needed", ""],
+                *([b["stage"], b["what"], b["measured"], b["needed"], "✓" if b["pass"] else "✗"] for b in bars)]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         print(f"\nwhat each stage achieved ({sum(b['pass'] for b in bars)} of {len(bars)} bars met; pipeline.json, "
               "report.html):")
