@@ -35,7 +35,7 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # ---- the result record --------------------------------------------------------------------------------------------
 
 def machine() -> dict[str, Any]:
-    """CPU model, logical cores, RAM (GiB), OS, Python; the GPU when there is one."""
+    """CPU model, logical cores, RAM (GiB), OS, Python, PyTorch's CPU capability; the GPU when there is one."""
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -56,6 +56,7 @@ def machine() -> dict[str, Any]:
     try:
         import torch
 
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # AVX512 vs AVX512_BF16 / AMX: bf16 speed
         if torch.cuda.is_available():
             out["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:

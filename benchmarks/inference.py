@@ -85,7 +85,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def single_stream(ours, ref, prompt: list[int], new: int, device: str, repeats: int) -> dict:
+def single_stream(ours, ref, prompt: list[int], new: int, device: str, repeats: int, int8=None) -> dict:
+    """Ours (bf16, and `int8` - the same model with int8 block linears - when given) vs transformers `generate`,
+    best of `repeats` each, the sides interleaved; how many leading tokens ours and transformers agree on."""
     from lmforge.inference.engine import Engine, SamplingParams
 
     engine = Engine(ours)
@@ -95,23 +97,32 @@ def single_stream(ours, ref, prompt: list[int], new: int, device: str, repeats: 
     def run_ours():
         return engine.generate([prompt], params)[0].token_ids
 
+    sides = {"ours": run_ours}
+    if int8 is not None:
+        engine8 = Engine(int8)
+        sides["ours_int8"] = lambda: engine8.generate([prompt], params)[0].token_ids
+
     def run_ref():
         return ref.generate(x, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
 
-    times = {}
-    outs = {}
-    for name, fn in (("ours", run_ours), ("transformers", run_ref)):
-        outs[name] = fn()  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
+    sides["transformers"] = run_ref
+    outs = {name: fn() for name, fn in sides.items()}  # warm-up
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(repeats):  # interleaved: each repeat runs every side once
+        for name, fn in sides.items():
             _sync(device)
             t = time.perf_counter()
             fn()
             _sync(device)
-            best = min(best, time.perf_counter() - t)
-        times[name] = new / best
-    return {"ours_tok_s": times["ours"], "peer_tok_s": times["transformers"],
-            "ratio": times["ours"] / times["transformers"], "same_tokens": outs["ours"] == outs["transformers"]}
+            best[name] = min(best[name], time.perf_counter() - t)
+    a, b = outs["ours"], outs["transformers"]
+    agree = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
+    out = {"ours_tok_s": new / best["ours"], "peer_tok_s": new / best["transformers"],
+           "ratio": best["transformers"] / best["ours"], "same_tokens": a == b, "agreeing_tokens": agree,
+           "decode_path": engine.decode_path}
+    if int8 is not None:
+        out["ours_int8_tok_s"] = new / best["ours_int8"]
+    return out
 
 
 def _client(url: str, requests: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
@@ -293,13 +304,36 @@ def llama_cpp_concurrent(gguf: Path, jobs: list[tuple[list[list[int]], list[int]
     return out
 
 
-def _gguf_paths(ours, tok, folder: Path) -> dict[str, Path]:
-    """The same weights as a bf16 GGUF (written by lmforge), and the package's Q4_1 GGUF."""
+def _int8(folder: Path, dtype):
+    """The benchmark's weights with every block linear rounded to int8 in groups of 32 (float16 scales): the
+    values of llama.cpp's Q8_0; embedding and tied head stay in `dtype` on both sides."""
+    import lmforge
+    from lmforge.transforms.quant import quantize_rtn
+
+    model, _ = lmforge.load(folder, dtype=dtype)
+    return quantize_rtn(model, 8, 32, True)
+
+
+def _gguf_paths(ours, int8, tok, folder: Path) -> dict[str, Path]:
+    """The same weights as a bf16 GGUF and, from the same int8 codes, a Q8_0 GGUF (both written by lmforge), and
+    the package's Q4_1 GGUF."""
     from lmforge.models.gguf import save_gguf
     from lmforge.models.loading import resolve
 
     bf16 = save_gguf(ours, tok, folder / "smollm2-bf16.gguf", dtype="bf16")
-    return {"bf16": Path(bf16), "Q4_1": Path(resolve("smollm2-135m-instruct"))}
+    q8 = save_gguf(int8, tok, folder / "smollm2-q8_0.gguf", dtype="bf16")
+    return {"bf16": Path(bf16), "Q8_0": Path(q8), "Q4_1": Path(resolve("smollm2-135m-instruct"))}
+
+
+def prefill_bound(cfg, prompts: list[list[int]], peak: float) -> float:
+    """Seconds to compute the prompts' matmuls at `peak` FLOP/s: 2 FLOPs per weight of the block linears per
+    token, plus attention's 4·H·D FLOPs per layer per (query, earlier key) pair; the head runs once per prompt."""
+    d = cfg.head_dim
+    per_token = 2 * cfg.num_layers * cfg.hidden_size * ((cfg.num_heads + 2 * cfg.num_kv_heads) * d
+                                                        + cfg.num_heads * d + 3 * cfg.intermediate_size)
+    attn = sum(4 * cfg.num_layers * cfg.num_heads * d * len(p) * (len(p) + 1) // 2 for p in prompts)
+    head = 2 * cfg.vocab_size * cfg.hidden_size * len(prompts)
+    return (per_token * sum(len(p) for p in prompts) + attn + head) / peak
 
 
 def speculative(ours, tok, vocab: int, new: int, repeats: int) -> dict:
@@ -365,10 +399,12 @@ def main() -> None:
         vocab = ours.cfg.vocab_size
         prompt = _prompts(tok, vocab, 1, seed=1)[0][:64]
         llama = tok is not None and args.device == "cpu" and "llama_cpp" in sides
-        ggufs = _gguf_paths(ours, tok, Path(d)) if llama else {}
+        int8 = _int8(Path(d) / "smollm2", getattr(torch, args.dtype)) if args.device == "cpu" else None
+        ggufs = _gguf_paths(ours, int8, tok, Path(d)) if llama else {}
         result: dict = {"device": args.device, "dtype": args.dtype, "random_init": args.random_init,
                         "threads": torch.get_num_threads()}
-        result["single_stream"] = single_stream(ours, ref, prompt, args.new_tokens, args.device, args.repeats)
+        result["single_stream"] = single_stream(ours, ref, prompt, args.new_tokens, args.device, args.repeats,
+                                                int8)
         for q, path in ggufs.items():
             result["single_stream"][f"llama_cpp_{q.lower()}_tok_s"] = llama_cpp_single(
                 path, prompt, args.new_tokens, args.repeats)["tok_s"]
@@ -379,9 +415,17 @@ def main() -> None:
             prompts = _prompts(tok, vocab, args.requests, seed=100 + r)
             jobs.append((prompts, [rng.choice([32, 64, 128, 256]) for _ in prompts]))
         conc: dict = {"requests": args.requests, "prompt_tokens": [sum(len(p) for p in j[0]) for j in jobs]}
+        from train_throughput import matmul_peak
+
+        # the fastest this machine multiplies: a bf16 GEMM, or float32 where bf16 is widened in-kernel
+        peak = max(matmul_peak("bf16"), matmul_peak("fp32")) if args.device == "cpu" else matmul_peak("bf16")
+        conc["matmul_peak_tflops"] = peak / 1e12
+        conc["prefill_bound_s"] = [prefill_bound(ours.cfg, j[0], peak) for j in jobs]
         if "ours" in sides:
             rounds = serve_ours(ours, tok, jobs + [jobs[-1]])  # + the last set again: every prompt cached
             conc["ours"] = _measured(rounds[:3])
+            conc["ours"]["ttft_p95_over_bound"] = max(_q(r["ttft"], 95) / b for r, b in
+                                                      zip(rounds[1:3], conc["prefill_bound_s"][1:3]))
             conc["ours_repeated_prompts"] = _measured([{}, rounds[3]])
         if "static" in sides:
             conc["transformers_static"] = _measured([static_batch(ref, p, n, args.device) for p, n in jobs])
@@ -404,11 +448,11 @@ def main() -> None:
     print(f"{'measure':52} {'ours':>9} {'peer':>9} {'ratio':>6}")
     print(f"{'single-stream decode tok/s (vs transformers generate)':52} {s['ours_tok_s']:9.1f} "
           f"{s['peer_tok_s']:9.1f} {s['ratio']:6.2f}")
-    for q in ("bf16", "q4_1"):
-        if f"llama_cpp_{q}_tok_s" in s:
+    for q, mine in (("bf16", "ours_tok_s"), ("q8_0", "ours_int8_tok_s"), ("q4_1", "ours_tok_s")):
+        if f"llama_cpp_{q}_tok_s" in s and mine in s:
             v = s[f"llama_cpp_{q}_tok_s"]
-            print(f"{'single-stream decode tok/s (vs llama.cpp ' + q + ')':52} {s['ours_tok_s']:9.1f} {v:9.1f} "
-                  f"{s['ours_tok_s'] / v:6.2f}")
+            print(f"{'single-stream decode tok/s (' + mine[:-6] + ' vs llama.cpp ' + q + ')':52} {s[mine]:9.1f} "
+                  f"{v:9.1f} {s[mine] / v:6.2f}")
     o = c.get("ours")
     for peer in ("transformers_static", "transformers_continuous", "llama_cpp_bf16"):
         r = c.get(peer)

@@ -68,11 +68,15 @@ def inference(results: dict[str, dict]) -> str:
     s, c, p = r["single_stream"], r["concurrent"], r["speculative"]
     rows = [["single-stream decode tok/s, vs `transformers` `generate`", _n(s["ours_tok_s"]), _n(s["peer_tok_s"]),
              _r(s["ours_tok_s"], s["peer_tok_s"])]]
-    for key, label in (("llama_cpp_bf16_tok_s", "llama.cpp (`xllamacpp`), same weights as a bf16 GGUF"),
-                       ("llama_cpp_q4_1_tok_s", "llama.cpp, its 4-bit Q4_1 GGUF (reference: other weights)")):
-        if key in s:
-            rows.append([f"single-stream decode tok/s, vs {label}", _n(s["ours_tok_s"]), _n(s[key]),
-                         _r(s["ours_tok_s"], s[key])])
+    if "ours_int8_tok_s" in s:
+        rows.append(["single-stream decode tok/s, ours int8 (block linears, groups of 32) vs `transformers` bf16",
+                     _n(s["ours_int8_tok_s"]), _n(s["peer_tok_s"]), _r(s["ours_int8_tok_s"], s["peer_tok_s"])])
+    for key, mine, label in (
+            ("llama_cpp_bf16_tok_s", "ours_tok_s", "llama.cpp (`xllamacpp`), same weights as a bf16 GGUF"),
+            ("llama_cpp_q8_0_tok_s", "ours_int8_tok_s", "ours int8 vs llama.cpp, the same int8 codes as a Q8_0 GGUF"),
+            ("llama_cpp_q4_1_tok_s", "ours_tok_s", "llama.cpp, its 4-bit Q4_1 GGUF (reference: other weights)")):
+        if key in s and mine in s:
+            rows.append([f"single-stream decode tok/s, vs {label}", _n(s[mine]), _n(s[key]), _r(s[mine], s[key])])
     o, n = c.get("ours", {}), c.get("requests", 16)
     for key, label in (("transformers_static", "`transformers` static batching (one padded `generate`)"),
                        ("transformers_continuous", "`transformers` continuous batching (paged, `generate_batch`)"),
@@ -100,6 +104,14 @@ def inference(results: dict[str, dict]) -> str:
                  _n(p["plain_tok_s"]), _r(p["ngram_tok_s"], p["plain_tok_s"])])
     cold = (f" Fresh-prompt rounds: {o['prefix_cache_hit_tokens']:,} of {o['prompt_tokens']:,} prompt tokens served "
             "from our prefix cache." if "prompt_tokens" in o else "")
+    if "ttft_p95_over_bound" in o:
+        bounds = ", ".join(f"{b:.2f}" for b in c["prefill_bound_s"][1:])
+        cold += (f" Prefill-bound minimum of each measured round (its prompts' matmul FLOPs at the measured "
+                 f"{c['matmul_peak_tflops'] * 1000:.0f} GFLOP/s matmul peak): {bounds} s; our TTFT p95 is at most "
+                 f"{o['ttft_p95_over_bound']:.2f}x it.")
+    if "agreeing_tokens" in s:
+        cold += (f" Single stream: decode path {s['decode_path']}; ours and `transformers` agree on the first "
+                 f"{s['agreeing_tokens']} of {rec['args']['new_tokens']} greedy tokens.")
     return (f"SmolLM2-135M-Instruct, {r['dtype']} on {r['device']} ({r['threads']} threads), end-of-sequence "
             f"ignored on every side.{cold}\n\n" + _table(["measure", "ours", "peer", "ours / peer"], rows)
             + "\n\n" + provenance(rec))

@@ -141,5 +141,7 @@ def test_minilm_span_head_exports_to_bert_for_question_answering(minilm_dir, tmp
 
 
 def _generate(model, prompts, params):
-    """New token ids per prompt through the engine (stop tokens included when hit)."""
-    return [o.token_ids for o in Engine(model).generate(prompts, params)]
+    """New token ids per prompt through the engine (stop tokens included when hit), decoding natively."""
+    engine = Engine(model)
+    assert engine.decode_path == "native", engine.decode_path
+    return [o.token_ids for o in engine.generate(prompts, params)]

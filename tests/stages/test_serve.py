@@ -382,6 +382,8 @@ def test_metrics(lm):
     assert all(math.isfinite(float(v)) for v in values.values())
     assert float(values["lmforge_generation_tokens_total"]) >= 3 and float(values["lmforge_kv_blocks_total"]) > 0
     assert float(values["lmforge_tokens_per_second"]) > 0
+    path = re.search(r'^lmforge_decode_path_info\{path="(\w+)",reason="(.*)"\} 1$', text, re.M)
+    assert path and path.group(1) in ("native", "pytorch") and (path.group(1) == "native") == (not path.group(2))
 
 
 def test_queue_full_429(gpt2_tokenizer):

@@ -10,14 +10,17 @@ import pytest
 import torch
 
 from lmforge.inference.engine import AdapterNotFound, Engine, EngineConfig, RequestError, SamplingParams
+from lmforge.inference.paged import PagedKVCache
 from lmforge.models import ModelConfig, Transformer
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
 def _model(vocab: int = 96, ctx: int = 128, **kw) -> Transformer:
-    """A tiny decoder whose greedy outputs vary (untied head, wide init), so equality checks mean something."""
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+    """A tiny decoder whose greedy outputs vary (untied head, wide init), so equality checks mean something; its
+    widths are multiples of 16, so decode steps run through the native step (inference/native) unless a test
+    turns it off."""
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=64, max_position_embeddings=ctx, tie_embeddings=False,
                       initializer_range=0.2, **kw)
     return Transformer(cfg).eval()
@@ -35,11 +38,14 @@ def _reference(model: Transformer, prompt: list[int], n: int) -> list[int]:
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3], [40, 41, 42], list(range(1, 70))]
 
 
-def test_batch_of_very_different_lengths_equals_each_solo_run_and_the_reference():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+def test_batch_of_very_different_lengths_equals_each_solo_run_and_the_reference(native):
     model = _model()
     assert len({tuple(_reference(model, p, 12)) for p in PROMPTS}) == len(PROMPTS)
-    for cfg in (EngineConfig(block_size=4), EngineConfig(block_size=16, max_batch_tokens=7)):  # chunked prefill
+    for cfg in (EngineConfig(block_size=4, native_decode=native),
+                EngineConfig(block_size=16, max_batch_tokens=7, native_decode=native)):  # chunked prefill
         engine = Engine(model, config=cfg)
+        assert (engine.decode_path == "native") == native, engine.decode_path
         batched = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
         assert batched == [_reference(model, p, 12) for p in PROMPTS]
         assert batched == [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
@@ -107,7 +113,7 @@ def test_prefix_sharing_gives_identical_outputs_with_fewer_blocks():
 
 def test_preemption_when_blocks_run_out_keeps_outputs_exact():
     model = _model()
-    per_block = 2 * 2 * 2 * 8 * 4 * 4  # k and v, layers, kv heads, head dim, fp32, block of 4
+    per_block = PagedKVCache.bytes_per_token(model.cfg, torch.float32) * 4  # a block of 4 tokens
     engine = Engine(model, config=EngineConfig(block_size=4, kv_cache_gb=40 * per_block / 2**30))
     prompts = [list(range(i + 1, i + 30)) for i in range(4)]  # 4 x (29 + 40) tokens need ~72 blocks > 40
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -208,8 +214,9 @@ def test_bad_requests_are_refused_with_clear_messages():
         engine.add_request([1], SamplingParams(max_new_tokens=4, stop=("x",)))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
 @pytest.mark.parametrize("kind", ["ngram", "draft"])
-def test_speculative_greedy_is_identical_to_plain_decoding(kind):
+def test_speculative_greedy_is_identical_to_plain_decoding(kind, native):
     model = _model()
     draft = _model() if kind == "draft" else None
     if draft is not None:  # a draft that agrees often but not always: the target's weights plus noise
@@ -219,8 +226,8 @@ def test_speculative_greedy_is_identical_to_plain_decoding(kind):
                 p.add_(torch.randn_like(p) * 0.05)
     prompts = PROMPTS + [[7, 8, 9, 7, 8, 9, 7, 8]]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    engine = Engine(model, config=EngineConfig(block_size=4, speculative=kind, num_speculative_tokens=3),
-                    draft=draft)
+    engine = Engine(model, config=EngineConfig(block_size=4, speculative=kind, num_speculative_tokens=3,
+                                               native_decode=native), draft=draft)
     outs = [o.token_ids for o in engine.generate(prompts, params)]
     assert outs == [_reference(model, p, 24) for p in prompts]
     s = engine.stats()
@@ -247,17 +254,18 @@ def _exact_marginals(model: Transformer, prompt: list[int], steps: int) -> list[
     return marginals
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
 @pytest.mark.parametrize("kind", ["none", "ngram", "draft"])
-def test_speculative_sampling_keeps_the_target_distribution(kind):
+def test_speculative_sampling_keeps_the_target_distribution(kind, native):
     scipy_stats = pytest.importorskip("scipy.stats")
-    torch.manual_seed(1)
+    torch.manual_seed(2)  # a model whose samples often repeat prompt tokens, so prompt lookup proposes often
     model = _model(vocab=6)
     draft = _model(vocab=6) if kind == "draft" else None  # a different random model: q differs from p
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # prompt lookup finds n-grams to propose
     exact = _exact_marginals(model, prompt, 3)
     n = 3000
-    engine = Engine(model, config=EngineConfig(speculative=kind, num_speculative_tokens=2, max_running=512),
-                    draft=draft)
+    engine = Engine(model, config=EngineConfig(speculative=kind, num_speculative_tokens=2, max_running=512,
+                                               native_decode=native), draft=draft)
     outs = engine.generate([prompt] * n, [SamplingParams(max_new_tokens=3, temperature=1.0, ignore_eos=True, seed=i)
                                           for i in range(n)])
     if kind != "none":
@@ -336,10 +344,11 @@ def test_prompt_tuned_model_generates_as_its_full_forward():
     assert outs == [_reference(model, p, 12) for p in PROMPTS[:3]]  # the model prepends its virtual tokens
 
 
-def test_packed_cpu_weights_follow_in_place_updates():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+def test_cpu_fast_paths_follow_in_place_updates(native):
     model = _model()
-    engine = Engine(model)
-    assert engine.packed  # the CPU fast path is on
+    engine = Engine(model, config=EngineConfig(native_decode=native))
+    assert engine.packed and (engine.decode_path == "native") == native  # the CPU fast paths are on
     before = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
     with torch.no_grad():
         for p in model.parameters():

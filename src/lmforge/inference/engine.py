@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..models.transformer import Transformer
+from .options import EngineConfig
 from .paged import BlockManager, PagedKVCache, chain_hashes
 from .request import AdapterNotFound, RequestOutput, SeqState, Stream, join_outputs
 from .sampling import (RequestError, SamplingParams, StopStrings, TokenLogprob, apply_penalties, choose,
@@ -32,42 +32,7 @@ __all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput", "TokenLo
            "AdapterNotFound", "Stream"]
 
 
-@dataclass
-class EngineConfig:
-    """Memory and scheduling limits of the engine."""
-
-    block_size: int = 16
-    """Token slots per KV-cache block."""
-    kv_cache_gb: float | None = None
-    """Memory for keys and values (the draft model's included); sets the number of blocks. None: enough for
-    max_running sequences of full context length, at most 1 GiB."""
-    max_running: int = 64
-    """Most sequences decoded together."""
-    max_batch_tokens: int = 2048
-    """Most tokens in one forward pass: decode tokens plus prompt chunks (longer prompts are prefilled in chunks)."""
-    prefix_caching: bool = True
-    """Share the KV blocks of identical prompt prefixes between requests."""
-    pack_weights: bool = True
-    """On CPU, run linear layers on oneDNN-packed copies of the weights (about 2x faster decoding, one extra
-    copy of the weights in memory)."""
-    speculative: Literal["none", "ngram", "draft"] = "none"
-    """Speculative decoding: none, prompt lookup (n-grams of the sequence itself) or a draft model."""
-    num_speculative_tokens: int = 4
-    """Tokens proposed per step when speculating."""
-    ngram_max: int = 4
-    """Prompt lookup: longest suffix n-gram searched for earlier in the sequence."""
-    ngram_min: int = 1
-    """Prompt lookup: shortest n-gram that may match."""
-
-    def validate(self) -> None:
-        if self.block_size < 1 or self.max_running < 1 or self.max_batch_tokens < 1:
-            raise ValueError("block_size, max_running and max_batch_tokens must be >= 1")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise ValueError(f"kv_cache_gb must be > 0, found {self.kv_cache_gb}")
-        if self.speculative not in ("none", "ngram", "draft"):
-            raise ValueError(f"speculative must be none, ngram or draft, found {self.speculative!r}")
-        if self.num_speculative_tokens < 1 or not 1 <= self.ngram_min <= self.ngram_max:
-            raise ValueError("num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max")
+NATIVE_ROWS = 16  # steps of sequences of at most this many new tokens run natively, one row per token
 
 
 class Engine:
@@ -97,6 +62,7 @@ class Engine:
         self.eos = frozenset(i for i in [*(eos if isinstance(eos, list) else [eos]),
                                          getattr(tokenizer, "eos_id", None)] if i is not None)
         self.seqs_waiting: list[SeqState] = []
+        self._steps = 0  # steps run, the clock of the waiting queue
         self.running: list[SeqState] = []
         self._aborted: list[RequestOutput] = []
         self._ids = itertools.count()
@@ -107,14 +73,28 @@ class Engine:
         self._pack()
 
     def _pack(self) -> None:
-        """CPU fast path: packed copies of the linear weights (rebuilt when adapters change the layers)."""
+        """CPU fast paths: packed copies of the linear weights and the native decode step (rebuilt when adapters
+        change the layers)."""
         self.packed: dict[int, object] = {}  # id(model) -> cpu.PackedWeights
+        self.native: dict[int, object] = {}  # id(model) -> native.NativeDecoder
+        models = [self.model] + ([self.draft] if self.draft is not None else [])
         if self.cfg.pack_weights:
             from . import cpu
 
-            for m in [self.model] + ([self.draft] if self.draft is not None else []):
+            for m in models:
                 if cpu.available(m.device, next(m.parameters()).dtype):
                     self.packed[id(m)] = cpu.PackedWeights(m)
+        why = "native_decode is off"
+        if self.cfg.native_decode and self.model.cfg.head == "lm":
+            from .native import NativeDecoder
+
+            for m in models:
+                decoder, why_m = NativeDecoder.build(m)
+                if decoder is not None:
+                    self.native[id(m)] = decoder
+                elif m is self.model:
+                    why = why_m
+        self.decode_path = "native" if id(self.model) in self.native else f"pytorch ({why})"
 
     # ---- setup
     def _build_cache(self) -> None:
@@ -195,6 +175,7 @@ class Engine:
         seq = SeqState(rid, prompt, params, adapter, gen, stops, tokens=self.virtual + prompt,
                        start=total - params.max_new_tokens, logprobs=[] if params.logprobs is not None else None,
                        watch=StopStrings(params.stop) if params.stop else None)
+        seq.queued = self._steps
         self.seqs_waiting.append(seq)
         self.counters["prompt_tokens_total"] += len(prompt)
         return rid
@@ -254,6 +235,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit, run one forward pass over every scheduled sequence, sample, retire; outputs of this step."""
         outs, self._aborted = self._aborted, []
+        self._steps += 1
         plan = self._schedule()
         if not plan:
             return outs
@@ -299,10 +281,23 @@ class Engine:
         return outs
 
     def _forward(self, model: Transformer, cache: PagedKVCache, rows: list[tuple[SeqState, int]], ids: list[int],
-                 pos: list[int], keep: list[int]) -> Tensor:
+                 pos: list[int], keep: list[int], native: bool = True) -> Tensor:
         """One pass of `model` over the flattened step; logits (R, V) of the positions in `keep`. LoRA layers are
         routed per row for the pass and their own routing is put back afterwards (a model being trained and
         evaluated with the engine trains the adapters it trained before)."""
+        native = self.native.get(id(model)) if native else None
+        if native is not None and all(n <= NATIVE_ROWS for _, n in rows):  # decoding, verifying drafts
+            # one row per token: a layer writes every row's keys before any row attends up to its own position
+            tables = [s.table for s, n in rows for _ in range(n)]
+            return native(ids, pos, tables, cache.k, cache.v, cache.block_size)[keep]  # (R, V)
+        singles = next((i for i, (_, n) in enumerate(rows) if n > 1), len(rows))  # single-token rows come first
+        if native is not None and singles:  # decode rows natively, prompt chunks in PyTorch
+            logits = native(ids[:singles], pos[:singles], [s.table for s, _ in rows[:singles]], cache.k, cache.v,
+                            cache.block_size)  # (singles, V)
+            head = logits[[k for k in keep if k < singles]]
+            rest = self._forward(model, cache, rows[singles:], ids[singles:], pos[singles:],
+                                 [k - singles for k in keep if k >= singles], native=False)
+            return torch.cat([head, rest])
         cache.plan([(s.table, s.cached if cache is self.cache else s.draft_cached, n) for s, n in rows])
         dev = self.device
         saved = [w.active for w in self._lora] if model is self.model else []
@@ -357,15 +352,17 @@ class Engine:
 
     def _schedule(self) -> list[tuple[SeqState, int]]:
         """Pick (sequence, new tokens) for this step: running sequences first (oldest first), preempting the
-        newest when blocks run out, then waiting requests while blocks, budget and max_running allow."""
-        budget = self.cfg.max_batch_tokens
+        newest when blocks run out, then waiting requests while blocks, budget and max_running allow. Prompt
+        tokens share the smaller budget max_prefill_tokens."""
+        budget, prefill = self.cfg.max_batch_tokens, self.cfg.max_prefill_tokens
         speculating = self.cfg.speculative != "none"
         plan: list[tuple[SeqState, int]] = []
         self._spec_room: set[SeqState] = set()  # sequences with slots for drafted tokens this step
         for s in list(self.running):
             if s not in self.running:
                 continue  # preempted below
-            n = min(len(s.tokens) - s.cached, budget)
+            left = len(s.tokens) - s.cached
+            n = min(left, budget if left == 1 else min(budget, prefill))
             if n <= 0:
                 continue
             extra = self._draft_budget(s) if speculating and n == 1 else 0  # slots for drafted tokens
@@ -383,12 +380,13 @@ class Engine:
                 self._spec_room.add(s)
             plan.append((s, n))
             budget -= n + extra
+            prefill -= n if left > 1 else 0
         watermark = max(1, self.blocks.num_blocks // 100)
-        while self.seqs_waiting and budget > 0 and len(self.running) < self.cfg.max_running:
-            s = self.seqs_waiting[0]
+        while self.seqs_waiting and min(budget, prefill) > 0 and len(self.running) < self.cfg.max_running:
+            s = min(self.seqs_waiting, key=self._priority)
             if not s.table:
                 self._match_prefix(s)
-            n = min(len(s.tokens) - s.cached, budget)
+            n = min(len(s.tokens) - s.cached, budget, prefill)
             if self._blocks_for(s, s.cached + n) + (watermark if self.running else 0) > self.blocks.available:
                 if not self.running and not plan:  # nothing will free blocks: take what fits
                     n = (self.blocks.available + len(s.table)) * self.blocks.block_size - s.cached
@@ -396,18 +394,26 @@ class Engine:
                         break
                 else:
                     break
-            self.seqs_waiting.pop(0)
+            self.seqs_waiting.remove(s)
             self._grow(s, s.cached + n)
             self.running.append(s)
             plan.append((s, n))
             budget -= n
+            prefill -= n
         return plan
+
+    def _priority(self, s: SeqState) -> int:
+        """Waiting requests go fewest prompt tokens left first, each step waited counting as one prefill chunk (a
+        long prompt waits at most len / max_prefill_tokens steps behind short ones); preempted ones before all."""
+        waited = self._steps - s.queued
+        return -(1 << 62) if s.queued < 0 else len(s.tokens) - s.cached - waited * self.cfg.max_prefill_tokens
 
     def _preempt(self, s: SeqState) -> None:
         """Give a running sequence's blocks back; it re-queues first and recomputes (its full blocks usually
         come back from the prefix cache)."""
         self.running.remove(s)
         self._release(s)
+        s.queued = -1
         self.seqs_waiting.insert(0, s)
 
     def _match_prefix(self, s: SeqState) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.transformer import ModelConfig, matmul_attention
+from .cpu import NATIVE_BF16
 
 
 class BlockManager:
@@ -173,7 +174,9 @@ class PagedKVCache:
             else:
                 keys = kp.index_select(1, m.blocks).view(kh, -1, d)[None, :, :m.s].to(qm.dtype)  # (1, K, S, D)
                 vals = vp.index_select(1, m.blocks).view(kh, -1, d)[None, :, :m.s].to(qm.dtype)
-            if self.fast_cpu:
+            if self.fast_cpu and not NATIVE_BF16:  # bf16 matmuls are widened in-kernel: widen once instead
+                y = matmul_attention(qm.float(), keys.float(), vals.float(), m.mask, is_causal=True).to(qm.dtype)
+            elif self.fast_cpu:
                 y = matmul_attention(qm, keys, vals, m.mask, is_causal=True)
             else:
                 y = F.scaled_dot_product_attention(qm, keys, vals, attn_mask=m.mask, is_causal=m.mask is None,

@@ -49,6 +49,7 @@ class SeqState:
     table: list[int] = field(default_factory=list)  # KV blocks, in order
     cached: int = 0  # tokens whose keys/values are in the cache
     draft_cached: int = 0  # the same for the draft model
+    queued: int = 0  # the engine step it (re)joined the waiting queue at; preempted ones sort first
     hashes: list[int] = field(default_factory=list)  # chain hashes of the blocks registered for sharing
     pending: str = ""  # decoded text not yet returned (at most a held-back tail plus the newest piece)
     watch: StopStrings | None = None  # the request's stop strings, matched as text arrives

@@ -504,10 +504,15 @@ async def qa(body: QARequest, state: State) -> Response:
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
     ae = state.engine
-    stats, tps = await ae.call(lambda e: (e.stats(), ae.tokens_per_second()))
+    stats, tps, path = await ae.call(lambda e: (e.stats(), ae.tokens_per_second(), e.decode_path))
     stats["tokens_per_second"] = round(tps, 3)
     text = "".join(f"# HELP lmforge_{name} {doc}\n# TYPE lmforge_{name} {kind}\nlmforge_{name} {stats[key]}\n"
                    for name, key, kind, doc in METRICS)
+    kind, _, why = path.partition(" (")  # "native", or "pytorch (the reason)"
+    why = why[:-1].replace("\\", "\\\\").replace('"', '\\"')
+    text += ("# HELP lmforge_decode_path_info The path decode steps run on: native (one C++ call per step) or "
+             "pytorch, with the reason.\n# TYPE lmforge_decode_path_info gauge\n"
+             f'lmforge_decode_path_info{{path="{kind}",reason="{why}"}} 1\n')
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 

@@ -174,7 +174,8 @@ def main(cfg: Config) -> int:
             return
         shown = "$LMFORGE_API_KEY" if cfg.api_key is None else "YOUR_KEY"
         auth = f' -H "Authorization: Bearer {shown}"' if api_key else ""
-        print(f"serving {name} ({model.cfg.family}, head {model.cfg.head}) at {running.url}/v1 "
+        decode = f", decode {engine.decode_path}" if model.cfg.head == "lm" else ""
+        print(f"serving {name} ({model.cfg.family}, head {model.cfg.head}{decode}) at {running.url}/v1 "
               f"- Ctrl-C to stop", flush=True)
         print(f"try: curl {running.url}{_example(name, model.cfg)}{auth}", flush=True)
 

@@ -1,0 +1,367 @@
+// One decode step of a Llama-style decoder in one call: every layer of every sequence without returning to
+// Python (lmforge.inference.native loads it; the engine falls back to the PyTorch path where it cannot build).
+//
+// Decoding one token per sequence is a matrix-vector product per weight, bound by how fast the weights stream
+// from memory, plus ~45 small operators per layer that PyTorch dispatches one by one. Here each weight is read
+// once per step in its stored precision (float32, bfloat16, int8 / uint8 codes, or two int4 codes per byte,
+// with float16 group scales and mins as transforms/quant.py stores them), widened to float32 in registers and
+// accumulated in float32; norms, rotary, SiLU·up, residuals and attention over the paged KV blocks (read in
+// place, no gather) are plain loops. With `round_bf16` every intermediate the PyTorch bfloat16 path stores in
+// bfloat16 is rounded to bfloat16 at the same place, so both paths agree to bfloat16 rounding.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum Kind { F32, BF16, I8, U8, U4 };
+
+struct Linear {
+  Kind kind;
+  const uint8_t* w;        // (out, row_bytes)
+  int64_t out, in, row_bytes, groups;
+  const at::Half* scale;   // (out, groups), null for float weights
+  const at::Half* mn;      // (out, groups), null unless asymmetric
+  at::Tensor bias;         // (out) float32, undefined if none
+};
+
+template <int K> inline __m512 load16(const uint8_t* row, int64_t j);
+template <> inline __m512 load16<F32>(const uint8_t* row, int64_t j) {
+  return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + j);
+}
+template <> inline __m512 load16<BF16>(const uint8_t* row, int64_t j) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(row) + j));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+template <> inline __m512 load16<I8>(const uint8_t* row, int64_t j) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
+}
+template <> inline __m512 load16<U8>(const uint8_t* row, int64_t j) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
+}
+template <> inline __m512 load16<U4>(const uint8_t* row, int64_t j) {  // low nibble = even column
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j / 2));
+  __m128i m = _mm_set1_epi8(0x0F);
+  __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c));
+}
+
+inline float bf16_round(float v) { return static_cast<float>(c10::BFloat16(v)); }
+
+// y[m, n] = sum_k x[m, k] w[n, k] (+ bias) for rows m0..m0+MT of x and outputs n0..n1. Float weights: two
+// accumulators (even and odd 16-column chunks) per row of x. Integer codes: each 16-column chunk is widened and
+// multiplied by its group's scale (the row's float16 scales widened 16 at a time first), then accumulated the
+// same way; the asymmetric (or int4 symmetric, q = code - 8) offset adds min * sum(x over the group).
+template <int KIND, int MT>
+void rows(const Linear& L, const float* x, const float* xsum, float* y, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t in = L.in, G = L.groups, gs = in / G;
+  constexpr bool quant = KIND != F32 && KIND != BF16;
+  const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+  std::vector<float> sc(quant ? G + 16 : 0), of(quant ? G + 16 : 0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = L.w + n * L.row_bytes;
+    if (quant) {
+      const at::Half* srow = L.scale + n * G;
+      int64_t g = 0;
+      for (; g + 16 <= G; g += 16)
+        _mm512_storeu_ps(sc.data() + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + g))));
+      for (; g < G; ++g) sc[g] = static_cast<float>(srow[g]);
+      for (g = 0; g < G; ++g)
+        of[g] = L.mn ? static_cast<float>(L.mn[n * G + g]) : (KIND == U4 ? -8.f * sc[g] : 0.f);
+    }
+    __m512 a[MT], b[MT];
+    for (int m = 0; m < MT; ++m) a[m] = _mm512_setzero_ps(), b[m] = _mm512_setzero_ps();
+    int64_t j = 0, g = 0, gend = gs;  // the group of column j, and where it ends
+    __m512 sv = _mm512_set1_ps(quant ? sc[0] : 1.f);
+    for (; j + 32 <= in; j += 32) {
+      __m512 w0 = load16<KIND>(row, j), w1 = load16<KIND>(row, j + 16);
+      if (quant) {
+        if (j == gend) sv = _mm512_set1_ps(sc[++g]), gend += gs;
+        w0 = _mm512_mul_ps(w0, sv);
+        if (j + 16 == gend) sv = _mm512_set1_ps(sc[++g]), gend += gs;
+        w1 = _mm512_mul_ps(w1, sv);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const float* xr = x + (m0 + m) * in + j;
+        a[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[m]);
+        b[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), b[m]);
+      }
+    }
+    if (j < in) {
+      __m512 w0 = load16<KIND>(row, j);
+      if (quant) w0 = _mm512_mul_ps(w0, j == gend ? _mm512_set1_ps(sc[++g]) : sv);
+      for (int m = 0; m < MT; ++m) a[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + (m0 + m) * in + j), a[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      float extra = 0.f;
+      if (quant && (L.mn || KIND == U4))
+        for (int64_t g = 0; g < G; ++g) extra += of[g] * xsum[(m0 + m) * G + g];
+      y[(m0 + m) * L.out + n] = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m])) + extra + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+template <int KIND>
+void rows_tiled(const Linear& L, const float* x, const float* xs, int64_t M, float* y, int64_t n0, int64_t n1) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) rows<KIND, 4>(L, x, xs, y, m0, n0, n1);
+  switch (M - m0) {
+    case 3: rows<KIND, 3>(L, x, xs, y, m0, n0, n1); break;
+    case 2: rows<KIND, 2>(L, x, xs, y, m0, n0, n1); break;
+    case 1: rows<KIND, 1>(L, x, xs, y, m0, n0, n1); break;
+    default: break;
+  }
+}
+
+void rows_any(const Linear& L, const float* x, const float* xs, int64_t M, float* y, int64_t n0, int64_t n1) {
+  switch (L.kind) {
+    case F32: rows_tiled<F32>(L, x, xs, M, y, n0, n1); break;
+    case BF16: rows_tiled<BF16>(L, x, xs, M, y, n0, n1); break;
+    case I8: rows_tiled<I8>(L, x, xs, M, y, n0, n1); break;
+    case U8: rows_tiled<U8>(L, x, xs, M, y, n0, n1); break;
+    case U4: rows_tiled<U4>(L, x, xs, M, y, n0, n1); break;
+  }
+}
+
+// Sums of x (M, in) over each group of columns of an integer layer, for its offsets (empty for float weights).
+std::vector<float> group_sums(const Linear& L, const float* x, int64_t M) {
+  if (L.kind == F32 || L.kind == BF16) return {};
+  const int64_t G = L.groups, gs = L.in / G;
+  std::vector<float> out(M * G, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = 0; k < gs; ++k) out[m * G + g] += x[m * L.in + g * gs + k];
+  return out;
+}
+
+// Layers that read the same input x (M, in) (q, k and v; gate and up) in one parallel region: their output rows
+// are split between the threads as one range, so a small layer does not pay a fork and join of its own.
+void linears(std::initializer_list<std::pair<const Linear*, float*>> jobs, const float* x, int64_t M, bool rnd) {
+  std::vector<std::pair<const Linear*, float*>> js(jobs);
+  std::vector<std::vector<float>> sums;
+  std::vector<int64_t> start{0};
+  for (auto& [L, y] : js) sums.push_back(group_sums(*L, x, M)), start.push_back(start.back() + L->out);
+  at::parallel_for(0, start.back(), 16, [&](int64_t a, int64_t b) {
+    for (size_t i = 0; i < js.size(); ++i) {
+      const int64_t lo = std::max(a, start[i]), hi = std::min(b, start[i + 1]);
+      if (lo < hi) rows_any(*js[i].first, x, sums[i].data(), M, js[i].second, lo - start[i], hi - start[i]);
+    }
+  });
+  if (rnd)
+    for (auto& [L, y] : js)
+      for (int64_t i = 0; i < M * L->out; ++i) y[i] = bf16_round(y[i]);
+}
+
+void linear(const Linear& L, const float* x, int64_t M, float* y, bool rnd) { linears({{&L, y}}, x, M, rnd); }
+
+// A linear layer from its four tensors (weight or codes, scale, min, bias; absent ones empty) and input width.
+Linear make_linear(const std::vector<at::Tensor>& t, size_t i, int64_t in) {
+  const at::Tensor &w = t[i], &scale = t[i + 1], &mn = t[i + 2], &bias = t[i + 3];
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && in % 16 == 0, "native decode: weight ", i, " unsupported");
+  Linear L;
+  L.w = static_cast<const uint8_t*>(w.data_ptr());
+  L.out = w.size(0);
+  L.in = in;
+  L.row_bytes = w.size(1) * w.element_size();
+  if (w.scalar_type() == at::kFloat) L.kind = F32;
+  else if (w.scalar_type() == at::kBFloat16) L.kind = BF16;
+  else if (w.scalar_type() == at::kChar) L.kind = I8;
+  else if (w.scalar_type() == at::kByte) L.kind = w.size(1) * 2 == in ? U4 : U8;
+  else TORCH_CHECK(false, "native decode: weight dtype ", w.scalar_type(), " unsupported");
+  const bool quant = L.kind == I8 || L.kind == U8 || L.kind == U4;
+  L.groups = quant ? scale.size(1) : 1;
+  TORCH_CHECK(!quant || (scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                         (in / L.groups) % 16 == 0 && in % L.groups == 0), "native decode: scales of ", i);
+  L.scale = quant ? scale.data_ptr<at::Half>() : nullptr;
+  L.mn = quant && mn.numel() ? mn.data_ptr<at::Half>() : nullptr;
+  if (bias.numel()) L.bias = bias.to(at::kFloat).contiguous();
+  return L;
+}
+
+void rmsnorm(const float* x, const at::Tensor& w, double eps, float* y, int64_t M, int64_t C, bool rnd) {
+  const at::Tensor wf = w.to(at::kFloat);
+  const float* wp = wf.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    double ss = 0.0;
+    for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(x[m * C + c]) * x[m * C + c];
+    const float r = 1.f / std::sqrt(static_cast<float>(ss / C) + static_cast<float>(eps));
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = x[m * C + c] * r * wp[c];
+      y[m * C + c] = rnd ? bf16_round(v) : v;
+    }
+  }
+}
+
+// Rotate the halves of each of `heads` vectors of width D at `v` by position `p` (Hugging Face layout).
+void rope(float* v, int64_t heads, int64_t D, int64_t p, const float* inv_freq, bool rnd) {
+  const int64_t h2 = D / 2;
+  for (int64_t i = 0; i < h2; ++i) {
+    const float ang = static_cast<float>(p) * inv_freq[i];
+    float c = std::cos(ang), s = std::sin(ang);
+    if (rnd) c = bf16_round(c), s = bf16_round(s);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = v + h * D;
+      const float a = x[i], b = x[i + h2];
+      x[i] = a * c - b * s;
+      x[i + h2] = b * c + a * s;
+      if (rnd) x[i] = bf16_round(x[i]), x[i + h2] = bf16_round(x[i + h2]);
+    }
+  }
+}
+
+template <int KIND>
+inline float dot(const float* q, const uint8_t* k, int64_t D) {
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t j = 0; j < D; j += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), load16<KIND>(k, j), a);
+  return _mm512_reduce_add_ps(a);
+}
+
+template <int KIND>
+inline void axpy(float a, const uint8_t* v, float* y, int64_t D) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t j = 0; j < D; j += 16)
+    _mm512_storeu_ps(y + j, _mm512_fmadd_ps(av, load16<KIND>(v, j), _mm512_loadu_ps(y + j)));
+}
+
+// Each sequence b attends with its H query heads (q (B, H*D)) over its keys 0..pos[b] (the last `window` only
+// if window > 0), read in place from the pools (K, NB, bs, D) through its block table; out (B, H*D).
+template <int KIND>
+void attend(const float* q, const at::Tensor& kp, const at::Tensor& vp, const int64_t* pos, const int64_t* tables,
+            int64_t nb, int64_t B, int64_t H, int64_t K, int64_t D, int64_t window, float* out, bool rnd) {
+  const int64_t G = H / K, NB = kp.size(1), bs = kp.size(2), esz = kp.element_size();
+  const uint8_t* kbase = static_cast<const uint8_t*>(kp.data_ptr());
+  const uint8_t* vbase = static_cast<const uint8_t*>(vp.data_ptr());
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * K, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / K, kh = i % K, len = pos[b] + 1;
+      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      p.resize(len - start);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kh * G + g;
+        const float* qh = q + (b * H + h) * D;
+        float mx = -INFINITY;
+        for (int64_t s = start; s < len; ++s) {
+          const int64_t slot = (kh * NB + tables[b * nb + s / bs]) * bs + s % bs;
+          p[s - start] = dot<KIND>(qh, kbase + slot * D * esz, D) * scale;
+          mx = std::max(mx, p[s - start]);
+        }
+        float sum = 0.f;
+        for (auto& e : p) sum += (e = std::exp(e - mx));
+        float* o = out + (b * H + h) * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t s = start; s < len; ++s) {
+          const int64_t slot = (kh * NB + tables[b * nb + s / bs]) * bs + s % bs;
+          axpy<KIND>(p[s - start] / sum, vbase + slot * D * esz, o, D);
+        }
+        if (rnd)
+          for (int64_t d = 0; d < D; ++d) o[d] = bf16_round(o[d]);
+      }
+    }
+  });
+}
+
+void store(const float* src, at::Tensor& pool, int64_t kh, int64_t block, int64_t off, int64_t D) {
+  const int64_t NB = pool.size(1), bs = pool.size(2);
+  const int64_t at = ((kh * NB + block) * bs + off) * D;
+  if (pool.scalar_type() == at::kBFloat16) {
+    auto* d = pool.data_ptr<at::BFloat16>() + at;
+    for (int64_t j = 0; j < D; ++j) d[j] = c10::BFloat16(src[j]);
+  } else {
+    std::copy(src, src + D, pool.data_ptr<float>() + at);
+  }
+}
+
+}  // namespace
+
+// x (B, C) float32 embeddings of the step's tokens; pos (B,) their positions; tables (B, nb) block tables;
+// k/v pools per layer (K, NB, bs, D) in bfloat16 or float32; weights: per layer [attn_norm, q, k, v, o, mlp_norm,
+// gate, up, down] with each linear as four tensors (weight, scale, min, bias), then [final_norm, head x 4];
+// dims = [H, K, D, F, window, round_bf16]. Writes this step's keys and values into the pools; returns the
+// logits (B, V) in float32.
+at::Tensor decode_step(at::Tensor x, at::Tensor pos, at::Tensor tables, std::vector<at::Tensor> kpool,
+                       std::vector<at::Tensor> vpool, std::vector<at::Tensor> weights, at::Tensor inv_freq,
+                       std::vector<int64_t> dims, double eps) {
+  at::NoGradGuard no_grad;
+  x = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();  // (B, C), updated in place
+  pos = pos.to(at::kLong).contiguous();
+  tables = tables.to(at::kLong).contiguous();
+  inv_freq = inv_freq.to(at::kFloat).contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = dims[0], K = dims[1], D = dims[2], F = dims[3];
+  const int64_t window = dims[4], layers = static_cast<int64_t>(kpool.size()), nb = tables.size(1);
+  const bool rnd = dims[5] != 0;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * 30 + 5, "native decode: weight list length");
+  TORCH_CHECK(D % 16 == 0 && H % K == 0, "native decode: head sizes");
+  const int64_t* P = pos.data_ptr<int64_t>();
+  const int64_t* T = tables.data_ptr<int64_t>();
+  float* h = x.data_ptr<float>();  // (B, C) residual stream
+  std::vector<float> n(B * std::max(C, H * D)), q(B * H * D), k(B * K * D), v(B * K * D), a(B * H * D),
+      o(B * C), g(B * F), u(B * F);
+  auto add = [&](const float* d) {
+    for (int64_t i = 0; i < B * C; ++i) h[i] = rnd ? bf16_round(h[i] + d[i]) : h[i] + d[i];
+  };
+  for (int64_t l = 0; l < layers; ++l) {
+    const size_t w0 = l * 30;
+    at::Tensor &kp = kpool[l], &vp = vpool[l];
+    TORCH_CHECK(kp.is_contiguous() && vp.is_contiguous() && kp.size(3) == D, "native decode: KV pool layout");
+    rmsnorm(h, weights[w0], eps, n.data(), B, C, rnd);
+    const Linear Lq = make_linear(weights, w0 + 1, C), Lk = make_linear(weights, w0 + 5, C),
+                 Lv = make_linear(weights, w0 + 9, C);
+    linears({{&Lq, q.data()}, {&Lk, k.data()}, {&Lv, v.data()}}, n.data(), B, rnd);
+    for (int64_t b = 0; b < B; ++b) {
+      rope(q.data() + b * H * D, H, D, P[b], inv_freq.data_ptr<float>(), rnd);
+      rope(k.data() + b * K * D, K, D, P[b], inv_freq.data_ptr<float>(), rnd);
+      const int64_t bs = kp.size(2), block = T[b * nb + P[b] / bs], off = P[b] % bs;
+      for (int64_t kh = 0; kh < K; ++kh) {
+        store(k.data() + (b * K + kh) * D, kp, kh, block, off, D);
+        store(v.data() + (b * K + kh) * D, vp, kh, block, off, D);
+      }
+    }
+    if (kp.scalar_type() == at::kBFloat16)
+      attend<BF16>(q.data(), kp, vp, P, T, nb, B, H, K, D, window, a.data(), rnd);
+    else
+      attend<F32>(q.data(), kp, vp, P, T, nb, B, H, K, D, window, a.data(), rnd);
+    linear(make_linear(weights, w0 + 13, H * D), a.data(), B, o.data(), rnd);
+    add(o.data());
+    rmsnorm(h, weights[w0 + 17], eps, n.data(), B, C, rnd);
+    const Linear Lg = make_linear(weights, w0 + 18, C), Lu = make_linear(weights, w0 + 22, C);
+    linears({{&Lg, g.data()}, {&Lu, u.data()}}, n.data(), B, rnd);
+    at::parallel_for(0, B * F, 1024, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float s = g[i] / (1.f + std::exp(-g[i]));
+        if (rnd) s = bf16_round(s);
+        g[i] = rnd ? bf16_round(s * u[i]) : s * u[i];
+      }
+    });
+    linear(make_linear(weights, w0 + 26, F), g.data(), B, o.data(), rnd);
+    add(o.data());
+  }
+  const size_t f0 = layers * 30;
+  rmsnorm(h, weights[f0], eps, n.data(), B, C, rnd);
+  const Linear head = make_linear(weights, f0 + 1, C);
+  at::Tensor logits = at::empty({B, head.out}, at::kFloat);
+  linear(head, n.data(), B, logits.data_ptr<float>(), rnd);
+  return logits;
+}
+
+// y (M, out) = x (M, in) W^T for one linear layer given as (weight, scale, min, bias): the same kernel, for tests.
+at::Tensor linear_op(at::Tensor x, std::vector<at::Tensor> parts) {
+  x = x.to(at::kFloat).contiguous();
+  const Linear L = make_linear(parts, 0, x.size(1));
+  at::Tensor y = at::empty({x.size(0), L.out}, at::kFloat);
+  linear(L, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), false);
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_step", &decode_step, "one decode step of every layer (see decode.cpp)");
+  m.def("linear", &linear_op, "x W^T in the weight's stored precision");
+}
