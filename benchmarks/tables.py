@@ -48,7 +48,8 @@ def provenance(rec: dict) -> str:
     vers = ", ".join(f"{k} {x}" for k, x in v.items() if x and k != "lmforge")
     sizes = ", ".join(f"{k}={x}" for k, x in rec.get("sizes", {}).items())
     lb, la = rec.get("load_avg_before", ["?"]), rec.get("load_avg_after", ["?"])
-    return (f"<sub>`{rec.get('command', '?')}` — {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+    cap = f" ({m['cpu_capability']})" if m.get("cpu_capability") else ""  # AVX512 vs AVX512_BF16 / AMX
+    return (f"<sub>`{rec.get('command', '?')}` — {m.get('cpu', '?')}{cap}, {m.get('cores', '?')} cores, "
             f"{m.get('ram_gib', '?')} GiB, torch threads {rec.get('threads', {}).get('torch', '?')}; {vers}; "
             f"{rec.get('date', '?')[:10]}, commit {commit}; 1-min load {lb[0]} before, {la[0]} after; "
             f"sizes: {sizes or 'defaults'}. Source: `benchmarks/results/{rec.get('benchmark', '?')}.json`.</sub>")

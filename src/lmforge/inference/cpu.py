@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..precision import NATIVE_BF16
 
-NATIVE_BF16 = torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-"""Whether this CPU multiplies bfloat16 natively. Without it, oneDNN widens bfloat16 to float32 inside the
-kernel and a bfloat16 GEMM runs at a quarter of the float32 one (68 vs 275 GFLOP/s on a 2-core AVX-512 Xeon)."""
+
 WIDEN_ROWS = 16
 """From this many input rows (a prompt chunk), a bfloat16 layer on a CPU without native bfloat16 widens its
 weight to float32 once per call and multiplies in float32: the same products (a bfloat16 product is exact in

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.transformer import ModelConfig, matmul_attention
-from .cpu import NATIVE_BF16
+from ..precision import NATIVE_BF16
 
 
 class BlockManager:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from ..precision import checkpoint_contexts
 from .cross_entropy import distributed, linear_cross_entropy
 
 
@@ -460,7 +461,8 @@ class Transformer(nn.Module):
         mask = self._mask(attention_mask, t, past, x.dtype)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, cfg.causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, cfg.causal, use_reentrant=False,
+                                                      context_fn=checkpoint_contexts)
             else:
                 x = block(x, rope, mask, cache, cfg.causal)
         if cfg.final_norm:

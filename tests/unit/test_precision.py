@@ -1,0 +1,52 @@
+"""The bf16 precision context on a CPU without native bf16: linears through fp32 GEMMs on the same bf16-rounded
+operands (WidenedLinear) agree with autocast's own bf16 linear in value and gradient, and a model under the
+context matches the model under plain autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge import precision
+from lmforge.models import ModelConfig, Transformer
+
+
+def test_widened_linear_matches_autocast_bf16_in_value_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 96, requires_grad=True)
+    w = torch.randn(80, 96, requires_grad=True)
+    b = torch.randn(80, requires_grad=True)
+    g = torch.randn(4, 7, 80)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(x, w, b)
+    ref.backward(g)
+    want = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    bf = torch.bfloat16
+    out = precision.WidenedLinear.apply(x.to(bf), w.to(bf), b.to(bf))
+    out.backward(g.to(bf))
+    assert out.dtype == ref.dtype == bf
+    assert (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    for got, exp in zip((x.grad, w.grad, b.grad), want):
+        assert got.dtype == exp.dtype and (got - exp).abs().max() <= 2e-2 * exp.abs().max()
+
+
+@pytest.mark.skipif(precision.NATIVE_BF16, reason="this CPU multiplies bf16 natively: plain autocast is used")
+def test_bf16_context_routes_linears_and_matches_autocast():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96))
+    ids = torch.randint(0, 64, (2, 12))
+    calls = []
+    apply = precision.WidenedLinear.apply
+    precision.WidenedLinear.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        with precision.autocast("bf16", "cpu"):
+            ours = model(ids, labels=ids).extra["loss_sum"]
+    finally:
+        precision.WidenedLinear.apply = apply
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids, labels=ids).extra["loss_sum"]
+    assert len(calls) >= 2 * 7  # every block linear of both layers went through the fp32 GEMM
+    assert abs(ours.item() - ref.item()) <= 1e-2 * abs(ref.item())
