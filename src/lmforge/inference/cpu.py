@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..precision import NATIVE_BF16
+from ..precision import NATIVE_BF16, WidenedLinear
 
 
 WIDEN_ROWS = 16
@@ -52,9 +52,9 @@ class _Packed:
             return torch.cat([F.linear(x, w, b) for w, b in zip(self.weights, self.biases)], -1)
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
         if w.dtype == torch.bfloat16 and not NATIVE_BF16 and rows.shape[0] >= WIDEN_ROWS:
-            wide = torch.cat([w.float() for w in self.weights]) if len(self.weights) > 1 else w.float()
-            bias = None if self.bias is None and all(b is None for b in self.biases) else self._stacked_bias()
-            y = F.linear(rows.float(), wide, None if bias is None else bias.float()).to(x.dtype)
+            stacked = torch.cat([w.detach() for w in self.weights]) if len(self.weights) > 1 else w.detach()
+            bias = self._stacked_bias() if any(b is not None for b in self.biases) else None
+            y = WidenedLinear.apply(rows, stacked, None if bias is None else bias.to(w.dtype))
         else:
             self._refresh()
             y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")

@@ -1,8 +1,8 @@
-"""The native decode step (decode.cpp): every layer of one decode step in one C++ call, weights read in their
-stored precision (float32, bfloat16, int8, int4 codes with group scales). Built once per machine with
-`torch.utils.cpp_extension` into a cache folder keyed by the source and the compiler flags; where it cannot
-build (no compiler, no AVX-512, LMFORGE_NATIVE=0) the engine runs the PyTorch path and says why
-(`Engine.decode_path`, the server's /metrics and `--verbose`).
+"""The native decode step (decode.cpp): every layer of one decode (or draft-verification) step in one C++ call,
+weights read in their stored precision (float32, bfloat16, int8, int4 codes with group scales). Built once per
+machine with `torch.utils.cpp_extension` into a cache folder keyed by the source and the compiler flags; where it
+cannot build (no compiler, no AVX-512, LMFORGE_NATIVE=0) the engine runs the PyTorch path and says why
+(`Engine.decode_path`, the server's /metrics and `lmforge serve`'s start line).
 
 A `NativeDecoder` holds no copy of the weights: it passes the model's own parameters and buffers (taken once, when
 it is built) to every step, so a model updated in place between steps (RL rollouts, an optimizer step, a
@@ -70,7 +70,8 @@ def _linear_parts(m: nn.Module) -> list[Tensor] | None:
 
 
 class NativeDecoder:
-    """Runs decode steps (one new token per sequence) of a supported model through the native step. Construct
+    """Runs decode steps (a row per new token, a few per sequence when verifying drafts) of a supported model
+    through the native step. Construct
     with `NativeDecoder.build(model)`, which returns (decoder, None) or (None, the reason it does not apply)."""
 
     def __init__(self, model: nn.Module, module):
@@ -144,8 +145,9 @@ class NativeDecoder:
     @torch.no_grad()
     def __call__(self, ids: list[int], pos: list[int], tables: list[list[int]], k: list[Tensor], v: list[Tensor],
                  block_size: int) -> Tensor:
-        """Logits (B, V) float32 of one new token per sequence: token ids[b] at position pos[b], whose block
-        table is tables[b]; writes its keys and values into the pools k, v (per layer (K, NB, bs, D))."""
+        """Logits (B, V) float32 of B rows: token ids[b] at position pos[b] of the sequence whose block table is
+        tables[b]; writes their keys and values into the pools k, v (per layer (K, NB, bs, D)) before any row
+        attends, each row up to its own position."""
         nb = max(p // block_size + 1 for p in pos)
         rows = [t[:nb] + [t[0]] * (nb - len(t[:nb])) for t in tables]  # padding past a sequence is never read
         p = torch.tensor(pos)
