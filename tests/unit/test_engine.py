@@ -111,13 +111,23 @@ def test_prefix_sharing_gives_identical_outputs_with_fewer_blocks():
     assert used[True] <= used[False] - 2 * 12
 
 
-def test_preemption_when_blocks_run_out_keeps_outputs_exact():
+@pytest.mark.parametrize("blocks", [18, 20, 40])
+def test_preemption_when_blocks_run_out_keeps_outputs_exact(blocks):
+    """4 x (29 + 40) tokens need 72 blocks of 4; with fewer, sequences are preempted and recomputed. A waiting
+    request holds no blocks (20 once deadlocked: two preempted requests each held half the pool by prefix)."""
     model = _model()
     per_block = PagedKVCache.bytes_per_token(model.cfg, torch.float32) * 4  # a block of 4 tokens
-    engine = Engine(model, config=EngineConfig(block_size=4, kv_cache_gb=40 * per_block / 2**30))
-    prompts = [list(range(i + 1, i + 30)) for i in range(4)]  # 4 x (29 + 40) tokens need ~72 blocks > 40
+    engine = Engine(model, config=EngineConfig(block_size=4, kv_cache_gb=blocks * per_block / 2**30))
+    prompts = [list(range(i + 1, i + 30)) for i in range(4)]
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
-    assert [o.token_ids for o in engine.generate(prompts, params)] == [_reference(model, p, 40) for p in prompts]
+    ids = [engine.add_request(p, params) for p in prompts]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    for _ in range(1000):  # bounded: a scheduler that cannot progress fails here instead of hanging
+        if not engine.has_unfinished():
+            break
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+    assert [out[i] for i in ids] == [_reference(model, p, 40) for p in prompts]
     assert engine.stats()["kv_blocks_used"] == 0
 
 
@@ -254,9 +264,9 @@ def _exact_marginals(model: Transformer, prompt: list[int], steps: int) -> list[
     return marginals
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+@pytest.mark.parametrize("native", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["native", "pytorch"])
 @pytest.mark.parametrize("kind", ["none", "ngram", "draft"])
-def test_speculative_sampling_keeps_the_target_distribution(kind, native):
+def test_speculative_sampling_keeps_the_target_distribution(kind, native):  # the PyTorch path's run: minutes
     scipy_stats = pytest.importorskip("scipy.stats")
     torch.manual_seed(2)  # a model whose samples often repeat prompt tokens, so prompt lookup proposes often
     model = _model(vocab=6)

@@ -388,12 +388,10 @@ class Engine:
                 self._match_prefix(s)
             n = min(len(s.tokens) - s.cached, budget, prefill)
             if self._blocks_for(s, s.cached + n) + (watermark if self.running else 0) > self.blocks.available:
-                if not self.running and not plan:  # nothing will free blocks: take what fits
-                    n = (self.blocks.available + len(s.table)) * self.blocks.block_size - s.cached
-                    if n <= 0:
-                        break
-                else:
-                    break
+                n = (self.blocks.available + len(s.table)) * self.blocks.block_size - s.cached
+                if self.running or plan or n <= 0:  # a waiting request holds no blocks (its prefix matches again)
+                    self._release(s)
+                    break  # otherwise nothing would free blocks: it takes what fits
             self.seqs_waiting.remove(s)
             self._grow(s, s.cached + n)
             self.running.append(s)
@@ -447,8 +445,8 @@ class Engine:
         if any(p.penalised for p in params):
             logits = torch.stack([apply_penalties(row, s.params, s.prompt, s.output) if s.params.penalised else row
                                   for row, s in zip(logits, seqs)])
-        lp = processed_logprobs(logits, params)
-        chosen = choose(lp, params, [s.generator for s in seqs])
+        greedy = all(p.greedy for p in params)  # then the argmax of the raw logits, as transformers' greedy search
+        chosen = choose(logits if greedy else processed_logprobs(logits, params), params, [s.generator for s in seqs])
         for s, t, row in zip(seqs, chosen, range(len(seqs))):
             self._append(s, [t], logits[row:row + 1])
 

@@ -79,9 +79,8 @@ class NativeDecoder:
         cfg = model.cfg
         self.dims = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                      cfg.sliding_window or 0, int(model.embed.tokens.weight.dtype == torch.bfloat16)]
-        self.eps = cfg.norm_eps
         self._head: tuple[int, list[Tensor]] | None = None
-        self._body = self._block_weights()
+        self.decoder = module.Decoder(self._block_weights(), self.dims, cfg.norm_eps)
 
     @classmethod
     def build(cls, model: nn.Module) -> tuple["NativeDecoder | None", str | None]:
@@ -128,6 +127,7 @@ class NativeDecoder:
         return self._head[1]
 
     def _block_weights(self) -> list[Tensor]:
+        """Every tensor of a step but the head's, in decode.cpp's order: per layer 30, then the final norm."""
         out: list[Tensor] = []
         for b in self.model.blocks:
             out.append(b.attn_norm.weight)
@@ -137,10 +137,6 @@ class NativeDecoder:
             for m in (b.mlp.gate, b.mlp.up, b.mlp.down):
                 out += _linear_parts(m)
         return out + [self.model.norm.weight]
-
-    def weights(self) -> list[Tensor]:
-        """Every tensor of a step in decode.cpp's order: per layer 30, then the final norm and the head's 4."""
-        return self._body + self.head()
 
     @torch.no_grad()
     def __call__(self, ids: list[int], pos: list[int], tables: list[list[int]], k: list[Tensor], v: list[Tensor],
@@ -152,5 +148,4 @@ class NativeDecoder:
         rows = [t[:nb] + [t[0]] * (nb - len(t[:nb])) for t in tables]  # padding past a sequence is never read
         p = torch.tensor(pos)
         x = self.model.embed(torch.tensor(ids)[None], p[None], None)[0]  # (B, C)
-        return self.module.decode_step(x, p, torch.tensor(rows), k, v, self.weights(), self.model.inv_freq,
-                                       self.dims, self.eps)
+        return self.decoder.step(x, p, torch.tensor(rows), k, v, self.head(), self.model.inv_freq)

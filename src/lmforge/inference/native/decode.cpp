@@ -13,6 +13,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -108,6 +109,43 @@ void rows(const Linear& L, const float* x, const float* xsum, float* y, int64_t 
   }
 }
 
+// One core keeps too few cache-line misses in flight to stream at the memory's bandwidth with the hardware
+// prefetcher alone (about 10 GB/s per core here); prefetching the weight stream this many bytes ahead reaches
+// it (a 57 MB bf16 head: 16 -> 23 GB/s on 2 cores, as fast as a float32 sum).
+constexpr int64_t PREFETCH = 8192;
+template <int KIND> constexpr int ESZ = KIND == F32 ? 4 : 2;  // bytes per weight
+
+// y[n] = sum_k x[k] w[n, k] (+ bias) for one row of x and float weights: four output rows at a time, each with
+// its own accumulator, so the loads of four weight rows are in flight together and no FMA waits on the last.
+template <int KIND>
+void rows_single(const Linear& L, const float* x, float* y, int64_t n0, int64_t n1) {
+  const int64_t in = L.in;
+  const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+  int64_t n = n0;
+  const char* first = reinterpret_cast<const char*>(L.w + n0 * L.row_bytes);
+  for (int64_t b = 0; b < std::min<int64_t>(PREFETCH, (n1 - n0) * L.row_bytes); b += 64)
+    _mm_prefetch(first + b, _MM_HINT_T0);  // the first rows, before the loop's prefetches run ahead of them
+  for (; n + 4 <= n1; n += 4) {
+    const uint8_t* r = L.w + n * L.row_bytes;
+    const int64_t rb = L.row_bytes;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const char* pf = reinterpret_cast<const char*>(r) + PREFETCH;
+    for (int64_t j = 0; j < in; j += 16, pf += 64 * ESZ<KIND>) {
+      for (int c = 0; c < ESZ<KIND>; ++c) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);
+      const __m512 xv = _mm512_loadu_ps(x + j);
+      a0 = _mm512_fmadd_ps(load16<KIND>(r, j), xv, a0);
+      a1 = _mm512_fmadd_ps(load16<KIND>(r + rb, j), xv, a1);
+      a2 = _mm512_fmadd_ps(load16<KIND>(r + 2 * rb, j), xv, a2);
+      a3 = _mm512_fmadd_ps(load16<KIND>(r + 3 * rb, j), xv, a3);
+    }
+    y[n] = _mm512_reduce_add_ps(a0) + (bias ? bias[n] : 0.f);
+    y[n + 1] = _mm512_reduce_add_ps(a1) + (bias ? bias[n + 1] : 0.f);
+    y[n + 2] = _mm512_reduce_add_ps(a2) + (bias ? bias[n + 2] : 0.f);
+    y[n + 3] = _mm512_reduce_add_ps(a3) + (bias ? bias[n + 3] : 0.f);
+  }
+  if (n < n1) rows<KIND, 1>(L, x, nullptr, y, 0, n, n1);
+}
+
 template <int KIND>
 void rows_tiled(const Linear& L, const float* x, const float* xs, int64_t M, float* y, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
@@ -121,6 +159,8 @@ void rows_tiled(const Linear& L, const float* x, const float* xs, int64_t M, flo
 }
 
 void rows_any(const Linear& L, const float* x, const float* xs, int64_t M, float* y, int64_t n0, int64_t n1) {
+  if (M == 1 && L.kind == F32) return rows_single<F32>(L, x, y, n0, n1);
+  if (M == 1 && L.kind == BF16) return rows_single<BF16>(L, x, y, n0, n1);
   switch (L.kind) {
     case F32: rows_tiled<F32>(L, x, xs, M, y, n0, n1); break;
     case BF16: rows_tiled<BF16>(L, x, xs, M, y, n0, n1); break;
@@ -130,36 +170,47 @@ void rows_any(const Linear& L, const float* x, const float* xs, int64_t M, float
   }
 }
 
+// The share of items [0, n) that thread t of a team of T takes: whole chunks of `grain`, contiguous.
+inline std::pair<int64_t, int64_t> share(int64_t n, int64_t grain, int t, int T) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  return {std::min(n, chunks * t / T * grain), std::min(n, chunks * (t + 1) / T * grain)};
+}
+
+struct Job {
+  const Linear* L;
+  float* y;                 // (M, L->out)
+  std::vector<float> sums;  // (M, groups) of x for integer codes, empty for float weights
+};
+
 // Sums of x (M, in) over each group of columns of an integer layer, for its offsets (empty for float weights).
-std::vector<float> group_sums(const Linear& L, const float* x, int64_t M) {
-  if (L.kind == F32 || L.kind == BF16) return {};
+void group_sums(Job& j, const float* x, int64_t M) {
+  const Linear& L = *j.L;
+  if (L.kind == F32 || L.kind == BF16) return;
   const int64_t G = L.groups, gs = L.in / G;
-  std::vector<float> out(M * G, 0.f);
+  j.sums.assign(M * G, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t k = 0; k < gs; ++k) out[m * G + g] += x[m * L.in + g * gs + k];
-  return out;
+      for (int64_t k = 0; k < gs; ++k) j.sums[m * G + g] += x[m * L.in + g * gs + k];
 }
 
-// Layers that read the same input x (M, in) (q, k and v; gate and up) in one parallel region: their output rows
-// are split between the threads as one range, so a small layer does not pay a fork and join of its own.
-void linears(std::initializer_list<std::pair<const Linear*, float*>> jobs, const float* x, int64_t M, bool rnd) {
-  std::vector<std::pair<const Linear*, float*>> js(jobs);
-  std::vector<std::vector<float>> sums;
-  std::vector<int64_t> start{0};
-  for (auto& [L, y] : js) sums.push_back(group_sums(*L, x, M)), start.push_back(start.back() + L->out);
-  at::parallel_for(0, start.back(), 16, [&](int64_t a, int64_t b) {
-    for (size_t i = 0; i < js.size(); ++i) {
-      const int64_t lo = std::max(a, start[i]), hi = std::min(b, start[i + 1]);
-      if (lo < hi) rows_any(*js[i].first, x, sums[i].data(), M, js[i].second, lo - start[i], hi - start[i]);
+// Called by every thread of the team: layers that read the same input x (M, in) (q, k and v; gate and up) split
+// their output rows, as one range, between the threads, so a small layer costs no fork, join or barrier of its own.
+void linears(std::vector<Job>& js, const float* x, int64_t M, bool rnd, int t, int T) {
+  int64_t total = 0;
+  for (auto& j : js) total += j.L->out;
+  const auto [a, b] = share(total, 16, t, T);
+  int64_t start = 0;
+  for (auto& j : js) {
+    const int64_t lo = std::max(a, start) - start, hi = std::min(b, start + j.L->out) - start;
+    if (lo < hi) {
+      rows_any(*j.L, x, j.sums.data(), M, j.y, lo, hi);
+      if (rnd)
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = lo; n < hi; ++n) j.y[m * j.L->out + n] = bf16_round(j.y[m * j.L->out + n]);
     }
-  });
-  if (rnd)
-    for (auto& [L, y] : js)
-      for (int64_t i = 0; i < M * L->out; ++i) y[i] = bf16_round(y[i]);
+    start += j.L->out;
+  }
 }
-
-void linear(const Linear& L, const float* x, int64_t M, float* y, bool rnd) { linears({{&L, y}}, x, M, rnd); }
 
 // A linear layer from its four tensors (weight or codes, scale, min, bias; absent ones empty) and input width.
 Linear make_linear(const std::vector<at::Tensor>& t, size_t i, int64_t in) {
@@ -185,15 +236,26 @@ Linear make_linear(const std::vector<at::Tensor>& t, size_t i, int64_t in) {
   return L;
 }
 
-void rmsnorm(const float* x, const at::Tensor& w, double eps, float* y, int64_t M, int64_t C, bool rnd) {
-  const at::Tensor wf = w.to(at::kFloat);
-  const float* wp = wf.data_ptr<float>();
+// A norm's weight, read in place in float32 or bfloat16.
+struct NormWeight {
+  const float* f = nullptr;
+  const at::BFloat16* b = nullptr;
+  explicit NormWeight(const at::Tensor& w) {
+    TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+                "native decode: norm weight dtype ", w.scalar_type());
+    if (w.scalar_type() == at::kFloat) f = w.data_ptr<float>();
+    else b = w.data_ptr<at::BFloat16>();
+  }
+  float operator[](int64_t c) const { return f ? f[c] : static_cast<float>(b[c]); }
+};
+
+void rmsnorm(const float* x, const NormWeight& w, double eps, float* y, int64_t M, int64_t C, bool rnd) {
   for (int64_t m = 0; m < M; ++m) {
     double ss = 0.0;
     for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(x[m * C + c]) * x[m * C + c];
     const float r = 1.f / std::sqrt(static_cast<float>(ss / C) + static_cast<float>(eps));
     for (int64_t c = 0; c < C; ++c) {
-      const float v = x[m * C + c] * r * wp[c];
+      const float v = x[m * C + c] * r * w[c];
       y[m * C + c] = rnd ? bf16_round(v) : v;
     }
   }
@@ -230,43 +292,41 @@ inline void axpy(float a, const uint8_t* v, float* y, int64_t D) {
     _mm512_storeu_ps(y + j, _mm512_fmadd_ps(av, load16<KIND>(v, j), _mm512_loadu_ps(y + j)));
 }
 
-// Each sequence b attends with its H query heads (q (B, H*D)) over its keys 0..pos[b] (the last `window` only
-// if window > 0), read in place from the pools (K, NB, bs, D) through its block table; out (B, H*D).
+// Called by every thread of the team. Each sequence b attends with its H query heads (q (B, H*D)) over its keys
+// 0..pos[b] (the last `window` only if window > 0), read in place from the pools (K, NB, bs, D) through its block
+// table; out (B, H*D). The (sequence, head) pairs are split between the threads.
 template <int KIND>
 void attend(const float* q, const at::Tensor& kp, const at::Tensor& vp, const int64_t* pos, const int64_t* tables,
-            int64_t nb, int64_t B, int64_t H, int64_t K, int64_t D, int64_t window, float* out, bool rnd) {
+            int64_t nb, int64_t B, int64_t H, int64_t K, int64_t D, int64_t window, float* out, bool rnd, int t,
+            int T) {
   const int64_t G = H / K, NB = kp.size(1), bs = kp.size(2), esz = kp.element_size();
   const uint8_t* kbase = static_cast<const uint8_t*>(kp.data_ptr());
   const uint8_t* vbase = static_cast<const uint8_t*>(vp.data_ptr());
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, B * K, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / K, kh = i % K, len = pos[b] + 1;
-      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      p.resize(len - start);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kh * G + g;
-        const float* qh = q + (b * H + h) * D;
-        float mx = -INFINITY;
-        for (int64_t s = start; s < len; ++s) {
-          const int64_t slot = (kh * NB + tables[b * nb + s / bs]) * bs + s % bs;
-          p[s - start] = dot<KIND>(qh, kbase + slot * D * esz, D) * scale;
-          mx = std::max(mx, p[s - start]);
-        }
-        float sum = 0.f;
-        for (auto& e : p) sum += (e = std::exp(e - mx));
-        float* o = out + (b * H + h) * D;
-        std::fill(o, o + D, 0.f);
-        for (int64_t s = start; s < len; ++s) {
-          const int64_t slot = (kh * NB + tables[b * nb + s / bs]) * bs + s % bs;
-          axpy<KIND>(p[s - start] / sum, vbase + slot * D * esz, o, D);
-        }
-        if (rnd)
-          for (int64_t d = 0; d < D; ++d) o[d] = bf16_round(o[d]);
-      }
+  const auto [i0, i1] = share(B * H, 1, t, T);
+  std::vector<float> p;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / H, h = i % H, kh = h / G, len = pos[b] + 1;
+    const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    p.resize(len - start);
+    const float* qh = q + (b * H + h) * D;
+    float mx = -INFINITY;
+    for (int64_t s = start; s < len; ++s) {
+      const int64_t slot = (kh * NB + tables[b * nb + s / bs]) * bs + s % bs;
+      p[s - start] = dot<KIND>(qh, kbase + slot * D * esz, D) * scale;
+      mx = std::max(mx, p[s - start]);
     }
-  });
+    float sum = 0.f;
+    for (auto& e : p) sum += (e = std::exp(e - mx));
+    float* o = out + (b * H + h) * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t s = start; s < len; ++s) {
+      const int64_t slot = (kh * NB + tables[b * nb + s / bs]) * bs + s % bs;
+      axpy<KIND>(p[s - start] / sum, vbase + slot * D * esz, o, D);
+    }
+    if (rnd)
+      for (int64_t d = 0; d < D; ++d) o[d] = bf16_round(o[d]);
+  }
 }
 
 void store(const float* src, at::Tensor& pool, int64_t kh, int64_t block, int64_t off, int64_t D) {
@@ -282,86 +342,158 @@ void store(const float* src, at::Tensor& pool, int64_t kh, int64_t block, int64_
 
 }  // namespace
 
-// x (B, C) float32 embeddings of the step's tokens; pos (B,) their positions; tables (B, nb) block tables;
-// k/v pools per layer (K, NB, bs, D) in bfloat16 or float32; weights: per layer [attn_norm, q, k, v, o, mlp_norm,
-// gate, up, down] with each linear as four tensors (weight, scale, min, bias), then [final_norm, head x 4];
-// dims = [H, K, D, F, window, round_bf16]. Writes this step's keys and values into the pools; returns the
-// logits (B, V) in float32.
-at::Tensor decode_step(at::Tensor x, at::Tensor pos, at::Tensor tables, std::vector<at::Tensor> kpool,
-                       std::vector<at::Tensor> vpool, std::vector<at::Tensor> weights, at::Tensor inv_freq,
-                       std::vector<int64_t> dims, double eps) {
-  at::NoGradGuard no_grad;
-  x = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();  // (B, C), updated in place
-  pos = pos.to(at::kLong).contiguous();
-  tables = tables.to(at::kLong).contiguous();
-  inv_freq = inv_freq.to(at::kFloat).contiguous();
-  const int64_t B = x.size(0), C = x.size(1), H = dims[0], K = dims[1], D = dims[2], F = dims[3];
-  const int64_t window = dims[4], layers = static_cast<int64_t>(kpool.size()), nb = tables.size(1);
-  const bool rnd = dims[5] != 0;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * 30 + 5, "native decode: weight list length");
-  TORCH_CHECK(D % 16 == 0 && H % K == 0, "native decode: head sizes");
-  const int64_t* P = pos.data_ptr<int64_t>();
-  const int64_t* T = tables.data_ptr<int64_t>();
-  float* h = x.data_ptr<float>();  // (B, C) residual stream
-  std::vector<float> n(B * std::max(C, H * D)), q(B * H * D), k(B * K * D), v(B * K * D), a(B * H * D),
-      o(B * C), g(B * F), u(B * F);
-  auto add = [&](const float* d) {
-    for (int64_t i = 0; i < B * C; ++i) h[i] = rnd ? bf16_round(h[i] + d[i]) : h[i] + d[i];
-  };
-  for (int64_t l = 0; l < layers; ++l) {
-    const size_t w0 = l * 30;
-    at::Tensor &kp = kpool[l], &vp = vpool[l];
-    TORCH_CHECK(kp.is_contiguous() && vp.is_contiguous() && kp.size(3) == D, "native decode: KV pool layout");
-    rmsnorm(h, weights[w0], eps, n.data(), B, C, rnd);
-    const Linear Lq = make_linear(weights, w0 + 1, C), Lk = make_linear(weights, w0 + 5, C),
-                 Lv = make_linear(weights, w0 + 9, C);
-    linears({{&Lq, q.data()}, {&Lk, k.data()}, {&Lv, v.data()}}, n.data(), B, rnd);
-    for (int64_t b = 0; b < B; ++b) {
-      rope(q.data() + b * H * D, H, D, P[b], inv_freq.data_ptr<float>(), rnd);
-      rope(k.data() + b * K * D, K, D, P[b], inv_freq.data_ptr<float>(), rnd);
-      const int64_t bs = kp.size(2), block = T[b * nb + P[b] / bs], off = P[b] % bs;
-      for (int64_t kh = 0; kh < K; ++kh) {
-        store(k.data() + (b * K + kh) * D, kp, kh, block, off, D);
-        store(v.data() + (b * K + kh) * D, vp, kh, block, off, D);
-      }
-    }
-    if (kp.scalar_type() == at::kBFloat16)
-      attend<BF16>(q.data(), kp, vp, P, T, nb, B, H, K, D, window, a.data(), rnd);
-    else
-      attend<F32>(q.data(), kp, vp, P, T, nb, B, H, K, D, window, a.data(), rnd);
-    linear(make_linear(weights, w0 + 13, H * D), a.data(), B, o.data(), rnd);
-    add(o.data());
-    rmsnorm(h, weights[w0 + 17], eps, n.data(), B, C, rnd);
-    const Linear Lg = make_linear(weights, w0 + 18, C), Lu = make_linear(weights, w0 + 22, C);
-    linears({{&Lg, g.data()}, {&Lu, u.data()}}, n.data(), B, rnd);
-    at::parallel_for(0, B * F, 1024, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        float s = g[i] / (1.f + std::exp(-g[i]));
-        if (rnd) s = bf16_round(s);
-        g[i] = rnd ? bf16_round(s * u[i]) : s * u[i];
-      }
-    });
-    linear(make_linear(weights, w0 + 26, F), g.data(), B, o.data(), rnd);
-    add(o.data());
+// A model's weights, held for every step: per layer [attn_norm, q, k, v, o, mlp_norm, gate, up, down] with each
+// linear as four tensors (weight or codes, scale, min, bias), then the final norm; dims = [H, K, D, F, window,
+// round_bf16]. The tensors are the model's own (no copy), so updates made in place are seen by the next step.
+struct Decoder {
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> dims;
+  double eps;
+
+  Decoder(std::vector<at::Tensor> w, std::vector<int64_t> d, double e)
+      : weights(std::move(w)), dims(std::move(d)), eps(e) {
+    TORCH_CHECK(weights.size() % 30 == 1, "native decode: weight list length");
+    TORCH_CHECK(dims[2] % 16 == 0 && dims[0] % dims[1] == 0, "native decode: head sizes");
   }
-  const size_t f0 = layers * 30;
-  rmsnorm(h, weights[f0], eps, n.data(), B, C, rnd);
-  const Linear head = make_linear(weights, f0 + 1, C);
-  at::Tensor logits = at::empty({B, head.out}, at::kFloat);
-  linear(head, n.data(), B, logits.data_ptr<float>(), rnd);
-  return logits;
-}
+
+  // x (B, C) embeddings of the step's tokens; pos (B,) their positions; tables (B, nb) block tables; k/v pools
+  // per layer (K, NB, bs, D) in bfloat16 or float32; head: the output projection's four tensors; inv_freq
+  // (D/2,) the rotary frequencies. Writes this
+  // step's keys and values into the pools and returns the logits (B, V) in float32. The whole step runs in one
+  // parallel region: the threads split each layer's rows and meet at a barrier between dependent phases.
+  at::Tensor step(at::Tensor x, at::Tensor pos, at::Tensor tables, std::vector<at::Tensor> kpool,
+                  std::vector<at::Tensor> vpool, std::vector<at::Tensor> head_parts, at::Tensor inv_freq) const {
+    at::NoGradGuard no_grad;
+    x = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();  // (B, C), updated in place
+    pos = pos.to(at::kLong).contiguous();
+    tables = tables.to(at::kLong).contiguous();
+    inv_freq = inv_freq.to(at::kFloat).contiguous();
+    const int64_t B = x.size(0), C = x.size(1), H = dims[0], K = dims[1], D = dims[2], F = dims[3];
+    const int64_t window = dims[4], layers = static_cast<int64_t>(kpool.size()), nb = tables.size(1);
+    const bool rnd = dims[5] != 0;
+    TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * 30 + 1 && vpool.size() == kpool.size(),
+                "native decode: ", layers, " KV pools for ", weights.size() / 30, " layers");
+    // every check before the parallel region, which must not throw
+    std::vector<Linear> lin;  // per layer q, k, v, o, gate, up, down; then the head
+    std::vector<NormWeight> norms;
+    for (int64_t l = 0; l < layers; ++l) {
+      const size_t w0 = l * 30;
+      const at::Tensor &kp = kpool[l], &vp = vpool[l];
+      TORCH_CHECK(kp.is_contiguous() && vp.is_contiguous() && kp.size(3) == D && kp.size(0) == K &&
+                  kp.sizes() == vp.sizes() && kp.scalar_type() == vp.scalar_type() &&
+                  (kp.scalar_type() == at::kBFloat16 || kp.scalar_type() == at::kFloat), "native decode: KV pools");
+      norms.emplace_back(weights[w0]);
+      norms.emplace_back(weights[w0 + 17]);
+      for (size_t i : {1, 5, 9}) lin.push_back(make_linear(weights, w0 + i, C));
+      lin.push_back(make_linear(weights, w0 + 13, H * D));
+      for (size_t i : {18, 22}) lin.push_back(make_linear(weights, w0 + i, C));
+      lin.push_back(make_linear(weights, w0 + 26, F));
+    }
+    norms.emplace_back(weights[layers * 30]);
+    lin.push_back(make_linear(head_parts, 0, C));
+    const int64_t* P = pos.data_ptr<int64_t>();
+    const int64_t* T = tables.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(P[b] >= 0 && P[b] / kpool[0].size(2) < nb, "native decode: position past its block table");
+    const float* freq = inv_freq.data_ptr<float>();
+    at::Tensor logits = at::empty({B, lin.back().out}, at::kFloat);
+    float* h = x.data_ptr<float>();  // (B, C) residual stream
+    std::vector<float> n(B * std::max(C, H * D)), q(B * H * D), k(B * K * D), v(B * K * D), a(B * H * D),
+        o(B * C), g(B * F), u(B * F);
+    std::vector<Job> qkv(3), attn_out(1), gate_up(2), down(1), head(1);
+    auto add = [&](const float* d) {
+      for (int64_t i = 0; i < B * C; ++i) h[i] = rnd ? bf16_round(h[i] + d[i]) : h[i] + d[i];
+    };
+    auto sums = [&](std::vector<Job>& js, const float* in) {
+      for (auto& j : js) group_sums(j, in, B);
+    };
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      for (int64_t l = 0; l < layers; ++l) {
+        const Linear* L = lin.data() + l * 7;
+        const at::Tensor &kp = kpool[l], &vp = vpool[l];
+#pragma omp single
+        {
+          rmsnorm(h, norms[2 * l], eps, n.data(), B, C, rnd);
+          qkv = {{L, q.data(), {}}, {L + 1, k.data(), {}}, {L + 2, v.data(), {}}};
+          attn_out = {{L + 3, o.data(), {}}};
+          gate_up = {{L + 4, g.data(), {}}, {L + 5, u.data(), {}}};
+          down = {{L + 6, o.data(), {}}};
+          sums(qkv, n.data());
+        }
+        linears(qkv, n.data(), B, rnd, t, nt);
+#pragma omp barrier
+#pragma omp single
+        for (int64_t b = 0; b < B; ++b) {
+          rope(q.data() + b * H * D, H, D, P[b], freq, rnd);
+          rope(k.data() + b * K * D, K, D, P[b], freq, rnd);
+          const int64_t bs = kp.size(2), block = T[b * nb + P[b] / bs], off = P[b] % bs;
+          for (int64_t kh = 0; kh < K; ++kh) {
+            store(k.data() + (b * K + kh) * D, kpool[l], kh, block, off, D);
+            store(v.data() + (b * K + kh) * D, vpool[l], kh, block, off, D);
+          }
+        }
+        if (kp.scalar_type() == at::kBFloat16)
+          attend<BF16>(q.data(), kp, vp, P, T, nb, B, H, K, D, window, a.data(), rnd, t, nt);
+        else
+          attend<F32>(q.data(), kp, vp, P, T, nb, B, H, K, D, window, a.data(), rnd, t, nt);
+#pragma omp barrier
+#pragma omp single
+        sums(attn_out, a.data());
+        linears(attn_out, a.data(), B, rnd, t, nt);
+#pragma omp barrier
+#pragma omp single
+        {
+          add(o.data());
+          rmsnorm(h, norms[2 * l + 1], eps, n.data(), B, C, rnd);
+          sums(gate_up, n.data());
+        }
+        linears(gate_up, n.data(), B, rnd, t, nt);
+#pragma omp barrier
+        {
+          const auto [i0, i1] = share(B * F, 64, t, nt);
+          for (int64_t i = i0; i < i1; ++i) {
+            float s = g[i] / (1.f + std::exp(-g[i]));
+            if (rnd) s = bf16_round(s);
+            g[i] = rnd ? bf16_round(s * u[i]) : s * u[i];
+          }
+        }
+#pragma omp barrier
+#pragma omp single
+        sums(down, g.data());
+        linears(down, g.data(), B, rnd, t, nt);
+#pragma omp barrier
+#pragma omp single
+        add(o.data());
+      }
+#pragma omp single
+      {
+        rmsnorm(h, norms.back(), eps, n.data(), B, C, rnd);
+        head = {{&lin.back(), logits.data_ptr<float>(), {}}};
+        sums(head, n.data());
+      }
+      linears(head, n.data(), B, rnd, t, nt);
+    }
+    return logits;
+  }
+};
 
 // y (M, out) = x (M, in) W^T for one linear layer given as (weight, scale, min, bias): the same kernel, for tests.
 at::Tensor linear_op(at::Tensor x, std::vector<at::Tensor> parts) {
   x = x.to(at::kFloat).contiguous();
   const Linear L = make_linear(parts, 0, x.size(1));
   at::Tensor y = at::empty({x.size(0), L.out}, at::kFloat);
-  linear(L, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), false);
+  std::vector<Job> js{{&L, y.data_ptr<float>(), {}}};
+  group_sums(js[0], x.data_ptr<float>(), x.size(0));
+#pragma omp parallel num_threads(at::get_num_threads())
+  linears(js, x.data_ptr<float>(), x.size(0), false, omp_get_thread_num(), omp_get_num_threads());
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_step", &decode_step, "one decode step of every layer (see decode.cpp)");
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
+      .def("step", &Decoder::step, "one decode step of every layer (see decode.cpp)");
   m.def("linear", &linear_op, "x W^T in the weight's stored precision");
 }
