@@ -393,6 +393,7 @@ class Engine:
                     self._release(s)
                     break  # otherwise nothing would free blocks: it takes what fits
             self.seqs_waiting.remove(s)
+            self.counters["prefix_cache_hit_tokens"] += s.cached  # what it matched, counted once it is admitted
             self._grow(s, s.cached + n)
             self.running.append(s)
             plan.append((s, n))
@@ -425,7 +426,6 @@ class Engine:
             s.table.append(b)
             s.hashes.append(h)
         s.cached = s.draft_cached = len(s.table) * self.blocks.block_size
-        self.counters["prefix_cache_hit_tokens"] += s.cached
 
     def _register(self, s: SeqState) -> None:
         """Make this sequence's newly completed full blocks findable by later requests."""

@@ -4,9 +4,10 @@ machine with `torch.utils.cpp_extension` into a cache folder keyed by the source
 cannot build (no compiler, no AVX-512, LMFORGE_NATIVE=0) the engine runs the PyTorch path and says why
 (`Engine.decode_path`, the server's /metrics and `lmforge serve`'s start line).
 
-A `NativeDecoder` holds no copy of the weights: it passes the model's own parameters and buffers (taken once, when
-it is built) to every step, so a model updated in place between steps (RL rollouts, an optimizer step, a
-`load_state_dict`) decodes with its current weights. A layer replaced by another module needs a new engine.
+A `NativeDecoder` holds no copy of the weights: its compiled `Decoder` holds the model's own parameters (taken
+once, when it is built) and reads them at every step, so a model updated in place between steps (RL rollouts, an
+optimizer step, a `load_state_dict`) decodes with its current weights. A layer replaced by another module needs a
+new engine.
 """
 
 from __future__ import annotations
