@@ -72,16 +72,16 @@ def _linear_parts(m: nn.Module) -> list[Tensor] | None:
 
 class NativeDecoder:
     """Runs decode steps (a row per new token, a few per sequence when verifying drafts) of a supported model
-    through the native step. Construct
-    with `NativeDecoder.build(model)`, which returns (decoder, None) or (None, the reason it does not apply)."""
+    through the native step. Construct with `NativeDecoder.build(model)`, which returns (decoder, None) or (None,
+    the reason it does not apply)."""
 
     def __init__(self, model: nn.Module, module):
         self.model, self.module = model, module
         cfg = model.cfg
-        self.dims = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                     cfg.sliding_window or 0, int(model.embed.tokens.weight.dtype == torch.bfloat16)]
+        dims = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.sliding_window or 0,
+                int(model.embed.tokens.weight.dtype == torch.bfloat16)]
         self._head: tuple[int, list[Tensor]] | None = None
-        self.decoder = module.Decoder(self._block_weights(), self.dims, cfg.norm_eps)
+        self.decoder = module.Decoder(self._block_weights(), dims, cfg.norm_eps)
 
     @classmethod
     def build(cls, model: nn.Module) -> tuple["NativeDecoder | None", str | None]:
