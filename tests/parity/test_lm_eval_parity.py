@@ -72,6 +72,7 @@ def test_tiny_random_llama_matches_lm_eval(smollm2_gguf, tmp_path):
     assert_parity(model, tok, folder, tmp_path, n=20)
 
 
+@pytest.mark.slow  # a minute on 2 cores; the tiny random model above runs the same parity by default
 def test_smollm2_matches_lm_eval(smollm2, tmp_path):
     model, tok = smollm2
     folder = lmforge.save(model, tok, tmp_path / "smollm2")

@@ -111,7 +111,7 @@ def test_bad_sft_data_names_file_and_line(base, tmp_path, capsys, record, needle
     assert needle in err and f"{data}:3" in err
 
 
-@pytest.mark.parametrize("method", ["full", "adapter"])
+@pytest.mark.parametrize("method", [pytest.param("full", marks=pytest.mark.slow), "adapter"])  # full: ~45 s
 def test_minilm_sentiment_beats_the_majority_class(tmp_path, method):
     """Real encoder, real tweets: a short run on a fixed subset clearly beats always answering the majority."""
     import csv
