@@ -40,11 +40,14 @@ def _decode(model, native_decode: bool, prompts=PROMPTS, params=GREEDY):
 @pytest.mark.parametrize("bits,group,symmetric", [(None, None, None), (8, None, True), (8, 32, True),
                                                   (8, 64, False), (4, 32, True), (4, 16, False), (4, None, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7])  # one token (four weight rows at a time); a tile of 4 and a remainder of 3
+# 1 row: one token, four weight rows at a time; 7: tiles of 4 rows of x and a remainder of 3, each weight row widened
+# in registers; 11: weights widened to float32 in blocks of 16 rows (1024 inputs), met by x in tiles of 4, 4 and 3
+@pytest.mark.parametrize("rows", [1, 7, 11])
 def test_kernel_equals_the_dequantized_weight_in_every_storage_format(kernels, bits, group, symmetric, dtype, rows):
     torch.manual_seed(0)
-    lin = nn.Linear(192, 83).to(dtype)  # 83 outputs: each thread's share ends in a remainder of weight rows
-    x = torch.randn(rows, 192)
+    # 83 outputs: each thread's share ends in a remainder of weight rows (and of a block)
+    lin = nn.Linear(1024, 83).to(dtype)
+    x = torch.randn(rows, 1024)
     empty = torch.empty(0)
     if bits is None:
         parts, w = [lin.weight, empty, empty, lin.bias], lin.weight.float()

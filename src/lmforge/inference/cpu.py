@@ -14,13 +14,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..precision import NATIVE_BF16, WidenedLinear
+from ..precision import NATIVE_BF16
 
 
 WIDEN_ROWS = 16
 """From this many input rows (a prompt chunk), a bfloat16 layer on a CPU without native bfloat16 widens its
 weight to float32 once per call and multiplies in float32: the same products (a bfloat16 product is exact in
 float32) and float32 sums, four times faster; decode steps (fewer rows) stream the bfloat16 weight."""
+
+
+class _Scratch:
+    """One float32 buffer that the block layers of a model widen their bfloat16 weights into, in turn (a forward
+    pass runs them one after another): no allocation, page faults or concatenation per call; as large as the
+    largest of them."""
+
+    def __init__(self):
+        self.buf = torch.empty(0)
+
+    def widen(self, weights: list[Tensor]) -> Tensor:
+        """The weights stacked by rows, as float32 (out, in), in the buffer."""
+        n, k = sum(w.shape[0] for w in weights), weights[0].shape[1]
+        if self.buf.numel() < n * k:
+            self.buf = torch.empty(n * k)
+        out, row = self.buf[:n * k].view(n, k), 0
+        for w in weights:
+            out[row:row + w.shape[0]].copy_(w.detach())
+            row += w.shape[0]
+        return out
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -32,8 +52,9 @@ class _Packed:
     """Weights (out_i, in) used as one linear layer of their stacked rows, and its packed copy, refreshed when any
     of the weights' versions moves (an in-place update such as an optimizer step)."""
 
-    def __init__(self, weights: list[Tensor], biases: list[Tensor | None] | None = None):
-        self.weights, self.biases = weights, biases or [None] * len(weights)
+    def __init__(self, weights: list[Tensor], biases: list[Tensor | None] | None = None,
+                 scratch: _Scratch | None = None):
+        self.weights, self.biases, self.scratch = weights, biases or [None] * len(weights), scratch
         self.sizes = [w.shape[0] for w in weights]
         self.versions, self.packed, self.bias = None, None, None
 
@@ -52,9 +73,9 @@ class _Packed:
             return torch.cat([F.linear(x, w, b) for w, b in zip(self.weights, self.biases)], -1)
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
         if w.dtype == torch.bfloat16 and not NATIVE_BF16 and rows.shape[0] >= WIDEN_ROWS:
-            stacked = torch.cat([w.detach() for w in self.weights]) if len(self.weights) > 1 else w.detach()
-            bias = self._stacked_bias() if any(b is not None for b in self.biases) else None
-            y = WidenedLinear.apply(rows, stacked, None if bias is None else bias.to(w.dtype))
+            wide = (self.scratch or _Scratch()).widen(self.weights)  # (out, in) float32
+            bias = self._stacked_bias().to(w.dtype).float() if any(b is not None for b in self.biases) else None
+            y = F.linear(rows.float(), wide, bias).to(w.dtype)  # precision.WidenedLinear's forward
         else:
             self._refresh()
             y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
@@ -80,14 +101,15 @@ class PackedWeights:
 
         self.model = model
         self.overrides: list[tuple[nn.Module, str, object]] = []  # (module, attribute, replacement)
+        self.scratch = scratch = _Scratch()  # shared by the block layers; the LM head (the largest) widens into its own
         fused: set[nn.Module] = set()
         for m in model.modules():
             if isinstance(m, Attention) and _plain(m.q, m.k, m.v):
-                p = _Packed([m.q.weight, m.k.weight, m.v.weight], [m.q.bias, m.k.bias, m.v.bias])
+                p = _Packed([m.q.weight, m.k.weight, m.v.weight], [m.q.bias, m.k.bias, m.v.bias], scratch)
                 self.overrides.append((m, "project_qkv", lambda x, p=p: p(x).split(p.sizes, -1)))
                 fused |= {m.q, m.k, m.v}
             elif isinstance(m, MLP) and m.gated and _plain(m.gate, m.up):
-                p = _Packed([m.gate.weight, m.up.weight], [m.gate.bias, m.up.bias])
+                p = _Packed([m.gate.weight, m.up.weight], [m.gate.bias, m.up.bias], scratch)
 
                 def mlp(x, m=m, p=p):
                     g, u = p(x).split(p.sizes, -1)  # (..., F) each
@@ -97,7 +119,7 @@ class PackedWeights:
                 fused |= {m.gate, m.up}
         for m in model.modules():
             if _plain(m) and m not in fused:
-                p = _Packed([m.weight], [m.bias])
+                p = _Packed([m.weight], [m.bias], scratch if m is not getattr(model, "lm_head", None) else None)
                 self.overrides.append((m, "forward", lambda x, p=p: p(x)))
         cfg = getattr(model, "cfg", None)
         if cfg is not None and cfg.head == "lm":
