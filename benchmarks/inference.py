@@ -5,15 +5,15 @@ llama.cpp (the prebuilt `xllamacpp` wheel), on the same weights.
    our prefix cache off, llama.cpp's cache_prompt off), ours (bf16, and int8) vs `model.generate`, and llama.cpp on
    the same weights as a bf16 GGUF and the same int8 codes as a Q8_0 GGUF (plus the package's 4-bit Q4_1 GGUF for
    reference); each side in its own process, timed interleaved, best of the repeats;
-2. 16 concurrent requests of mixed prompt (16..512 tokens) and output lengths (32..256): aggregate useful tokens/s
-   and p50/p95 time to first token, each side in its own process, one side at a time. Ours: the OpenAI-compatible server, 16 streaming clients of the official client
-   in another process. Peers: `transformers` static batching (one left-padded `generate` running to the longest
-   output), `transformers` continuous batching (`ContinuousBatchingManager`, paged attention, each request with its
-   own length, the API under `generate_batch`), and llama.cpp's server (`xllamacpp`, 16 slots, continuous
-   batching, bf16 GGUF) under the same client. Every round sends a fresh set of 16 prompts (a warm-up set, then two
-   measured sets, the same sets for every side; tokens/s = useful tokens / wall time over both measured sets), so no
-   side reuses a cached prompt. The repeated-prompt workload - the last set sent again, so our prefix cache holds
-   every prompt - is measured for ours separately and labelled as such;
+2. 16 concurrent requests of mixed prompt (16..512 tokens) and output lengths (32..256): aggregate useful tokens/s and
+   p50/p95 time to first token, each side in its own process, one side at a time. Ours: the OpenAI-compatible server, 16
+   streaming clients of the official client in another process. Peers: `transformers` static batching (one left-padded
+   `generate` running to the longest output), `transformers` continuous batching (`ContinuousBatchingManager`, paged
+   attention, each request with its own length, the API under `generate_batch`), and llama.cpp's server (`xllamacpp`, 16
+   slots, continuous batching, bf16 GGUF) under the same client. Every round sends a fresh set of 16 prompts (a warm-up
+   set, then two measured sets, the same sets for every side; tokens/s = useful tokens / wall time over both measured
+   sets), so no side reuses a cached prompt. The repeated-prompt workload - the last set sent again, so our prefix cache
+   holds every prompt - is measured for ours separately and labelled as such;
 3. speculative decoding by prompt lookup on a code-editing prompt vs plain decoding: tokens/s, identical output.
 
 All sides run the same weights (the GGUF dequantized and saved as a Hugging Face folder, and that folder written

@@ -234,24 +234,21 @@ void rows_tiled(const Linear& L, const float* x, const float* xs, int64_t M, flo
 // 8 rows 7.4 -> 4.9 ms; but 4 rows 4.1 -> 4.9 ms, 2 rows 3.5 -> 4.8 ms.
 constexpr int64_t MULTI = 8;
 
+template <int KIND>
+void rows_of(const Linear& L, const float* x, const float* xs, int64_t M, float* y, int64_t n0, int64_t n1) {
+  if constexpr (KIND == F32 || KIND == BF16)
+    if (M == 1) return rows_single<KIND>(L, x, y, n0, n1);
+  if (M < MULTI) return rows_tiled<KIND>(L, x, xs, M, y, n0, n1);
+  rows_multi<KIND>(L, x, M, y, n0, n1);
+}
+
 void rows_any(const Linear& L, const float* x, const float* xs, int64_t M, float* y, int64_t n0, int64_t n1) {
-  if (M == 1 && L.kind == F32) return rows_single<F32>(L, x, y, n0, n1);
-  if (M == 1 && L.kind == BF16) return rows_single<BF16>(L, x, y, n0, n1);
-  if (M < MULTI) {
-    switch (L.kind) {
-      case F32: return rows_tiled<F32>(L, x, xs, M, y, n0, n1);
-      case BF16: return rows_tiled<BF16>(L, x, xs, M, y, n0, n1);
-      case I8: return rows_tiled<I8>(L, x, xs, M, y, n0, n1);
-      case U8: return rows_tiled<U8>(L, x, xs, M, y, n0, n1);
-      case U4: return rows_tiled<U4>(L, x, xs, M, y, n0, n1);
-    }
-  }
   switch (L.kind) {
-    case F32: rows_multi<F32>(L, x, M, y, n0, n1); break;
-    case BF16: rows_multi<BF16>(L, x, M, y, n0, n1); break;
-    case I8: rows_multi<I8>(L, x, M, y, n0, n1); break;
-    case U8: rows_multi<U8>(L, x, M, y, n0, n1); break;
-    case U4: rows_multi<U4>(L, x, M, y, n0, n1); break;
+    case F32: return rows_of<F32>(L, x, xs, M, y, n0, n1);
+    case BF16: return rows_of<BF16>(L, x, xs, M, y, n0, n1);
+    case I8: return rows_of<I8>(L, x, xs, M, y, n0, n1);
+    case U8: return rows_of<U8>(L, x, xs, M, y, n0, n1);
+    case U4: return rows_of<U4>(L, x, xs, M, y, n0, n1);
   }
 }
 
