@@ -354,7 +354,7 @@ def llama_cpp_concurrent(gguf: Path, jobs: list[tuple[list[list[int]], list[int]
 def _concurrent_side(side: str, cfg: dict) -> list[dict]:
     """`--concurrent-side SIDE` (in its own process): every round of cfg["jobs"] on one side; ours also runs the
     last round again (every prompt in its prefix cache)."""
-    jobs = [(prompts, max_tokens) for prompts, max_tokens in cfg["jobs"]]
+    jobs = cfg["jobs"]  # [prompts, max_tokens] per round
     if side == "llama_cpp_bf16":
         return llama_cpp_concurrent(Path(cfg["gguf"][side]), jobs)
     if side == "ours":
