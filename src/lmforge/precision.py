@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["autocast", "NATIVE_BF16", "WidenedLinear", "checkpoint_contexts"]
+__all__ = ["autocast", "resolve", "NATIVE_BF16", "WidenedLinear", "checkpoint_contexts"]
 
 NATIVE_BF16 = torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 """Whether this CPU multiplies bf16 natively (else a bf16 GEMM runs at ~1/4 of fp32: 68 vs 275 GFLOP/s on a
@@ -72,6 +72,18 @@ def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
     """`context_fn` of activation checkpointing: a block recomputed in the backward pass (outside the forward's
     context) routes its linears as the forward did, so it saves the same tensors."""
     return contextlib.nullcontext(), (_Widen() if _active else contextlib.nullcontext())
+
+
+def resolve(precision: str, device: str = "auto") -> str:
+    """The precision "auto" stands for on `device` ("cpu", "cuda[:N]", or "auto": CUDA when available): bf16 where
+    its matmuls are fast (a CUDA device that supports it, a CPU with AVX512-BF16 / AMX), fp16 on an older CUDA
+    device, fp32 on any other CPU (a bf16 GEMM there runs at a quarter of fp32's speed). Other values unchanged."""
+    if precision != "auto":
+        return precision
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if kind == "cpu" and NATIVE_BF16 else "fp32"
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:

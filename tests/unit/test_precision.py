@@ -50,3 +50,24 @@ def test_bf16_context_routes_linears_and_matches_autocast():
         ref = model(ids, labels=ids).extra["loss_sum"]
     assert len(calls) >= 2 * 7  # every block linear of both layers went through the fp32 GEMM
     assert abs(ours.item() - ref.item()) <= 1e-2 * abs(ref.item())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, native):
+    monkeypatch.setattr(precision, "NATIVE_BF16", native)
+    assert precision.resolve("auto", "cpu") == ("bf16" if native else "fp32")
+    for bf16_supported, want in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+        assert precision.resolve("auto", "cuda:1") == want
+    for explicit in ("fp32", "bf16", "fp16"):
+        assert precision.resolve(explicit, "cpu") == explicit
+
+
+def test_auto_precision_is_decided_when_the_config_is_made(tmp_path):
+    from lmforge.config import load_config, save_config
+    from lmforge.engine.trainer import TrainConfig
+
+    cfg = load_config(TrainConfig, overrides=["precision=auto", "device=cpu"])
+    assert cfg.precision == ("bf16" if precision.NATIVE_BF16 else "fp32")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert f"precision: {cfg.precision}\n" in (tmp_path / "config.yaml").read_text()

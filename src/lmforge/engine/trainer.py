@@ -47,8 +47,10 @@ class TrainConfig:
     """Micro batches accumulated per optimizer step (global batch = micro_batch x grad_accum x processes)."""
     clip_grad: float | None = 1.0
     """Clip the global gradient norm to this value (None = no clipping)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Autocast dtype for forward/backward (parameters stay fp32); fp16 uses a gradient scaler on CUDA."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "bf16"
+    """Autocast dtype for forward/backward (parameters stay fp32); fp16 uses a gradient scaler on CUDA. auto: the
+    fastest of them on this device (`precision.resolve`: bf16 unless the hardware multiplies it slowly), decided
+    when the config is made, so the run's config.yaml records the choice."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
     compile: bool = False
@@ -94,6 +96,9 @@ class TrainConfig:
     """Optimizer and weight decay."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Learning-rate schedule."""
+
+    def __post_init__(self) -> None:
+        self.precision = precision.resolve(self.precision, self.device)
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch", "grad_accum", "log_every", "max_bad_steps"):
