@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["autocast", "resolve", "NATIVE_BF16", "WidenedLinear", "checkpoint_contexts"]
+__all__ = ["autocast", "resolve", "widened", "NATIVE_BF16", "WidenedLinear", "checkpoint_contexts"]
 
 NATIVE_BF16 = torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 """Whether this CPU multiplies bf16 natively (else a bf16 GEMM runs at ~1/4 of fp32: 68 vs 275 GFLOP/s on a
@@ -44,15 +44,26 @@ class WidenedLinear(torch.autograd.Function):
 
 
 class _Widen(TorchFunctionMode):
+    """CPU linears through WidenedLinear: under autocast, of any floating operands rounded to bf16 (training);
+    without it, of operands that are bf16 already (the forward of a bf16 model)."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and torch.is_autocast_enabled("cpu"):
+        if func is F.linear:
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.device.type == "cpu" and x.is_floating_point() and w.is_floating_point():
-                bf = torch.bfloat16
+            bf = torch.bfloat16
+            if x.device.type == "cpu" and ((x.dtype == w.dtype == bf) or (
+                    torch.is_autocast_enabled("cpu") and x.is_floating_point() and w.is_floating_point())):
                 return WidenedLinear.apply(x.to(bf), w.to(bf), None if b is None else b.to(bf))
         return func(*args, **kwargs)
+
+
+def widened() -> contextlib.AbstractContextManager:
+    """A context for the forward of a model held in bf16 (evaluation): on a CPU without native bf16 its linears
+    multiply the same bf16 operands with fp32 GEMMs (about 2x faster for SmolLM2-135M's log-likelihoods), outputs
+    rounded to bf16 as a bf16 GEMM's are; elsewhere nothing changes."""
+    return contextlib.nullcontext() if NATIVE_BF16 else _Widen()
 
 
 _active: list[bool] = []  # one entry per widened bf16 context entered and not yet left

@@ -71,3 +71,26 @@ def test_auto_precision_is_decided_when_the_config_is_made(tmp_path):
     assert cfg.precision == ("bf16" if precision.NATIVE_BF16 else "fp32")
     save_config(cfg, tmp_path / "config.yaml")
     assert f"precision: {cfg.precision}\n" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.skipif(precision.NATIVE_BF16, reason="this CPU multiplies bf16 natively: widened() changes nothing")
+def test_widened_routes_a_bf16_models_linears_only_and_keeps_its_log_likelihood():
+    from lmforge.eval.harness import rolling_loglikelihood
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96))
+    ids = torch.randint(0, 64, (24,))
+    calls = []
+    apply = precision.WidenedLinear.apply
+    precision.WidenedLinear.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        rolling_loglikelihood(model, ids.tolist(), max_length=24)
+        assert not calls  # an fp32 model keeps its fp32 linears
+        model.to(torch.bfloat16)
+        ours, n = rolling_loglikelihood(model, ids.tolist(), max_length=24)
+        assert len(calls) >= 2 * 7  # every block linear of both layers went through the fp32 GEMM
+    finally:
+        precision.WidenedLinear.apply = apply
+    with torch.inference_mode():  # the same bf16 model with oneDNN's own bf16 linears
+        logp = torch.log_softmax(model(ids[None, :-1]).logits.float(), -1)[0].gather(-1, ids[1:, None]).sum().item()
+    assert n == 23 and abs(ours - logp) <= 1e-2 * abs(logp)
