@@ -1,7 +1,8 @@
 """The precision context of a forward pass: autocast to bf16 / fp16, or nothing for fp32. The trainer and the RL
-rollouts both use it, so log-probs computed while sampling match those of the training forward. Floor 0.
+rollouts both use it, so log-probs computed while sampling match those of the training forward; the evaluation
+harness uses `widened` for models held in bf16. Floor 0.
 
-On a CPU without native bf16 (PyTorch's capability `AVX512` or below, no AVX512-BF16 / AMX), a bf16 matmul is
+On a CPU without native bf16 (no AVX512-BF16 / AMX among `torch.cpu.get_capabilities()`), a bf16 matmul is
 widened to fp32 inside oneDNN's kernel and runs at about a quarter of the fp32 GEMM's speed. There the bf16
 context also routes every `F.linear` through `WidenedLinear`: the same bf16-rounded operands, widened once and
 multiplied by the fp32 GEMM (a bf16 product is exact in fp32, sums are fp32 either way), the output and the
@@ -17,7 +18,8 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["autocast", "resolve", "widened", "NATIVE_BF16", "WidenedLinear", "checkpoint_contexts"]
 
-NATIVE_BF16 = torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+_CAPS = getattr(torch.cpu, "get_capabilities", dict)()  # {"avx512_bf16": bool, "amx_bf16": bool, ...}
+NATIVE_BF16 = bool(_CAPS.get("avx512_bf16") or _CAPS.get("amx_bf16"))
 """Whether this CPU multiplies bf16 natively (else a bf16 GEMM runs at ~1/4 of fp32: 68 vs 275 GFLOP/s on a
 2-core AVX-512 Xeon)."""
 
@@ -53,17 +55,19 @@ class _Widen(TorchFunctionMode):
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             bf = torch.bfloat16
+            autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == bf
             if x.device.type == "cpu" and ((x.dtype == w.dtype == bf) or (
-                    torch.is_autocast_enabled("cpu") and x.is_floating_point() and w.is_floating_point())):
+                    autocast_bf16 and x.is_floating_point() and w.is_floating_point())):
                 return WidenedLinear.apply(x.to(bf), w.to(bf), None if b is None else b.to(bf))
         return func(*args, **kwargs)
 
 
-def widened() -> contextlib.AbstractContextManager:
-    """A context for the forward of a model held in bf16 (evaluation): on a CPU without native bf16 its linears
-    multiply the same bf16 operands with fp32 GEMMs (about 2x faster for SmolLM2-135M's log-likelihoods), outputs
-    rounded to bf16 as a bf16 GEMM's are; elsewhere nothing changes."""
-    return contextlib.nullcontext() if NATIVE_BF16 else _Widen()
+def widened(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """A context for the forward of `model` (evaluation): when it holds bf16 parameters on a CPU without native
+    bf16, its bf16 linears multiply the same operands with fp32 GEMMs (about 2x faster for SmolLM2-135M's
+    log-likelihoods), outputs rounded to bf16 as a bf16 GEMM's are; otherwise nothing changes."""
+    bf16_on_cpu = any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    return _Widen() if bf16_on_cpu and not NATIVE_BF16 else contextlib.nullcontext()
 
 
 _active: list[bool] = []  # one entry per widened bf16 context entered and not yet left
@@ -92,8 +96,9 @@ def resolve(precision: str, device: str = "auto") -> str:
     if precision != "auto":
         return precision
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
-    if kind == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if kind == "cuda":  # bf16 tensor cores from compute capability 8 (Ampere) on
+        index = None if device in ("auto", "cuda") else torch.device(device)
+        return "bf16" if torch.cuda.get_device_capability(index)[0] >= 8 else "fp16"
     return "bf16" if kind == "cpu" and NATIVE_BF16 else "fp32"
 
 

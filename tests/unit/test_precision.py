@@ -1,8 +1,11 @@
 """The bf16 precision context on a CPU without native bf16: linears through fp32 GEMMs on the same bf16-rounded
 operands (WidenedLinear) agree with autocast's own bf16 linear in value and gradient, and a model under the
-context matches the model under plain autocast."""
+context matches the model under plain autocast; `widened` does the same for a bf16 model's evaluation; `auto`
+resolves by hardware, which is read from the CPU's flags."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,9 +59,11 @@ def test_bf16_context_routes_linears_and_matches_autocast():
 def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, native):
     monkeypatch.setattr(precision, "NATIVE_BF16", native)
     assert precision.resolve("auto", "cpu") == ("bf16" if native else "fp32")
-    for bf16_supported, want in ((True, "bf16"), (False, "fp16")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+    asked = []
+    for major, want in ((8, "bf16"), (9, "bf16"), (7, "fp16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or (major, 0))
         assert precision.resolve("auto", "cuda:1") == want
+    assert asked == [torch.device("cuda:1")] * 3
     for explicit in ("fp32", "bf16", "fp16"):
         assert precision.resolve(explicit, "cpu") == explicit
 
@@ -94,3 +99,9 @@ def test_widened_routes_a_bf16_models_linears_only_and_keeps_its_log_likelihood(
     with torch.inference_mode():  # the same bf16 model with oneDNN's own bf16 linears
         logp = torch.log_softmax(model(ids[None, :-1]).logits.float(), -1)[0].gather(-1, ids[1:, None]).sum().item()
     assert n == 23 and abs(ours - logp) <= 1e-2 * abs(logp)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_native_bf16_is_what_the_cpu_flags_say():
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert precision.NATIVE_BF16 == bool({"avx512_bf16", "amx_bf16"} & flags)

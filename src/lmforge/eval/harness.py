@@ -132,7 +132,7 @@ def loglikelihood(model: Transformer, requests: Sequence[tuple[Sequence[int], Se
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), widened():
+        with torch.inference_mode(), widened(model):
             for batch in _batches(_groups(requests, max_length), max(1, batch_size)):
                 for idx, lp, greedy in _score_batch(model, batch):
                     out[idx] = (lp, greedy)
@@ -183,7 +183,7 @@ def rolling_loglikelihood(model: Transformer, ids: Sequence[int], max_length: in
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), widened():
+        with torch.inference_mode(), widened(model):
             for b in range(0, len(wins), batch_size):
                 chunk = wins[b:b + batch_size]
                 width = max(end - start for start, end, _ in chunk)
