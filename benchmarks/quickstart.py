@@ -4,7 +4,7 @@ Records the wall time of set-up and of each stage, every bar of recipes/quicksta
 served model's answers. pip's download cache is this machine's (a machine that never installed these packages
 downloads them too; that time is not in the figure).
 
-    python benchmarks/quickstart.py [--work DIR]   # 12-23 minutes; writes results/quickstart.json
+    python benchmarks/quickstart.py [--work DIR]   # 12-22 minutes; writes results/quickstart.json
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def test_report_renders_in_headless_chromium(piped, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_meets_every_bar(tmp_path):
-    """recipes/quickstart.yaml end to end (about 12 minutes on 2 cores with native bf16, 23 without): every
+    """recipes/quickstart.yaml end to end (about 12 minutes on 2 cores with native bf16, 22 without): every
     stage done and every bar of the quickstart met (curation, pretraining against xz, SFT and DPO on held-out data,
     quantization, three served answers), the report written."""
     recipe = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
