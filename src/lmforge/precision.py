@@ -62,11 +62,13 @@ class _Widen(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def widened(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """A context for the forward of `model` (evaluation): when it holds bf16 parameters on a CPU without native
-    bf16, its bf16 linears multiply the same operands with fp32 GEMMs (about 2x faster for SmolLM2-135M's
-    log-likelihoods), outputs rounded to bf16 as a bf16 GEMM's are; otherwise nothing changes."""
-    bf16_on_cpu = any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+def widened(model: object) -> contextlib.AbstractContextManager:
+    """A context for the forward of `model` (evaluation): when it is a module holding bf16 parameters on a CPU
+    without native bf16, its bf16 linears multiply the same operands with fp32 GEMMs (about 2x faster for
+    SmolLM2-135M's log-likelihoods), outputs rounded to bf16 as a bf16 GEMM's are; otherwise (another model, such
+    as an ONNX graph) nothing changes."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    bf16_on_cpu = any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in params)
     return _Widen() if bf16_on_cpu and not NATIVE_BF16 else contextlib.nullcontext()
 
 
