@@ -51,13 +51,12 @@ class _Widen(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
+        if func is F.linear and args[0].device.type == "cpu":
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             bf = torch.bfloat16
-            autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == bf
-            if x.device.type == "cpu" and ((x.dtype == w.dtype == bf) or (
-                    autocast_bf16 and x.is_floating_point() and w.is_floating_point())):
+            if x.dtype == w.dtype == bf or (x.is_floating_point() and w.is_floating_point() and
+                                            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == bf):
                 return WidenedLinear.apply(x.to(bf), w.to(bf), None if b is None else b.to(bf))
         return func(*args, **kwargs)
 
